@@ -1,0 +1,45 @@
+"""Shared fixtures: one Dask LocalCluster and one local Ray per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+
+
+def shared_file(*parts: str) -> Path:
+    """Path of a file in ../shared/data, skipping the test cleanly when it is absent."""
+    p = DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available (../shared is absent)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real LocalCluster: 2 worker processes × 1 thread."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, memory_limit="4GiB") as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (ray.init costs 5-12 s)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tmp_store(tmp_path):
+    """A fresh path for a study store."""
+    return str(tmp_path / "study.zarr")
