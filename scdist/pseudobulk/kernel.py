@@ -129,10 +129,10 @@ def chunk_stats(counts: sp.spmatrix, donor: np.ndarray, celltype: np.ndarray, n_
     # Two-pass M2: deviations at the nonzeros (same sparsity pattern as y), then the
     # implicit zeros contribute m^2 each.
     rows_g = np.repeat(local, np.diff(y.indptr))
-    dev2 = y.copy()
-    dev2.data = (y.data - mean[rows_g, y.indices]) ** 2
-    pattern = y.copy()
-    pattern.data = np.ones_like(y.data)
+    shape = y.shape
+    dev2 = sp.csr_matrix(((y.data - mean[rows_g, y.indices]) ** 2, y.indices, y.indptr),
+                         shape=shape, copy=False)
+    pattern = sp.csr_matrix((np.ones(y.nnz), y.indices, y.indptr), shape=shape, copy=False)
     nz_dev = (ind @ dev2).toarray()
     nnz = (ind @ pattern).toarray()
     m2 = nz_dev + (n[:, None] - nnz) * mean ** 2
