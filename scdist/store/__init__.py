@@ -1,0 +1,20 @@
+"""Study store: a Zarr v3 group with cells, pseudobulk, bulk, truth and results.
+
+See docs/CONTRACT.md ("Study store") and :mod:`scdist.store.layout` for the names.
+"""
+from .study import Study, create_study, open_study
+
+__all__ = ["Study", "create_study", "open_study", "CellWriter", "ingest_h5ad", "ingest_anndata",
+           "ingest_zarr", "ingest_bulk"]
+
+
+def __getattr__(name):  # keep `import scdist.store` light (anndata/h5py load on first use)
+    if name == "CellWriter":
+        from .cells import CellWriter
+
+        return CellWriter
+    if name in ("ingest_h5ad", "ingest_anndata", "ingest_zarr", "ingest_bulk"):
+        from . import ingest
+
+        return getattr(ingest, name)
+    raise AttributeError(name)
