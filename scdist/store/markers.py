@@ -27,10 +27,11 @@ def _key(chunk_id: str) -> str:
     return urllib.parse.quote(chunk_id, safe="-_.,=+")
 
 
-# The marker folder carries an empty Zarr group document, so zarr (and xarray, anndata)
-# see a valid child group instead of warning about an unknown object inside the group.
-_GROUP_DOC = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+# The marker folder deliberately has no zarr.json: zarr then skips it when listing a group
+# (with a ZarrUserWarning, which scdist's readers silence), so anndata.read_zarr still reads
+# a marked cells/ group. As a Zarr child group it would be passed to AnnData() and fail.
 _GROUP_FILE = "zarr.json"
+NOT_ZARR_WARNING = f"Object at {MARKER_DIR} is not recognized"
 
 
 def _marker_dir(group_url: str, storage_options: dict | None):
@@ -50,8 +51,6 @@ def mark_done(group_url: str, chunk_id: str, meta: dict[str, Any] | None = None,
             "meta": meta or {}}
     payload = json.dumps(body, default=str).encode()
     target = f"{d}/{_key(chunk_id)}"
-    if not fs.exists(f"{d}/{_GROUP_FILE}"):
-        fs.pipe_file(f"{d}/{_GROUP_FILE}", _GROUP_DOC)
     if not _fs.is_url(_fs.normalize(group_url)):
         # Local disk: write beside and rename, so a reader never sees half a marker.
         tmp = f"{target}.tmp-{time.monotonic_ns()}"
@@ -104,4 +103,3 @@ def clear_markers(group_url: str, chunk_ids: Iterable[str] | None = None, *,
         p = f"{d}/{_key(cid)}"
         if fs.exists(p):
             fs.rm(p)
-    # the folder's group document stays: other writers may be marking chunks right now

@@ -13,6 +13,7 @@ dtype (fixed-width ``<U`` has no Zarr v3 spec); metadata is never consolidated.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,6 +21,7 @@ import xarray as xr
 import zarr
 
 from . import _fs
+from .markers import NOT_ZARR_WARNING
 
 
 def strings_to_object(ds: xr.Dataset) -> xr.Dataset:
@@ -63,7 +65,10 @@ def write_template(ds_template: xr.Dataset, url: str, chunks: Mapping[str, int],
 
 def _stored_sizes(group: zarr.Group) -> dict[str, int]:
     sizes: dict[str, int] = {}
-    for _, arr in group.arrays():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NOT_ZARR_WARNING)
+        arrays = list(group.arrays())
+    for _, arr in arrays:
         for d, n in zip(arr.metadata.dimension_names or (), arr.shape):
             if d is not None:
                 sizes[d] = int(n)
@@ -134,7 +139,9 @@ def write_region(ds_block: xr.Dataset, url: str, region: Mapping[str, Any], *,
     block = block.drop_vars(sorted(set(drop)))
     if check_alignment:
         _check_aligned(group, block, reg)
-    block.to_zarr(_fs.normalize(url), region=reg, consolidated=False, zarr_format=3, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NOT_ZARR_WARNING)
+        block.to_zarr(_fs.normalize(url), region=reg, consolidated=False, zarr_format=3, **kw)
 
 
 def open_result(url: str, *, storage_options: dict | None = None, chunks: Any = None
@@ -145,5 +152,7 @@ def open_result(url: str, *, storage_options: dict | None = None, chunks: Any = 
     """
     chunks = {} if chunks is None else chunks
     kw = _fs.zarr_kwargs(url, storage_options)
-    return xr.open_zarr(_fs.normalize(url), consolidated=False, zarr_format=3,
-                        chunks=chunks, **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NOT_ZARR_WARNING)
+        return xr.open_zarr(_fs.normalize(url), consolidated=False, zarr_format=3,
+                            chunks=chunks, **kw)
