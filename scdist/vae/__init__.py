@@ -1,0 +1,7 @@
+"""Deep generative models on cell counts: LDVAE (linear factor VAE) and MrVI (multi-resolution
+sample effects), trained by one loop in-process or under Ray Train (see ``scdist.engines.ray_train``)."""
+from __future__ import annotations
+
+from .ldvae import LDVAE, train_ldvae
+
+__all__ = ["LDVAE", "train_ldvae"]

@@ -1,0 +1,209 @@
+"""LDVAE: scVI with a linear decoder (Svensson et al., "Interpretable factor models of
+single-cell RNA-seq via variational autoencoders").
+
+Generative model (paper notation -> arguments):
+    z_n ~ N(0, I_K)                          K = ``n_latent``
+    rho_n = softmax(W z_n [+ B s_n])         W = decoder weight (G x K) = the loadings;
+                                             s_n the batch one-hot (``batch_key``)
+    l_n  observed log total count (``library="observed"``) or
+         log l_n ~ N(l_mu_b, l_var_b) per batch (``library="latent"``, scVI)
+    x_ng ~ NB(l_n rho_ng, theta_g)           ``likelihood`` "nb" | "zinb" | "poisson";
+                                             theta_g per gene (``dispersion="gene"``) or per
+                                             gene and batch ("gene-batch")
+Inference: q(z_n | x_n, s_n) Normal from an MLP on log1p(x) (``n_hidden``, ``n_layers``,
+``dropout``); ``latent_distribution="ln"`` gives scVI's logistic-normal z = softmax(sample).
+``decoder_batch_norm=True`` is the paper's variant with batch normalisation on W z_n; the
+loadings then fold the normalisation's per-gene scale into W.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import xarray as xr
+
+from ..errors import InputError
+from .base import VAEModel, latent_dataarray, split_options
+from .components import GaussianEncoder, kl_normal_normal, kl_normal_standard
+from .likelihoods import log_count_likelihood
+
+MODULE_KEYS = ("n_hidden", "n_layers", "dropout", "likelihood", "dispersion", "latent_distribution",
+               "decoder_batch_norm", "decoder_bias", "library", "encoder_batch_norm")
+
+
+class LDVAEModule(nn.Module):
+    """The torch module (generative model + inference network) of LDVAE."""
+
+    def __init__(self, n_genes: int, n_latent: int = 10, *, n_batch: int = 1, n_sample: int = 1, n_label: int = 1,
+                 n_hidden: int = 128, n_layers: int = 1, dropout: float = 0.1, likelihood: str = "nb",
+                 dispersion: str = "gene", latent_distribution: str = "normal", decoder_batch_norm: bool = False,
+                 decoder_bias: bool = False, library: str = "observed", encoder_batch_norm: bool = True,
+                 library_log_means=None, library_log_vars=None):
+        super().__init__()
+        checks = {"likelihood": (likelihood, ("nb", "zinb", "poisson")), "dispersion": (dispersion, ("gene", "gene-batch")),
+                  "latent_distribution": (latent_distribution, ("normal", "ln")), "library": (library, ("observed", "latent"))}
+        for key, (val, allowed) in checks.items():
+            if val not in allowed:
+                raise InputError(f"{key}={val!r} is not supported", field=key, fix=f"use one of {list(allowed)}")
+        self.n_genes, self.n_latent, self.n_batch = n_genes, n_latent, n_batch
+        self.likelihood, self.dispersion, self.library = likelihood, dispersion, library
+        self.encoder = GaussianEncoder(n_genes, n_latent, n_cat=n_batch, n_hidden=n_hidden, n_layers=n_layers,
+                                       dropout=dropout, batch_norm=encoder_batch_norm,
+                                       distribution=latent_distribution)
+        nb = n_batch if n_batch > 1 else 0
+        self._nb = nb
+        self.decoder = nn.Linear(n_latent + nb, n_genes, bias=decoder_bias)
+        self.decoder_bn = nn.BatchNorm1d(n_genes, momentum=0.01, eps=1e-3) if decoder_batch_norm else None
+        if likelihood == "zinb":
+            self.dropout_decoder = nn.Linear(n_latent + nb, n_genes, bias=True)
+        self.log_theta = nn.Parameter(torch.randn(n_genes, n_batch if dispersion == "gene-batch" else 1).T.contiguous())
+        if library == "latent":
+            self.l_encoder = GaussianEncoder(n_genes, 1, n_cat=n_batch, n_hidden=n_hidden, n_layers=1,
+                                             dropout=dropout, batch_norm=encoder_batch_norm)
+            means = torch.as_tensor(library_log_means if library_log_means is not None else np.zeros(n_batch),
+                                    dtype=torch.float32).reshape(-1)
+            vars_ = torch.as_tensor(library_log_vars if library_log_vars is not None else np.ones(n_batch),
+                                    dtype=torch.float32).reshape(-1)
+            self.register_buffer("lib_mean", means)
+            self.register_buffer("lib_var", vars_)
+
+    def _with_batch(self, z, batch):
+        if self._nb:
+            return torch.cat([z, F.one_hot(batch, self._nb).to(z.dtype)], dim=-1)
+        return z
+
+    def encode(self, x, batch, *, sample: bool = True):
+        """q(z | x): returns (z, q_mean, q_std) with z = transform(q_mean + q_std * eps)."""
+        qm, qs = self.encoder(torch.log1p(x), batch)
+        pre = qm + qs * torch.randn_like(qs) if sample else qm
+        return self.encoder.transform(pre), qm, qs
+
+    def decode(self, z, batch, log_library):
+        """Returns (mu, theta, pi_logits) of the count likelihood; rho = softmax(W z [+ B s])."""
+        h = self._with_batch(z, batch)
+        logits = self.decoder(h)
+        if self.decoder_bn is not None:
+            logits = self.decoder_bn(logits)
+        rho = torch.softmax(logits, dim=-1)
+        mu = torch.exp(log_library) * rho
+        theta = torch.exp(self.log_theta[batch] if self.dispersion == "gene-batch" else self.log_theta[0])
+        pi = self.dropout_decoder(h) if self.likelihood == "zinb" else None
+        return mu, theta, pi
+
+    def forward(self, batch: dict, kl_weight: float = 1.0) -> dict:
+        x, b = batch["x"], batch["batch"]
+        z, qm, qs = self.encode(x, b)
+        kl_z = kl_normal_standard(qm, qs)
+        kl_l = torch.zeros_like(kl_z)
+        if self.library == "latent":
+            lm, ls = self.l_encoder(torch.log1p(x), b)
+            log_lib = lm + ls * torch.randn_like(ls)
+            kl_l = kl_normal_normal(lm, ls, self.lib_mean[b].unsqueeze(-1), torch.sqrt(self.lib_var[b]).unsqueeze(-1))
+        else:
+            log_lib = batch["library"]
+        mu, theta, pi = self.decode(z, b, log_lib)
+        recon = -log_count_likelihood(self.likelihood, x, mu, theta, pi).sum(-1)
+        loss = (recon + kl_weight * kl_z + kl_l).mean()
+        return {"loss": loss, "nelbo": (recon + kl_z + kl_l).sum().detach(), "recon": recon.sum().detach(),
+                "kl": (kl_z + kl_l).sum().detach()}
+
+    def loadings(self) -> np.ndarray:
+        """W (G x K); with decoder batch norm, scaled by gamma_g / sqrt(running_var_g + eps)."""
+        W = self.decoder.weight.detach()[:, : self.n_latent].clone()
+        if self.decoder_bn is not None:
+            bn = self.decoder_bn
+            W = W * (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(-1)
+        return W.cpu().numpy()
+
+
+def _library_prior(source, cats, module_kwargs):
+    """Per-batch mean and variance of log library size (one streaming pass), for library="latent"."""
+    if module_kwargs.get("library", "observed") != "latent":
+        return module_kwargs
+    nb = cats["batch"].n
+    s1, s2, n = np.zeros(nb), np.zeros(nb), np.zeros(nb)
+    for a, b in source.chunks:
+        ll = np.log(np.maximum(np.asarray(source.read(a, b).sum(1)).ravel(), 1.0))
+        codes = cats["batch"].codes[a:b]
+        s1 += np.bincount(codes, ll, nb)
+        s2 += np.bincount(codes, ll ** 2, nb)
+        n += np.bincount(codes, minlength=nb)
+    mean = s1 / np.maximum(n, 1)
+    var = np.maximum(s2 / np.maximum(n, 1) - mean ** 2, 1e-4)
+    return dict(module_kwargs, library_log_means=mean.tolist(), library_log_vars=var.tolist())
+
+
+class LDVAE(VAEModel):
+    """A trained LDVAE. Build with :func:`train_ldvae`; reload with ``LDVAE.load(path)``."""
+
+    module_path = "scdist.vae.ldvae:LDVAEModule"
+    method = "ldvae"
+
+    @property
+    def n_latent(self) -> int:
+        return self.module.n_latent
+
+    @torch.no_grad()
+    def latent(self, data=None, *, give_mean: bool = True, cells=None, batch_size: int = 1024) -> xr.DataArray:
+        """Posterior mean (or a sample) of z_n per cell: DataArray (cell, latent), streamed over chunks."""
+        self.module.eval()
+        out = []
+        for b in self.iter_batches(data, batch_size=batch_size, cells=cells):
+            z, _, _ = self.module.encode(b["x"], b["batch"], sample=not give_mean)
+            out.append(z.numpy())
+        values = np.concatenate(out) if out else np.zeros((0, self.n_latent), np.float32)
+        return latent_dataarray(values, self._cells(data, cells), "z")
+
+    def loadings(self) -> xr.DataArray:
+        """Gene loadings W: DataArray (gene, latent) with gene names as coordinates."""
+        W = self.module.loadings()
+        return xr.DataArray(W, dims=("gene", "latent"), name="loadings",
+                            coords={"gene": self.gene_names, "latent": np.array(
+                                [str(i) for i in range(W.shape[1])], dtype=object)})
+
+    def top_genes(self, n: int = 20, *, sign: str = "both") -> pd.DataFrame:
+        """The ``n`` genes with the largest loadings per factor.
+
+        ``sign``: "positive" (largest W), "negative" (most negative) or "both" (largest |W|).
+        Returns a DataFrame (rank x factor) of gene names.
+        """
+        W = self.module.loadings()
+        key = {"positive": -W, "negative": W, "both": -np.abs(W)}.get(sign)
+        if key is None:
+            raise InputError(f"sign={sign!r}", field="sign", fix="use 'positive', 'negative' or 'both'")
+        order = np.argsort(key, axis=0, kind="stable")[:n]
+        return pd.DataFrame({str(k): self.gene_names[order[:, k]] for k in range(W.shape[1])})
+
+    def results(self, data=None) -> xr.Dataset:
+        """Latent and loadings as one Dataset (what the ``ldvae`` stage stores)."""
+        z = self.latent(data)
+        W = self.loadings()
+        W = W.rename(latent="latent")
+        ds = xr.Dataset({"latent": z, "loadings": W})
+        ds.attrs.update(n_latent=self.n_latent, best_epoch=int(self.history.best_epoch),
+                        epochs=len(self.history.epoch))
+        return ds
+
+
+def train_ldvae(data, batch_key: str | None = None, n_latent: int = 10, *, seed: int = 0, **options) -> LDVAE:
+    """Train an LDVAE on raw counts.
+
+    ``data``: AnnData (raw counts in X), a scdist Study (its ``cells/``), a study URL, or a
+    CSR matrix. ``batch_key``: obs column of the batch covariate s_n (None: one batch).
+    ``n_latent``: K, the number of factors. ``seed``: initialisation, shuffling and sampling.
+
+    Options: architecture (``n_hidden``=128, ``n_layers``=1, ``dropout``=0.1, ``likelihood``
+    "nb"|"zinb"|"poisson", ``dispersion`` "gene"|"gene-batch", ``latent_distribution``
+    "normal"|"ln", ``decoder_batch_norm``=False, ``decoder_bias``=False, ``library``
+    "observed"|"latent"), training (:class:`~scdist.vae.train.TrainConfig` fields:
+    ``max_epochs``, ``batch_size``=256, ``lr``, ``optimizer``, ``kl_warmup_epochs``,
+    ``val_fraction``=0.1, ``patience``...), engine (``num_workers``=1, ``use_gpu``=False,
+    ``checkpoint_dir``; a study defaults to results/ldvae/<run_name>/checkpoints).
+    """
+    if not isinstance(n_latent, (int, np.integer)) or n_latent < 1:
+        raise InputError(f"n_latent={n_latent!r}", field="n_latent", fix="use a positive integer (e.g. 10)")
+    mod, tr, eng = split_options(options, MODULE_KEYS)
+    mod["n_latent"] = int(n_latent)
+    return LDVAE._train(data, {"batch": batch_key}, mod, tr, eng, seed=seed, prepare=_library_prior)
