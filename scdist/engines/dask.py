@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 ENV_DASK_ADDRESS = "SCDIST_DASK_ADDRESS"
 
@@ -43,3 +43,37 @@ def dask_client(address: str | None = None, *, client=None, n_workers: int | Non
                       processes=processes, memory_limit=memory_limit,
                       dashboard_address=":0" if dashboard else None) as cluster, Client(cluster) as c:
         yield c
+
+
+def map_blocks(client, fn: Callable, blocks: Iterable, *, retries: int = 2, progress=None,
+               **kwargs) -> Iterator[tuple[Any, Any]]:
+    """Run ``fn(block, **kwargs)`` for every block on the cluster; yield ``(block, result)``
+    in completion order.
+
+    All tasks are submitted before this returns (Dask schedules them; nothing here queues),
+    so consuming the iterator only gathers. ``retries`` is Dask's per-task retry count for
+    exceptions (a killed worker's tasks are rescheduled by Dask itself). ``progress`` is
+    any object with ``update(n=1)`` (``RunContext.progress(...)``), advanced once per
+    finished block. Keyword arguments are broadcast parameters: pass large arrays as futures
+    from ``client.scatter(x, broadcast=True)`` so they travel once. If a block fails after
+    its retries, the remaining tasks are cancelled and the error is raised.
+
+    ``fn`` must be a pure function of its block (plus the broadcast parameters) that writes
+    its own chunk-aligned region, or returns a small result: blocks are independent.
+    """
+    from distributed import as_completed
+
+    blocks = list(blocks)
+    futures = [client.submit(fn, b, retries=retries, pure=False, **kwargs) for b in blocks]
+    return _gather(client, futures, blocks, progress, as_completed)
+
+
+def _gather(client, futures, blocks, progress, as_completed):
+    index = {f.key: i for i, f in enumerate(futures)}
+    try:
+        for fut, res in as_completed(futures, with_results=True):
+            if progress is not None:
+                progress.update(1)
+            yield blocks[index[fut.key]], res
+    finally:
+        client.cancel([f for f in futures if not f.done()])

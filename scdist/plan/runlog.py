@@ -1,0 +1,80 @@
+"""Run records: one small JSON document per run at ``<store>/_scdist_runs/<run_id>.json``.
+
+A record says what a run was asked to do and what happened to each stage (skipped, ran,
+failed, with timings and the error). ``scdist status`` lists them next to the completion
+markers. Each run writes only its own key, so concurrent runs never touch the same object.
+Records are written only once the store exists (the simulate/ingest stage creates it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+RUNS_DIR = "_scdist_runs"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fs(store: str):
+    from ..store._fs import filesystem
+
+    fs, path = filesystem(store)
+    return fs, path.rstrip("/")
+
+
+class RunRecord:
+    """The record of one run, written through on every change."""
+
+    def __init__(self, store: str, run_id: str, spec_source: str | None, plan: list[dict]):
+        self.store = store
+        self.doc: dict[str, Any] = {
+            "run_id": run_id, "status": "running", "started": _now(), "finished": None,
+            "host": socket.gethostname(), "pid": os.getpid(), "spec": spec_source,
+            "stages": [{"stage": p["stage"], "engine": p["engine"], "planned": p["status"],
+                        "chunks": p["chunks"], "output_url": p["output_url"], "action": None,
+                        "seconds": None, "error": None} for p in plan],
+        }
+
+    def _stage(self, name: str) -> dict:
+        return next(s for s in self.doc["stages"] if s["stage"] == name)
+
+    def stage(self, name: str, **fields) -> None:
+        self._stage(name).update(fields)
+        self.write()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.doc.update(status=status, finished=_now(), error=error)
+        self.write()
+
+    def store_exists(self) -> bool:
+        fs, root = _fs(self.store)
+        return fs.exists(f"{root}/zarr.json")
+
+    def write(self) -> None:
+        fs, root = _fs(self.store)
+        if not self.store_exists():
+            return  # the store does not exist yet: written once a stage has created it
+        fs.pipe_file(f"{root}/{RUNS_DIR}/{self.doc['run_id']}.json",
+                     json.dumps(self.doc, indent=1, default=str).encode())
+
+
+def list_runs(store: str) -> list[dict]:
+    """All run records of a store, oldest first."""
+    fs, root = _fs(store)
+    try:
+        names = sorted(fs.ls(f"{root}/{RUNS_DIR}", detail=False))
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        if n.endswith(".json"):
+            try:
+                out.append(json.loads(fs.cat_file(n)))
+            except (ValueError, FileNotFoundError):
+                continue  # a record being replaced right now
+    return sorted(out, key=lambda r: r.get("run_id", ""))

@@ -1,0 +1,137 @@
+"""Runner: execute a job graph stage by stage, skipping what a previous run finished.
+
+The runner decides *what* runs; Dask (and Ray, for Ray stages) decide where and when each
+task runs. For each stage in order:
+
+1. ``done``: skipped (logged).
+2. ``stale``: its markers are cleared, then it runs from scratch.
+3. ``partial`` / ``pending``: it runs; the stage itself skips chunks already marked done.
+4. After the stage returns, the stage-level marker ``__stage__`` is written into each of
+   its product groups (after the data), with the config hash and the input hashes that
+   later plans compare against. Provenance is added to the store and the run record
+   (``_scdist_runs/<run_id>.json``) is updated.
+
+A ``__started__`` marker written before a stage runs records the config its chunk markers
+belong to, so resuming an interrupted stage under a different config recomputes it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .context import RunContext, new_run_id
+from .graph import DONE, PARTIAL, STALE, JobGraph, build_graph, product_url
+from .progress import ProgressFactory, configure_logging
+from .runlog import RunRecord
+from .spec import Spec, load_spec
+from .stage import STAGE_MARKER
+
+STARTED_MARKER = "__started__"
+log = logging.getLogger("scdist")
+
+
+@dataclass
+class RunResult:
+    """What a run did: ``ran`` and ``skipped`` stage names, seconds per stage that ran."""
+
+    run_id: str
+    store: str
+    graph: JobGraph
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def plan(spec: "str | Mapping | Spec", **overrides: Any) -> JobGraph:
+    """Validate ``spec`` and plan it without doing any work (``scdist plan``).
+
+    ``overrides``: ``store``, ``dask_address``, ``ray_address`` (as the CLI flags).
+    """
+    return build_graph(load_spec(spec, **overrides))
+
+
+def _resume_is_stale(node, store: str) -> bool:
+    from ..store.markers import read_marker
+
+    started = read_marker(product_url(store, node.products[0]), STARTED_MARKER)
+    return started is not None and started.get("meta", {}).get("config_hash") != node.spec.config_hash()
+
+
+def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
+        dask_address: str | None = None, ray_address: str | None = None,
+        rich: bool | None = None, run_id: str | None = None) -> RunResult:
+    """Run a pipeline spec (path to YAML, dict, or :class:`Spec`) and return what it did.
+
+    ``client``: a ``distributed.Client`` to use (never closed here). Without it, Dask is
+    reached at ``dask_address`` / ``SCDIST_DASK_ADDRESS`` / the spec's ``dask.address``, or
+    an embedded LocalCluster is started for the run and stopped after it. Ray is started
+    (or connected to) only if a stage with engine ``ray`` runs. All validation (spec keys,
+    stage inputs, requirements) happens before any stage starts.
+    """
+    from ..store.markers import clear_markers, mark_done, read_marker
+
+    configure_logging()
+    spec = load_spec(spec, store=store, dask_address=dask_address, ray_address=ray_address)
+    graph = build_graph(spec)
+    result = RunResult(run_id=run_id or new_run_id(), store=spec.store, graph=graph)
+    record = RunRecord(spec.store, result.run_id, spec.source, [n.to_dict() for n in graph])
+    log.info("run %s on %s: %s", result.run_id, spec.store,
+             ", ".join(f"{n.name} [{n.status}]" for n in graph))
+
+    with RunContext(spec, client=client, run_id=result.run_id,
+                    progress=ProgressFactory(rich=rich), log=log) as ctx:
+        record.write()
+        for node in graph:
+            if node.status == DONE:
+                log.info("stage %s: already done, skipped", node.name)
+                result.skipped.append(node.name)
+                record.stage(node.name, action="skipped")
+                continue
+            fresh = node.status == STALE or (node.status == PARTIAL and _resume_is_stale(node, spec.store))
+            if fresh:
+                log.info("stage %s: recomputing (%s)", node.name, node.reason or "config changed")
+                for product in node.products:
+                    clear_markers(product_url(spec.store, product))
+            elif node.status == PARTIAL:
+                log.info("stage %s: resuming (%d/%s chunks already done)", node.name,
+                         node.done_chunks, node.plan.chunks)
+            started_meta = {"stage": node.name, "config_hash": node.spec.config_hash(),
+                            "run_id": result.run_id}
+            if record.store_exists():
+                for product in node.products:
+                    mark_done(product_url(spec.store, product), STARTED_MARKER, started_meta)
+            ctx.stage, ctx.plan = node.name, node.plan
+            ctx.done_chunks = 0 if fresh else node.done_chunks
+            t0 = time.perf_counter()
+            try:
+                node.stage.run(ctx, node.config)
+            except BaseException as exc:
+                record.stage(node.name, action="failed", seconds=time.perf_counter() - t0,
+                             error=f"{type(exc).__name__}: {exc}")
+                record.finish("failed", error=f"stage {node.name}: {type(exc).__name__}: {exc}")
+                raise
+            seconds = time.perf_counter() - t0
+            ctx.refresh()
+            meta = {**started_meta, "inputs": node.input_hashes, "seconds": round(seconds, 3),
+                    "chunks": node.plan.chunks}
+            for product in node.products:  # again: a stage creating its group may have wiped it
+                url = product_url(spec.store, product)
+                mark_done(url, STARTED_MARKER, started_meta)
+                # keep what the stage's own function recorded in the marker (e.g. its params)
+                own = (read_marker(url, STAGE_MARKER) or {}).get("meta", {})
+                mark_done(url, STAGE_MARKER, {**own, **meta})
+            _provenance(ctx, node)
+            result.ran.append(node.name)
+            result.seconds[node.name] = seconds
+            record.stage(node.name, action="ran", seconds=round(seconds, 3))
+            log.info("stage %s: done in %.1fs", node.name, seconds)
+        record.finish("succeeded")
+    return result
+
+
+def _provenance(ctx: RunContext, node) -> None:
+    inputs = {p: (d or "store") for p, d in node.deps.items()}
+    ctx.study.add_provenance(node.name, {"config": node.spec.config_dict(), "run_id": ctx.run_id,
+                                         "config_hash": node.spec.config_hash()}, inputs)
