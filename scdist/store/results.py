@@ -127,7 +127,10 @@ def write_region(ds_block: xr.Dataset, url: str, region: Mapping[str, Any], *,
     drop = [k for k, v in block.variables.items() if not set(v.dims) & set(reg)]
     # Index labels along the region were written with the template (one chunk, shared by
     # all writers): check the block's labels match them instead of rewriting them.
-    for d in reg:
+    for d, r in reg.items():
+        if d in block.sizes and block.sizes[d] != r.stop - r.start:
+            raise ValueError(f"region {d}={r.start}:{r.stop} has length {r.stop - r.start} "
+                             f"but the block has {block.sizes[d]} along {d!r}")
         if d in block.indexes and d in group:
             stored = np.asarray(group[d][reg[d]]).tolist()
             mine = block.indexes[d].to_numpy().tolist()
