@@ -301,6 +301,17 @@ def to_manifests(objects: list) -> list[dict]:
 
 
 def to_yaml(objects: list) -> str:
+    """Multi-document YAML; multi-line strings (the spec) as readable ``|`` blocks."""
     import yaml
 
-    return yaml.safe_dump_all(to_manifests(objects), sort_keys=False)
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper, value):
+        style = "|" if "\n" in value and not any(ch in value for ch in "\t\r") else None
+        if style and any(line != line.rstrip() for line in value.split("\n")):
+            style = None  # trailing spaces cannot be kept in a block scalar
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump_all(to_manifests(objects), Dumper=_Dumper, sort_keys=False)

@@ -131,8 +131,11 @@ def _metadata_problems(obj: Mapping) -> list[str]:
 
 
 def manifest_problems(obj: Mapping, crds: CrdSchemas | None = None,
-                      k8s_version: str = K8S_VERSION) -> list[str]:
-    """Everything wrong with one manifest (empty list when it is valid)."""
+                      k8s_version: str = K8S_VERSION, allow_unknown: bool = False) -> list[str]:
+    """Everything wrong with one manifest (empty list when it is valid).
+
+    A kind that is neither core nor in ``crds`` is a problem unless ``allow_unknown``.
+    """
     import kubernetes_validate
 
     if not isinstance(obj, Mapping) or "apiVersion" not in obj or "kind" not in obj:
@@ -147,18 +150,20 @@ def manifest_problems(obj: Mapping, crds: CrdSchemas | None = None,
         path = ".".join(str(p) for p in e.path) or "<root>"
         problems.append(f"{path}: {e.message}")
     except kubernetes_validate.SchemaNotFoundError:
+        if allow_unknown:
+            return problems
         problems.append(f"no schema for {key[1]} ({key[0]}): neither a core kind of Kubernetes "
                         f"{k8s_version} nor a CRD given")
     return problems
 
 
 def validate_manifests(objs: Iterable[Mapping], crds: CrdSchemas | None = None,
-                       k8s_version: str = K8S_VERSION) -> None:
+                       k8s_version: str = K8S_VERSION, allow_unknown: bool = False) -> None:
     """Raise :class:`SpecError` listing every problem of every manifest; return None if all pass."""
     errors = []
     for obj in objs:
         name = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
-        errors += [f"{name} {p}" for p in manifest_problems(obj, crds, k8s_version)]
+        errors += [f"{name} {p}" for p in manifest_problems(obj, crds, k8s_version, allow_unknown)]
     if errors:
         raise SpecError("invalid manifests: " + "; ".join(errors), field="manifests",
                         fix="correct the values or options that produced these fields")
