@@ -1,0 +1,9 @@
+"""URSM: unified single-cell + bulk RNA-seq model (Zhu, Lei, Devlin & Roeder, AoAS 2018).
+
+Gibbs-EM with a vectorised E-step (numpy + polyagamma), chains/blocks on Ray actors on request.
+"""
+from .fit import fit
+from .params import Theta, naive_profile
+from .simulate import UrsmSimulation, simulate
+
+__all__ = ["fit", "simulate", "UrsmSimulation", "Theta", "naive_profile"]

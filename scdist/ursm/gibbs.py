@@ -1,0 +1,256 @@
+"""E-step: Gibbs sweeps of paper Section 3.1, vectorised over genes, cells and bulk samples.
+
+A *block* is a set of cells (or bulk samples) owned by one sampler; blocks are conditionally
+independent given θ, so each runs its B burn-in + T kept sweeps alone and returns additive
+sufficient statistics (spec §1.2). Nothing here knows about Ray or Dask.
+
+Single cells (per sweep, reference scan order ω → S → (κ, τ) → ψ):
+  (S1) ω_il ~ PG(1, ψ_il)                       [polyagamma, all (i, l) at once]
+  (S2) S_il | rest on entries with Y_il = 0     ['gamma': v_l ~ Gamma(R_l, U_l), then
+       S_il ~ Bern(σ(ψ_il − v_l a_il)) for all zeros at once; 'sequential': the paper's
+       logit b_il = ψ_il − R_l ln(1 + a_il / U_{−i,l}) gene after gene, cells at once]
+  (S3) (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹)              [closed-form 2 × 2 Cholesky, all cells at once]
+Bulk samples (per sweep, W → Z̃):
+  (B1) W_·j ~ Dir(α + Σ_i Z̃_ij·)                [normalised gammas]
+  (B2) Z̃_ij ~ Mult(X_ij, r_ij·)                 [K − 1 conditional binomials over all (i, j)]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from polyagamma import random_polyagamma
+from scipy.special import digamma, expit, gammaln
+
+from .params import Theta
+
+S_UPDATES = ("gamma", "sequential")
+
+
+def block_rng(seed: int, chain: int, kind: int, block: int, em_iter: int) -> np.random.Generator:
+    """One independent stream per (run seed, chain, block kind, block, EM iteration) (spec §2.2).
+
+    Streams are keyed by data block, not by worker, so results do not depend on placement."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chain, kind, block, em_iter)))
+
+
+def pg_mean(psi: np.ndarray) -> np.ndarray:
+    """E[ω] for ω ~ PG(1, ψ): tanh(ψ/2) / (2ψ), with the limit 1/4 at ψ = 0."""
+    x = np.where(np.abs(psi) < 1e-8, 1e-8, psi)
+    return np.tanh(x / 2.0) / (2.0 * x)
+
+
+def _half(t: int, samples: int) -> int:
+    """Which half of the kept sweeps draw t belongs to for split R-hat (−1: the middle draw of an odd T)."""
+    h = samples // 2
+    return 0 if t < h else (1 if t >= samples - h else -1)
+
+
+@dataclass
+class CellStats:
+    """Averages over the T kept sweeps for one cell block (spec §1.2)."""
+
+    ES: np.ndarray        # (Lb, N) Ê[S_il]
+    Ek: np.ndarray        # (Lb,) Ê κ_l
+    Ek2: np.ndarray       # (Lb,) Ê κ_l²
+    Et: np.ndarray        # (Lb,) Ê τ_l
+    Et2: np.ndarray       # (Lb,) Ê τ_l²
+    C1: np.ndarray        # (N, K) Σ_{l∈k} Ê[τ_l (S_il − ½) − κ_l τ_l ω_il]
+    C2: np.ndarray        # (N, K) Σ_{l∈k} Ê[ω_il τ_l²]
+    halves: np.ndarray | None = None   # (2, 4, Lb): per half of the kept sweeps Σκ, Σκ², Στ, Στ²
+    logjoint: np.ndarray | None = None  # (T,) log p(S, κ, τ, Y | θ) per kept sweep (up to a constant)
+
+
+@dataclass
+class BulkStats:
+    """Averages over the T kept sweeps for one bulk block."""
+
+    cZ: np.ndarray        # (N, K) Σ_j Ê[Z̃_ijk]
+    ElnW: np.ndarray      # (K,) Σ_j Ê ln W_kj
+    EW: np.ndarray        # (Mb, K) Ê W_kj
+    halves: np.ndarray | None = None   # (2, 2, Mb, K): per half Σ W, Σ W²
+    logjoint: np.ndarray | None = None  # (T,)
+
+
+class CellBlockSampler:
+    """Gibbs state and sweeps for one block of cells (rows of Y, cells × genes)."""
+
+    def __init__(self, Y: np.ndarray, G: np.ndarray, K: int, *, s_update: str = "gamma",
+                 rao_blackwell: bool = True):
+        if s_update not in S_UPDATES:
+            raise ValueError(f"s_update must be one of {S_UPDATES}")
+        self.Y = np.ascontiguousarray(Y)
+        self.pos = self.Y > 0
+        self.R = self.Y.sum(axis=1).astype(float)
+        self.G = np.asarray(G, dtype=np.int64)
+        self.K = K
+        self.H = np.zeros((len(self.G), K))
+        self.H[np.arange(len(self.G)), self.G] = 1.0
+        self.s_update = s_update
+        self.rao_blackwell = rao_blackwell
+        self.S = self.kappa = self.tau = None
+
+    def _draw_S_gamma(self, S, psi, a, rng):
+        U = np.einsum("ln,ln->l", a, S)
+        v = np.zeros_like(U)
+        ok = self.R > 0
+        v[ok] = rng.standard_gamma(self.R[ok]) / U[ok]
+        logit = psi - v[:, None] * a
+        np.logical_or(self.pos, rng.random(S.shape) < expit(logit), out=S)
+
+    def _draw_S_sequential(self, S, psi, a, rng):
+        U = np.einsum("ln,ln->l", a, S)
+        u = rng.random(S.shape)
+        R = self.R
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for i in range(S.shape[1]):   # genes must be visited in turn (spec §1.1 S2)
+                ai = a[:, i]
+                Um = U - ai * S[:, i]
+                logit = np.where(R > 0, psi[:, i] - R * np.log1p(ai / Um), psi[:, i])
+                new = self.pos[:, i] | (u[:, i] < expit(logit))
+                S[:, i] = new
+                U = Um + ai * new
+
+    def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
+            cold: bool, track: bool = False) -> CellStats:
+        """Run ``burnin`` + ``samples`` sweeps at θ and return the kept-sweep averages."""
+        Lb, N = self.Y.shape
+        a = np.ascontiguousarray(theta.A[:, self.G].T)          # a_il = A_{i,G_l}
+        if cold or self.S is None:
+            self.S = self.pos | (rng.random((Lb, N)) < 0.5)
+            self.kappa = np.full(Lb, theta.mu_kappa)
+            self.tau = np.full(Lb, theta.mu_tau)
+        S, kappa, tau = self.S, self.kappa, self.tau
+        ik2, it2 = 1.0 / theta.s2_kappa, 1.0 / theta.s2_tau
+        psi = kappa[:, None] + tau[:, None] * a
+        omega = np.empty_like(psi)
+        ES = np.zeros((Lb, N))
+        T1 = np.zeros((Lb, N))
+        T2 = np.zeros((Lb, N))
+        mom = np.zeros((4, Lb))
+        halves = np.zeros((2, 4, Lb)) if track else None
+        lps = np.zeros(samples) if track else None
+        draw_S = self._draw_S_gamma if self.s_update == "gamma" else self._draw_S_sequential
+        if track:
+            ylna = np.einsum("ln,ln->l", self.Y, np.log(a)).sum()
+        for s in range(burnin + samples):
+            random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)
+            draw_S(S, psi, a, rng)
+            # (S3): P_l = [[Σω + σκ⁻², Σωa], [Σωa, Σωa² + στ⁻²]], P_l m_l = [ΣS − N/2 + μκσκ⁻², ΣSa − ½ + μτστ⁻²]
+            oa = omega * a
+            p11 = omega.sum(axis=1) + ik2
+            p12 = oa.sum(axis=1)
+            p22 = np.einsum("ln,ln->l", oa, a) + it2
+            b1 = S.sum(axis=1) - N / 2.0 + theta.mu_kappa * ik2
+            b2 = np.einsum("ln,ln->l", a, S) - 0.5 + theta.mu_tau * it2
+            det = p11 * p22 - p12 * p12
+            l11 = np.sqrt(p11)
+            l21 = p12 / l11
+            l22 = np.sqrt(det) / l11
+            z = rng.standard_normal((2, Lb))
+            x2 = z[1] / l22
+            kappa[:] = (p22 * b1 - p12 * b2) / det + (z[0] - l21 * x2) / l11
+            tau[:] = (p11 * b2 - p12 * b1) / det + x2
+            np.multiply(tau[:, None], a, out=psi)
+            psi += kappa[:, None]
+            if s < burnin:
+                continue
+            t = s - burnin
+            ES += S
+            w = pg_mean(psi) if self.rao_blackwell else omega
+            # products are formed within the sweep (spec §2.4)
+            T1 += tau[:, None] * (S - 0.5) - (kappa * tau)[:, None] * w
+            T2 += w * (tau * tau)[:, None]
+            cur = np.stack([kappa, kappa * kappa, tau, tau * tau])
+            mom += cur
+            if track:
+                h = _half(t, samples)
+                if h >= 0:
+                    halves[h] += cur
+                U = np.einsum("ln,ln->l", a, S)
+                with np.errstate(divide="ignore"):
+                    lnU = np.where(self.R > 0, np.log(U), 0.0)
+                lps[t] = (-0.5 * ((kappa - theta.mu_kappa) ** 2 * ik2).sum()
+                          - 0.5 * ((tau - theta.mu_tau) ** 2 * it2).sum()
+                          - 0.5 * Lb * np.log(theta.s2_kappa * theta.s2_tau)
+                          + (S * psi).sum() - np.logaddexp(0.0, psi).sum()
+                          + ylna - (self.R * lnU).sum())
+        inv = 1.0 / samples
+        return CellStats(ES=ES * inv, Ek=mom[0] * inv, Ek2=mom[1] * inv, Et=mom[2] * inv, Et2=mom[3] * inv,
+                         C1=(T1.T @ self.H) * inv, C2=(T2.T @ self.H) * inv, halves=halves, logjoint=lps)
+
+
+class BulkBlockSampler:
+    """Gibbs state and sweeps for one block of bulk samples (rows of X, samples × genes)."""
+
+    def __init__(self, X: np.ndarray, K: int, *, rao_blackwell: bool = True):
+        self.X = np.ascontiguousarray(X, dtype=np.int64)
+        self.Xf = self.X.astype(float)
+        self.Rj = self.Xf.sum(axis=1)
+        self.K = K
+        self.rao_blackwell = rao_blackwell
+        self.n = None          # (Mb, K) Σ_i Z̃_ijk, the chain's state (warm-started)
+
+    def _draw_Z(self, W, A, rng, zsum=None):
+        """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials."""
+        AW = W @ A.T                                          # (Mb, N)
+        rem = self.X.copy()
+        remp = np.ones_like(AW)
+        n = np.empty((self.X.shape[0], self.K))
+        for k in range(self.K - 1):
+            p = W[:, k, None] * A[None, :, k] / AW
+            q = np.clip(p / np.maximum(remp, 1e-300), 0.0, 1.0)
+            Zk = rng.binomial(rem, q)
+            n[:, k] = Zk.sum(axis=1)
+            if zsum is not None:
+                zsum[:, k] = Zk.sum(axis=0)
+            rem -= Zk
+            remp -= p
+        n[:, -1] = rem.sum(axis=1)
+        if zsum is not None:
+            zsum[:, -1] = rem.sum(axis=0)
+        return n, AW
+
+    def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
+            cold: bool = False, track: bool = False) -> BulkStats:
+        Mb, N = self.X.shape
+        K = self.K
+        A, alpha = theta.A, theta.alpha
+        if cold or self.n is None:
+            W0 = np.tile(alpha / alpha.sum(), (Mb, 1))
+            self.n, _ = self._draw_Z(W0, A, rng)
+        cZ = np.zeros((N, K))
+        ElnW = np.zeros(K)
+        EW = np.zeros((Mb, K))
+        halves = np.zeros((2, 2, Mb, K)) if track else None
+        lps = np.zeros(samples) if track else None
+        zsum = np.zeros((N, K)) if (track or not self.rao_blackwell) else None
+        lnA = np.log(A)
+        for s in range(burnin + samples):
+            g = rng.standard_gamma(alpha[None, :] + self.n)
+            W = g / g.sum(axis=1, keepdims=True)              # (B1)
+            keep = s >= burnin
+            self.n, AW = self._draw_Z(W, A, rng, zsum if keep else None)   # (B2)
+            if not keep:
+                continue
+            t = s - burnin
+            post = alpha[None, :] + self.n
+            if self.rao_blackwell:
+                cZ += A * ((self.Xf / AW).T @ W)             # Σ_j E[Z̃_ijk | W]
+                ElnW += (digamma(post) - digamma(post.sum(axis=1, keepdims=True))).sum(axis=0)
+                EW += post / post.sum(axis=1, keepdims=True)
+            else:
+                cZ += zsum
+                ElnW += np.log(W).sum(axis=0)
+                EW += W
+            if track:
+                h = _half(t, samples)
+                if h >= 0:
+                    halves[h, 0] += W
+                    halves[h, 1] += W * W
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    lnW = np.log(W)
+                    lps[t] = (Mb * (gammaln(alpha.sum()) - gammaln(alpha).sum())
+                              + np.nansum((alpha - 1.0) * lnW) + np.nansum(self.n * lnW) + (zsum * lnA).sum())
+        inv = 1.0 / samples
+        return BulkStats(cZ=cZ * inv, ElnW=ElnW * inv, EW=EW * inv, halves=halves, logjoint=lps)
