@@ -98,8 +98,9 @@ workerGroupSpecs:
         {{- include "scdist.rayPod" (dict "root" $ "container" "ray-worker" "image" (include "scdist.image" $) "resources" $v.cpuWorkers.resources "nodeSelector" $v.cpuWorkers.nodeSelector "tolerations" $v.cpuWorkers.tolerations) | nindent 8 }}
   {{- end }}
   {{- if $v.gpuWorkers.enabled }}
-  {{- $gpu := dict "nvidia.com/gpu" (toString $v.gpuWorkers.gpusPerWorker) }}
-  {{- $res := dict "requests" (merge $gpu (deepCopy (default dict $v.gpuWorkers.resources.requests))) "limits" (merge (deepCopy $gpu) (deepCopy (default dict $v.gpuWorkers.resources.limits))) }}
+  {{- /* sprig's merge writes into its first argument: give each list a fresh dict. */}}
+  {{- $n := toString $v.gpuWorkers.gpusPerWorker }}
+  {{- $res := dict "requests" (merge (dict "nvidia.com/gpu" $n) (deepCopy (default dict $v.gpuWorkers.resources.requests))) "limits" (merge (dict "nvidia.com/gpu" $n) (deepCopy (default dict $v.gpuWorkers.resources.limits))) }}
   - groupName: gpu
     replicas: {{ $v.gpuWorkers.replicas }}
     minReplicas: {{ $v.gpuWorkers.minReplicas }}
