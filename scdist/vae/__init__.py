@@ -3,5 +3,6 @@ sample effects), trained by one loop in-process or under Ray Train (see ``scdist
 from __future__ import annotations
 
 from .ldvae import LDVAE, train_ldvae
+from .mrvi import MrVI, train_mrvi
 
-__all__ = ["LDVAE", "train_ldvae"]
+__all__ = ["LDVAE", "MrVI", "train_ldvae", "train_mrvi"]

@@ -98,6 +98,9 @@ class VAEModel:
         use_gpu = bool(engine.get("use_gpu", False))
         use_ray = engine.get("engine", "ray" if (num_workers > 1 or use_gpu) else "local") == "ray"
         if use_ray:
+            if len(source.chunks) < num_workers:
+                raise InputError(f"{len(source.chunks)} cell chunks cannot feed {num_workers} workers",
+                                 field="num_workers", fix=f"use at most {len(source.chunks)} workers")
             from ..engines.ray_train import train_distributed
             state, history = train_distributed(
                 module_path=cls.module_path, module_kwargs=module_kwargs, source=source, covariates=cats,

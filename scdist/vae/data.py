@@ -112,7 +112,7 @@ class MatrixSource(CountSource):
     """An in-memory AnnData (raw counts in X, or in ``layer``) or a CSR/dense matrix + obs."""
 
     def __init__(self, X, obs: pd.DataFrame | None = None, gene_names=None,
-                 chunk_size: int = DEFAULT_CHUNK):
+                 chunk_size: int | None = None):
         if not sp.issparse(X):
             X = sp.csr_matrix(np.asarray(X))
         self.X = X.tocsr()
@@ -123,10 +123,12 @@ class MatrixSource(CountSource):
                              fix="pass an obs table with one row per cell")
         self.gene_names = np.asarray(gene_names if gene_names is not None
                                      else [f"g{i}" for i in range(self.n_genes)], dtype=object)
+        if chunk_size is None:  # enough chunks to shuffle well and to shard across workers
+            chunk_size = int(max(256, min(DEFAULT_CHUNK, -(-self.n_cells // 32))))
         self.chunks = _regular_chunks(self.n_cells, chunk_size)
 
     @classmethod
-    def from_anndata(cls, adata, layer: str | None = None, chunk_size: int = DEFAULT_CHUNK):
+    def from_anndata(cls, adata, layer: str | None = None, chunk_size: int | None = None):
         X = adata.layers[layer] if layer else adata.X
         if X is None:
             raise InputError("AnnData has no X", field="X", fix="put raw counts in X or pass layer=")
@@ -175,7 +177,7 @@ class StudySource(CountSource):
         return self._obs_frame()[key].to_numpy()
 
 
-def as_source(data, *, layer: str | None = None, chunk_size: int = DEFAULT_CHUNK) -> CountSource:
+def as_source(data, *, layer: str | None = None, chunk_size: int | None = None) -> CountSource:
     """Wrap ``data`` (AnnData, study, study URL, CountSource) as a :class:`CountSource`."""
     if isinstance(data, CountSource):
         return data
