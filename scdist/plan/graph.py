@@ -150,9 +150,9 @@ def _stage_marker(store: str, product: str) -> dict | None:
     return read_marker(product_url(store, product), STAGE_MARKER)
 
 
-# Groups that only ever appear complete (CellWriter writes cells/ beside and renames it into
+# Groups that only ever appear complete (ingest writes cells/ and bulk/ beside and moves them into
 # place), so a store made through the Python API without the planner still satisfies them.
-ATOMIC_PRODUCTS = ("cells",)
+ATOMIC_PRODUCTS = ("cells", "bulk")
 
 
 def _available(store: str, product: str) -> dict | None:
@@ -180,7 +180,8 @@ def _status(node: StageNode, store: str) -> tuple[str, str]:
     if any(m is not None for m in markers):
         return STALE, "its products were written by another stage or config"
     if node.products:
-        node.done_chunks = len(done_set(product_url(store, node.products[0])) - {STAGE_MARKER})
+        ids = done_set(product_url(store, node.products[0]))
+        node.done_chunks = sum(not i.startswith("__") for i in ids)  # "__x__": run-level markers
     return (PARTIAL, "resuming an interrupted run") if node.done_chunks else (PENDING, "")
 
 

@@ -11,8 +11,10 @@ task runs. For each stage in order:
    later plans compare against. Provenance is added to the store and the run record
    (``_scdist_runs/<run_id>.json``) is updated.
 
-A ``__started__`` marker written before a stage runs records the config its chunk markers
-belong to, so resuming an interrupted stage under a different config recomputes it.
+A ``__started__`` marker records the config a stage's chunk markers belong to, so resuming
+an interrupted stage under a different config recomputes it. It is written before the stage
+runs when the store exists, and again when a stage fails (the first stage of a run may be
+the one creating the store; only a SIGKILL during such a stage leaves it unwritten).
 """
 from __future__ import annotations
 
@@ -108,6 +110,9 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
             try:
                 node.stage.run(ctx, node.config)
             except BaseException as exc:
+                if record.store_exists():  # the stage may have created the store: say whose chunks these are
+                    for product in node.products:
+                        mark_done(product_url(spec.store, product), STARTED_MARKER, started_meta)
                 record.stage(node.name, action="failed", seconds=time.perf_counter() - t0,
                              error=f"{type(exc).__name__}: {exc}")
                 record.finish("failed", error=f"stage {node.name}: {type(exc).__name__}: {exc}")

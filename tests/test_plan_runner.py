@@ -1,0 +1,252 @@
+"""Runner on a real LocalCluster: order, skipping, staleness, resume, clusters it must not stop.
+
+Two small test stages (registered for the test only) do chunked work through
+``engines.dask.map_blocks`` exactly as real stages do: ``t_a`` writes ``value * (i + 1)``
+into chunk ``i`` of a zarr array and marks the chunk; ``t_b`` reads ``t_a`` and writes twice
+it. Every executed chunk is counted, so "skipped" means no work was done.
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+import pytest
+import zarr
+from pydantic import Field
+
+import scdist
+from scdist.engines.dask import map_blocks
+from scdist.errors import SpecError
+from scdist.plan import registry
+from scdist.plan.graph import DONE, PARTIAL, PENDING, STALE
+from scdist.plan.runlog import list_runs
+from scdist.plan.stage import Stage, StageConfig, StagePlan
+from scdist.store import create_study
+from scdist.store.markers import done_set, mark_done
+
+WORK: collections.Counter = collections.Counter()
+
+
+class ChunkConfig(StageConfig):
+    n_chunks: int = Field(6, ge=1)
+    value: int = 1
+    sleep: float = 0.0  # seconds of "work" per chunk
+
+
+def _write_chunk(i: int, url: str, value: int, src: str | None, sleep: float) -> int:
+    time.sleep(sleep)
+    arr = zarr.open_array(f"{url}/data", mode="r+")
+    base = 2 * zarr.open_array(f"{src}/data", mode="r")[i] if src else (i + 1)
+    arr[i] = value * base
+    mark_done(url, f"c{i}")
+    return i
+
+
+class _Chunked(Stage):
+    engine = "dask"
+    source: str | None = None
+    fail_after: int | None = None  # raise in the driver after this many chunks (an interruption)
+
+    def plan(self, study, cfg):
+        return StagePlan(chunks=cfg.n_chunks, chunk_desc="one element per chunk",
+                         resources={"cpu": 1})
+
+    def run(self, ctx, cfg):
+        url = f"{ctx.store_url}/{self.products(cfg)[0]}"
+        create_study(ctx.store_url, exist_ok=True)
+        try:
+            zarr.open_array(f"{url}/data", mode="r")
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            zarr.create_array(f"{url}/data", shape=(cfg.n_chunks,), chunks=(1,), dtype="int64")
+        done = done_set(url)
+        todo = [i for i in range(cfg.n_chunks) if f"c{i}" not in done]
+        src = f"{ctx.store_url}/{self.source}" if self.source else None
+        with ctx.progress(self.name, cfg.n_chunks) as bar:
+            for k, _ in enumerate(map_blocks(ctx.client(), _write_chunk, todo, progress=bar,
+                                             url=url, value=cfg.value, src=src,
+                                             sleep=cfg.sleep), 1):
+                WORK[self.name] += 1
+                if type(self).fail_after is not None and k >= type(self).fail_after:
+                    raise RuntimeError("interrupted")
+
+
+class StageA(_Chunked):
+    name = "t_a"
+    Config = ChunkConfig
+    provides = ("t_a",)
+
+
+class StageB(_Chunked):
+    name = "t_b"
+    Config = ChunkConfig
+    requires = ("t_a",)
+    provides = ("t_b",)
+    source = "t_a"
+
+
+class RayStage(Stage):
+    name = "t_ray"
+    Config = StageConfig
+    engine = "ray"
+
+    def run(self, ctx, cfg):
+        create_study(ctx.store_url, exist_ok=True)
+        with ctx.ray() as ray:
+            WORK[self.name] += ray.get(ray.remote(lambda: 1).remote(), timeout=120)
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    for cls in (StageA, StageB, RayStage):
+        monkeypatch.setitem(registry.STAGES, cls.name, f"{__name__}:{cls.__name__}")
+    WORK.clear()
+    StageA.fail_after = StageB.fail_after = None
+    yield
+    StageA.fail_after = StageB.fail_after = None
+
+
+def _spec(store, a=None, b=None):
+    stages = {}
+    if a is not None:
+        stages["t_a"] = a
+    if b is not None:
+        stages["t_b"] = b
+    return {"store": store, "stages": stages}
+
+
+def _data(store, group):
+    return zarr.open_array(f"{store}/{group}/data", mode="r")[:]
+
+
+def test_run_skip_rerun_and_client_left_open(stages, tmp_store, dask_client):
+    res = scdist.run(_spec(tmp_store, a={}, b={}), client=dask_client, rich=False)
+    assert res.ran == ["t_a", "t_b"] and res.skipped == []
+    assert WORK == {"t_a": 6, "t_b": 6}
+    np.testing.assert_array_equal(_data(tmp_store, "t_b"), 2 * np.arange(1, 7))
+    # the user's client is untouched
+    assert dask_client.status == "running"
+    assert dask_client.submit(sum, [1, 2]).result(timeout=30) == 3
+
+    WORK.clear()
+    res = scdist.run(_spec(tmp_store, a={}, b={}), client=dask_client, rich=False)
+    assert res.ran == [] and res.skipped == ["t_a", "t_b"]
+    assert sum(WORK.values()) == 0
+    graph = scdist.plan(_spec(tmp_store, a={}, b={}))
+    assert [n.status for n in graph] == [DONE, DONE]
+    runs = list_runs(tmp_store)
+    assert [r["status"] for r in runs] == ["succeeded", "succeeded"]
+    assert [s["action"] for s in runs[-1]["stages"]] == ["skipped", "skipped"]
+
+
+def test_config_change_recomputes_stage_and_its_dependents(stages, tmp_store, dask_client):
+    scdist.run(_spec(tmp_store, a={}, b={}), client=dask_client, rich=False)
+    WORK.clear()
+    graph = scdist.plan(_spec(tmp_store, a={"value": 3}, b={}))
+    assert [(n.status, bool(n.reason)) for n in graph] == [(STALE, True), (STALE, True)]
+    res = scdist.run(_spec(tmp_store, a={"value": 3}, b={}), client=dask_client, rich=False)
+    assert res.ran == ["t_a", "t_b"] and WORK == {"t_a": 6, "t_b": 6}
+    np.testing.assert_array_equal(_data(tmp_store, "t_b"), 6 * np.arange(1, 7))
+
+
+def test_downstream_stale_when_input_changed_in_another_run(stages, tmp_store, dask_client):
+    scdist.run(_spec(tmp_store, a={}, b={}), client=dask_client, rich=False)
+    scdist.run(_spec(tmp_store, a={"value": 5}), client=dask_client, rich=False)
+    graph = scdist.plan(_spec(tmp_store, b={}))
+    node = graph.node("t_b")
+    assert node.status == STALE and "t_a" in node.reason
+    assert node.deps == {"t_a": None}  # met by the store
+    WORK.clear()
+    scdist.run(_spec(tmp_store, b={}), client=dask_client, rich=False)
+    assert WORK == {"t_b": 6}
+    np.testing.assert_array_equal(_data(tmp_store, "t_b"), 10 * np.arange(1, 7))
+
+
+def _wait_idle(client, timeout=30):
+    """Cancelled tasks already running still finish (and mark) on their worker; wait for them."""
+    def busy():
+        running = client.run(lambda dask_worker: len(dask_worker.state.executing))
+        return any(client.processing().values()) or any(running.values())
+
+    t0 = time.monotonic()
+    while busy():
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_interrupted_stage_resumes_only_missing_chunks(stages, tmp_store, dask_client):
+    spec = _spec(tmp_store, a={"n_chunks": 30, "sleep": 0.1}, b={"n_chunks": 30})
+    StageA.fail_after = 3
+    with pytest.raises(RuntimeError, match="interrupted"):
+        scdist.run(spec, client=dask_client, rich=False)
+    StageA.fail_after = None
+    _wait_idle(dask_client)
+    finished = {c for c in done_set(f"{tmp_store}/t_a") if not c.startswith("__")}
+    assert 3 <= len(finished) < 30
+    graph = scdist.plan(spec)
+    assert graph.node("t_a").status == PARTIAL
+    assert graph.node("t_a").done_chunks == len(finished)
+    assert graph.node("t_b").status == PENDING
+    assert f"{len(finished)}/30 chunks done" in graph.render()
+    runs = list_runs(tmp_store)
+    assert runs[-1]["status"] == "failed" and "interrupted" in runs[-1]["error"]
+    assert [s["action"] for s in runs[-1]["stages"]] == ["failed", None]
+
+    WORK.clear()
+    scdist.run(spec, client=dask_client, rich=False)
+    assert WORK["t_a"] == 30 - len(finished)
+    assert WORK["t_b"] == 30
+    np.testing.assert_array_equal(_data(tmp_store, "t_b"), 2 * np.arange(1, 31))
+
+
+def test_resume_under_a_different_config_recomputes(stages, tmp_store, dask_client):
+    StageA.fail_after = 1
+    with pytest.raises(RuntimeError):
+        scdist.run(_spec(tmp_store, a={"n_chunks": 8, "sleep": 0.1}), client=dask_client, rich=False)
+    StageA.fail_after = None
+    _wait_idle(dask_client)
+    assert scdist.plan(_spec(tmp_store, a={"n_chunks": 8, "sleep": 0.1})).node("t_a").status == PARTIAL
+    WORK.clear()
+    scdist.run(_spec(tmp_store, a={"n_chunks": 8, "value": 7}), client=dask_client, rich=False)
+    assert WORK["t_a"] == 8
+    np.testing.assert_array_equal(_data(tmp_store, "t_a"), 7 * np.arange(1, 9))
+
+
+def test_unmet_requirement_fails_before_any_work(stages, tmp_store, dask_client):
+    with pytest.raises(SpecError) as ei:
+        scdist.run(_spec(tmp_store, b={}), client=dask_client, rich=False)
+    assert ei.value.field == "stages.t_b" and "t_a" in str(ei.value)
+    assert sum(WORK.values()) == 0
+
+
+def test_spec_order_does_not_matter(stages, tmp_store, dask_client):
+    spec = {"store": tmp_store, "stages": {"t_b": {"n_chunks": 2}, "t_a": {"n_chunks": 2}}}
+    graph = scdist.plan(spec)
+    assert [n.name for n in graph] == ["t_a", "t_b"]
+    assert graph.node("t_b").deps == {"t_a": "t_a"}
+
+
+def test_existing_scheduler_by_address_is_not_stopped(stages, tmp_store, dask_client):
+    address = dask_client.scheduler.address
+    res = scdist.run(_spec(tmp_store, a={"n_chunks": 3}), dask_address=address, rich=False)
+    assert res.ran == ["t_a"] and WORK["t_a"] == 3
+    assert dask_client.submit(sum, [2, 2]).result(timeout=30) == 4
+    assert len(dask_client.scheduler_info()["workers"]) == 2
+
+
+def test_ray_only_started_for_ray_stages(stages, tmp_store, dask_client, monkeypatch):
+    import scdist.engines.ray as ray_engine
+
+    def boom(*a, **k):
+        raise AssertionError("Ray must not be started for a spec without Ray stages")
+
+    monkeypatch.setattr(ray_engine, "ray_session", boom)
+    scdist.run(_spec(tmp_store, a={"n_chunks": 2}), client=dask_client, rich=False)
+    assert WORK["t_a"] == 2
+
+
+@pytest.mark.ray
+def test_ray_stage_runs_on_existing_ray(stages, tmp_store, ray_local):
+    res = scdist.run({"store": tmp_store, "stages": {"t_ray": {}}}, rich=False)
+    assert res.ran == ["t_ray"] and WORK["t_ray"] == 1
+    assert ray_local.is_initialized()  # a Ray scdist did not start is left running
