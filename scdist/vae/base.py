@@ -138,6 +138,8 @@ class VAEModel:
         keep = None if cells is None else np.zeros(source.n_cells, bool)
         if keep is not None:
             keep[np.asarray(cells)] = True
+            starts = np.array([a for a, _ in source.chunks])
+            loader.chunk_ids = np.unique(np.searchsorted(starts, np.flatnonzero(keep), side="right") - 1).tolist()
         for b in loader:
             if keep is not None:
                 m = torch.from_numpy(keep[b["index"].numpy()])

@@ -249,6 +249,7 @@ class CellLoader:
     world_size: int = 1
     n_steps: int | None = None
     epoch: int = 0
+    chunk_ids: Sequence[int] | None = None  # restrict to these chunks of the source
     _split_counts: np.ndarray | None = field(default=None, repr=False)
 
     def set_epoch(self, epoch: int) -> None:
@@ -277,9 +278,9 @@ class CellLoader:
 
     def _chunk_order(self) -> list[int]:
         n = len(self.source.chunks)
-        order = np.arange(n)
+        order = np.arange(n) if self.chunk_ids is None else np.asarray(self.chunk_ids, dtype=np.int64)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch, 7]).permutation(n)
+            order = order[np.random.default_rng([self.seed, self.epoch, 7]).permutation(len(order))]
         return [int(c) for c in order[self.rank::self.world_size] if self.split_counts()[c] > 0]
 
     def _batch(self, X: sp.csr_matrix, idx: np.ndarray) -> dict[str, torch.Tensor]:

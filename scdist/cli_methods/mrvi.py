@@ -1,0 +1,15 @@
+"""`scdist mrvi STORE [options]`: run the ``mrvi`` stage on a study store."""
+from __future__ import annotations
+
+import typer
+
+from .ldvae import stage_verb
+
+HELP = ("Train MrVI on STORE's cells (sample = --sample-key, default donor) and write u and z per cell to "
+        "results/mrvi/<run>, with the model for the post-training analyses.\n\nOptions are the keys of the "
+        "spec's `mrvi:` block; --num-workers > 1 or --use-gpu trains under Ray Train. A rerun resumes from "
+        "the last checkpoint.")
+
+
+def register(app: typer.Typer) -> None:
+    stage_verb(app, "mrvi", HELP)

@@ -1,0 +1,139 @@
+"""Stage ``ldvae``: train LDVAE on ``cells/`` and store latent factors and gene loadings.
+
+Training checkpoints go to ``results/ldvae/<run>/checkpoints`` (a rerun resumes from the last
+epoch); in-process by default, Ray Train (``TorchTrainer``, DDP) when ``num_workers`` > 1 or
+``use_gpu``. The results Dataset ``results/ldvae/<run>`` holds ``z(cell, latent)`` (the latent factors)
+written per cell chunk (each chunk's completion marker after its data), ``loadings(gene,
+latent)`` and the training history; the fitted model is saved under ``<run>/model``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from ..stage import Stage, StageConfig, StagePlan
+
+
+class VaeTrainConfig(StageConfig):
+    run: str = Field("default", description="Run name: results/<method>/<run>")
+    seed: int = Field(0, description="Seed of initialisation, shuffling and sampling")
+    max_epochs: int | None = Field(None, ge=1, description="Epochs (default: scVI heuristic from the cell count)")
+    batch_size: int = Field(256, ge=8, description="Minibatch size")
+    lr: float = Field(1e-3, gt=0, description="Learning rate")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out cells for validation / early stopping")
+    patience: int = Field(10, ge=1, description="Early-stopping patience (epochs)")
+    num_workers: int = Field(1, ge=1, description="Data-parallel workers (> 1: Ray Train)")
+    use_gpu: bool = Field(False, description="Train on GPUs under Ray Train")
+    timeout_s: float | None = Field(None, gt=0, description="Fail if Ray Train takes longer")
+    options: dict[str, Any] = Field(default_factory=dict, description="Further model options")
+
+
+class LdvaeConfig(VaeTrainConfig):
+    batch_key: str | None = Field(None, description="obs column of the batch covariate (e.g. 'batch')")
+    n_latent: int = Field(10, ge=1, description="Number of factors K")
+
+
+def train_kwargs(cfg: VaeTrainConfig, checkpoint_dir: str) -> dict:
+    kw = dict(max_epochs=cfg.max_epochs, batch_size=cfg.batch_size, lr=cfg.lr, val_fraction=cfg.val_fraction,
+              patience=cfg.patience, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+              checkpoint_dir=checkpoint_dir, run_name=f"{cfg.run}")
+    if cfg.timeout_s:
+        kw["timeout_s"] = cfg.timeout_s
+    return {**kw, **cfg.options}
+
+
+def vae_plan(study, cfg: VaeTrainConfig, method: str) -> StagePlan:
+    res = {"workers": cfg.num_workers, "engine": "ray-train" if cfg.num_workers > 1 or cfg.use_gpu else "local",
+           "gpu": cfg.use_gpu}
+    url = study.result_url(method, cfg.run) if study is not None else None
+    if study is None or not study.has("cells"):
+        return StagePlan(chunk_desc="training, then one latent block per cell chunk", resources=res, output_url=url)
+    n = len(study.cell_chunks)
+    return StagePlan(chunks=n, chunk_desc=f"train on {study.n_cells:,} cells, then write latents of {n} cell chunks",
+                     resources=res, output_url=url)
+
+
+def write_vae_results(ctx, model, method: str, run: str, latent_fns: dict, extra: dict | None = None) -> str:
+    """Write ``results/<method>/<run>``: per-cell latents by cell chunk (+ markers), ``extra``
+    (gene- or epoch-indexed DataArrays) and the history; save the model under ``model/``."""
+    import dask.array as da
+    import xarray as xr
+
+    from ...store.markers import done_set, mark_done
+    from ...store.results import write_region, write_template
+
+    study = ctx.study
+    url = study.result_url(method, run)
+    chunks = [(int(a), int(b)) for a, b in study.cell_chunks]
+    csize = chunks[0][1] - chunks[0][0]
+    cells = np.asarray(study.obs().index.astype(str), dtype=object)
+    h = model.history
+    hist = xr.Dataset({"train_loss": ("epoch", np.asarray(h.train_loss, float)),
+                       "val_nelbo": ("epoch", np.asarray(h.val_nelbo if h.val_nelbo else [np.nan] * len(h.epoch), float)),
+                       "epoch_seconds": ("epoch", np.asarray(h.seconds, float))},
+                      coords={"epoch": np.asarray(h.epoch, int)})
+    done = done_set(url)
+    if not any(c.startswith("cells-") for c in done):
+        dims = {}
+        for name, (fn, n_lat, lat_dim) in latent_fns.items():
+            dims[name] = xr.DataArray(da.full((study.n_cells, n_lat), np.nan, dtype=np.float32, chunks=(csize, n_lat)),
+                                      dims=("cell", lat_dim),
+                                      coords={lat_dim: np.array([str(i) for i in range(n_lat)], dtype=object)})
+        tmpl = xr.Dataset({**dims, **{k: v.copy(data=da.from_array(v.values)) for k, v in (extra or {}).items()},
+                           **{k: v.copy(data=da.from_array(v.values)) for k, v in hist.data_vars.items()}},
+                          coords={"cell": cells})
+        tmpl.attrs.update(method=method, run=run, best_epoch=int(h.best_epoch), seed=model.train_config["seed"])
+        write_template(tmpl, url, {"cell": csize})
+        small = xr.Dataset({**(extra or {}), **hist.data_vars})
+        for dim in {d for v in small.data_vars.values() for d in v.dims}:
+            part = small[[k for k, v in small.data_vars.items() if dim in v.dims]]
+            write_region(part, url, {dim: slice(0, part.sizes[dim])})
+        model.save(f"{url}/model")
+    with ctx.progress(f"{method} latent chunks", len(chunks)) as bar:
+        for i, (a, b) in enumerate(chunks):
+            cid = f"cells-{i:06d}"
+            if cid in done:
+                bar.update()
+                continue
+            block = xr.Dataset({name: xr.DataArray(fn(np.arange(a, b)), dims=("cell", lat_dim))
+                                for name, (fn, _, lat_dim) in latent_fns.items()}, coords={"cell": cells[a:b]})
+            write_region(block, url, {"cell": slice(a, b)})
+            mark_done(url, cid, {"cells": [a, b]})
+            bar.update()
+    return url
+
+
+class LdvaeStage(Stage):
+    name = "ldvae"
+    Config = LdvaeConfig
+    requires = ("cells",)
+    engine = "ray"
+
+    def products(self, cfg: LdvaeConfig) -> tuple[str, ...]:
+        return (f"results/ldvae/{cfg.run}",)
+
+    def check(self, cfg: LdvaeConfig, study) -> None:
+        from ...errors import SpecError
+        if study is not None and study.has("cells") and cfg.batch_key and cfg.batch_key not in study.obs().columns:
+            raise SpecError(f"batch_key {cfg.batch_key!r} is not an obs column", field="ldvae.batch_key",
+                            fix=f"use one of {list(study.obs().columns)} or null")
+
+    def plan(self, study, cfg: LdvaeConfig) -> StagePlan:
+        return vae_plan(study, cfg, "ldvae")
+
+    def run(self, ctx, cfg: LdvaeConfig) -> None:
+        from ...vae import train_ldvae
+
+        study = ctx.study
+        url = study.result_url("ldvae", cfg.run)
+        if cfg.num_workers > 1 or cfg.use_gpu:
+            ctx.ray()
+        model = train_ldvae(study, cfg.batch_key, cfg.n_latent, seed=cfg.seed, **train_kwargs(cfg, f"{url}/checkpoints"))
+
+        def latent(idx):
+            return model.latent(cells=idx).values
+
+        write_vae_results(ctx, model, "ldvae", cfg.run, {"z": (latent, cfg.n_latent, "latent")},
+                          extra={"loadings": model.loadings()})
