@@ -1,8 +1,9 @@
 """Turn a stage's pydantic Config into command-line options, so `scdist simulate` and
 `scdist ingest` take exactly the keys the spec's stage block takes (one source of truth).
 
-Scalar fields (int, float, str, bool, and their optionals) become ``--field-name`` options;
-anything else (lists, mappings) is given as ``--set key=VALUE`` with VALUE parsed as YAML.
+Scalar fields (int, float, str, bool, and their optionals) become ``--field-name`` options,
+lists of scalars repeatable options; anything else (mappings, nested lists) is given as
+``--set key=VALUE`` with VALUE parsed as YAML.
 """
 from __future__ import annotations
 
@@ -32,11 +33,15 @@ def _scalar_type(annotation) -> type | None:
     return None
 
 
-def option_fields(model: type[BaseModel]) -> dict[str, type]:
-    """Config fields that become their own CLI option, with their Python type."""
-    out = {}
+def option_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """Config fields that become their own CLI option, with their Python type (scalars, and
+    lists of scalars as repeatable options)."""
+    out: dict[str, Any] = {}
     for name, info in model.model_fields.items():
         t = _scalar_type(info.annotation)
+        if t is None and typing.get_origin(info.annotation) is list:
+            item = _scalar_type(typing.get_args(info.annotation)[0])
+            t = typing.List[item] if item is not None else None
         if t is not None:
             out[name] = t
     return out
@@ -54,7 +59,15 @@ def config_parameters(model: type[BaseModel]) -> list[inspect.Parameter]:
         flag = "--" + name.replace("_", "-")
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         desc = (info.description or "").rstrip(".")
-        help_ = f"{desc + '. ' if desc else ''}{'Required.' if info.is_required() else f'Default: {default}.'}"
+        if info.is_required():
+            tail = "Required."
+        elif default in (None, [], {}):
+            tail = ""
+        else:
+            tail = f"Default: {default}."
+        if typing.get_origin(t) is list:
+            tail = ("Repeat for several. " + tail).strip()
+        help_ = f"{desc + '. ' if desc else ''}{tail}".strip()
         if t is bool:
             decl = typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=help_)
         else:
@@ -89,7 +102,8 @@ def with_config_options(model: type[BaseModel], fn: Callable) -> Callable:
 
     def wrapper(**kwargs):
         config = {k: kwargs.pop(k) for k in list(kwargs) if k in fields and k not in clash}
-        config = {k: v for k, v in config.items() if v is not None}
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()
+                  if v is not None and not (isinstance(v, (list, tuple)) and not v)}
         return fn(config=config, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=own + extra)

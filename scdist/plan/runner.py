@@ -104,6 +104,12 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
             if record.store_exists():
                 for product in node.products:
                     mark_done(product_url(spec.store, product), STARTED_MARKER, started_meta)
+            if node.plan.chunks is None and record.store_exists():
+                # planned before an earlier stage of this run created its input: plan again
+                replanned = node.stage.plan(ctx.study, node.config)
+                replanned.output_url = replanned.output_url or node.plan.output_url
+                node.plan = replanned
+                record.stage(node.name, chunks=replanned.chunks)
             ctx.stage, ctx.plan = node.name, node.plan
             ctx.done_chunks = 0 if fresh else node.done_chunks
             t0 = time.perf_counter()

@@ -132,6 +132,9 @@ def render_status(status: dict[str, Any]) -> str:
         total = "?" if g["chunks_total"] is None else g["chunks_total"]
         state = f"done by {g['stage']}" if g["stage_done"] else "in progress / interrupted" \
             if g["chunks_done"] else "no markers"
-        chunks = f"{g['chunks_done']}/{total} chunks" if g["chunks_done"] or g["chunks_total"] else ""
+        if g["stage_done"]:
+            chunks = "" if g["chunks_total"] is None else f"{total}/{total} chunks"
+        else:
+            chunks = f"{g['chunks_done']}/{total} chunks"
         lines.append(f"  {g['group']:<28} {state}  {chunks}".rstrip())
     return "\n".join(lines)
