@@ -59,7 +59,7 @@ def decide_kind(pipeline: SubmittedPipeline, opts: SubmitOptions) -> str:
         return "CronJob"
     if opts.ray_job is None:
         wants_rayjob = (pipeline.needs_ray and not pipeline.ray_address
-                        and not opts.resolved_ray_address())
+                        and not opts.resolved_ray_address(needs_ray=True))
         return "RayJob" if wants_rayjob else "Job"
     return "RayJob" if opts.ray_job else "Job"
 
@@ -144,14 +144,14 @@ def _working_dir(opts: SubmitOptions) -> str:
     return opts.mount_path if opts.resolved_pvc() else "/tmp"
 
 
-def runner_pod_spec(opts: SubmitOptions, config_map: str):
+def runner_pod_spec(opts: SubmitOptions, config_map: str, ray_address: str | None = None):
     """The pod that runs ``scdist run`` against the configured clusters."""
     c = _k()
     container = c.V1Container(
         name="scdist", image=opts.image, image_pull_policy=opts.image_pull_policy,
         args=["run", f"{PIPELINE_DIR}/{PIPELINE_FILE}"],
         working_dir=_working_dir(opts),
-        env=_env(opts, dask=opts.resolved_dask_address(), ray=opts.resolved_ray_address()),
+        env=_env(opts, dask=opts.resolved_dask_address(), ray=ray_address),
         env_from=_env_from(opts),
         resources=c.V1ResourceRequirements(requests={"cpu": opts.cpu, "memory": opts.memory},
                                            limits={"memory": opts.memory}),
@@ -163,14 +163,14 @@ def runner_pod_spec(opts: SubmitOptions, config_map: str):
                        security_context=_pod_security(), volumes=_volumes(opts, config_map))
 
 
-def _job_spec(opts: SubmitOptions, config_map: str, component: str, ttl: bool):
+def _job_spec(opts: SubmitOptions, config_map: str, component: str, ttl: bool, ray_address: str | None):
     c = _k()
     return c.V1JobSpec(
         backoff_limit=opts.backoff_limit,
         active_deadline_seconds=opts.active_deadline_seconds,
         ttl_seconds_after_finished=opts.ttl_seconds_after_finished if ttl else None,
         template=c.V1PodTemplateSpec(metadata=c.V1ObjectMeta(labels=labels(opts, component)),
-                                     spec=runner_pod_spec(opts, config_map)))
+                                     spec=runner_pod_spec(opts, config_map, ray_address)))
 
 
 # Objects ----------------------------------------------------------------------------------
@@ -183,14 +183,14 @@ def pipeline_config_map(pipeline: SubmittedPipeline, opts: SubmitOptions, name: 
                          data={PIPELINE_FILE: pipeline.text})
 
 
-def job(opts: SubmitOptions, name: str, config_map: str):
+def job(opts: SubmitOptions, name: str, config_map: str, ray_address: str | None = None):
     c = _k()
     return c.V1Job(api_version="batch/v1", kind="Job",
                    metadata=c.V1ObjectMeta(name=name, namespace=opts.namespace, labels=labels(opts, "run")),
-                   spec=_job_spec(opts, config_map, "run", ttl=True))
+                   spec=_job_spec(opts, config_map, "run", ttl=True, ray_address=ray_address))
 
 
-def cron_job(opts: SubmitOptions, name: str, config_map: str):
+def cron_job(opts: SubmitOptions, name: str, config_map: str, ray_address: str | None = None):
     """A scheduled, resuming reanalysis; finished runs are kept per the history limits."""
     c = _k()
     return c.V1CronJob(
@@ -204,7 +204,7 @@ def cron_job(opts: SubmitOptions, name: str, config_map: str):
             starting_deadline_seconds=opts.starting_deadline_seconds,
             job_template=c.V1JobTemplateSpec(
                 metadata=c.V1ObjectMeta(labels=labels(opts, "reanalysis")),
-                spec=_job_spec(opts, config_map, "reanalysis", ttl=False))))
+                spec=_job_spec(opts, config_map, "reanalysis", ttl=False, ray_address=ray_address))))
 
 
 def _ray_pod(opts: SubmitOptions, *, head: bool, config_map: str | None):
@@ -284,12 +284,13 @@ def build_objects(pipeline: SubmittedPipeline, opts: SubmitOptions,
     name = run_name(opts, now)
     cm_name = f"{name}-pipeline"
     cm = pipeline_config_map(pipeline, opts, cm_name)
+    ray_address = opts.resolved_ray_address(needs_ray=pipeline.needs_ray)
     if kind == "CronJob":
-        run = cron_job(opts, name, cm_name)
+        run = cron_job(opts, name, cm_name, ray_address)
     elif kind == "RayJob":
         run = ray_job(opts, name, cm_name)
     else:
-        run = job(opts, name, cm_name)
+        run = job(opts, name, cm_name, ray_address)
     return [cm, run]
 
 

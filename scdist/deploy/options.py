@@ -138,10 +138,11 @@ class SubmitOptions(BaseModel):
             return f"tcp://{self.fullname}-dask-scheduler:8786"
         return None
 
-    def resolved_ray_address(self) -> str | None:
+    def resolved_ray_address(self, needs_ray: bool = True) -> str | None:
+        """An explicit address, else the release's Ray head when the spec has a Ray stage."""
         if self.ray_address:
             return self.ray_address
-        if self.release:
+        if self.release and needs_ray:
             return f"ray://{self.fullname}-ray-head-svc:10001"
         return None
 

@@ -20,6 +20,11 @@ _NO_CONTEXT_FIX = ("point KUBECONFIG at a kubeconfig file or select a context wi
                    "`scdist submit --dry-run` prints the manifests without a cluster")
 
 
+def kubeconfig_path() -> str:
+    """KUBECONFIG as it is now (the client library reads it once, at import), else ~/.kube/config."""
+    return os.environ.get("KUBECONFIG") or "~/.kube/config"
+
+
 @dataclass(frozen=True)
 class Submitted:
     """One object sent: what it is, where, and whether it was created or updated."""
@@ -41,7 +46,8 @@ def api_client(context: str | None = None):
 
     configuration = client.Configuration()
     try:
-        config.load_kube_config(context=context, client_configuration=configuration)
+        config.load_kube_config(config_file=kubeconfig_path(), context=context,
+                                client_configuration=configuration, persist_config=False)
     except (ConfigException, FileNotFoundError, OSError) as exc:
         if context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             try:
@@ -62,7 +68,7 @@ def current_namespace(context: str | None = None) -> str | None:
     from kubernetes.config.config_exception import ConfigException
 
     try:
-        contexts, current = config.list_kube_config_contexts()
+        contexts, current = config.list_kube_config_contexts(kubeconfig_path())
     except (ConfigException, FileNotFoundError, OSError):
         return None
     ctx = next((c for c in contexts if c["name"] == context), None) if context else current

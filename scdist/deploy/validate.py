@@ -84,9 +84,10 @@ class CrdSchemas:
     def from_files(cls, paths: Iterable[str | Path]) -> "CrdSchemas":
         import yaml
 
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # CRDs are MBs of YAML: use libyaml
         out = cls()
         for p in paths:
-            for doc in yaml.safe_load_all(Path(p).read_text()):
+            for doc in yaml.load_all(Path(p).read_text(), Loader=loader):
                 if doc and doc.get("kind") == "CustomResourceDefinition":
                     out.add(doc)
         return out
