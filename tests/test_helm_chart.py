@@ -72,6 +72,9 @@ def pod_specs(doc):
         return [spec["jobTemplate"]["spec"]["template"]["spec"]]
     if kind == "DaskCluster":
         return [spec["scheduler"]["spec"], spec["worker"]["spec"]]
+    if kind == "DaskJob":
+        cluster = spec["cluster"]["spec"]
+        return [spec["job"]["spec"], cluster["scheduler"]["spec"], cluster["worker"]["spec"]]
     if kind in ("RayCluster", "RayJob"):
         rc = spec if kind == "RayCluster" else spec["rayClusterSpec"]
         return [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc.get("workerGroupSpecs", [])]
@@ -94,7 +97,7 @@ def test_helm_lint_strict(helm_bin, values):
 
 def test_ci_values_cover_the_deployment_choices():
     names = {p.stem for p in CI_VALUES}
-    assert {"cpu", "gpu", "cronjob", "plain-dask", "operator-dask", "rayjob"} <= names
+    assert {"cpu", "gpu", "cronjob", "plain-dask", "operator-dask", "rayjob", "daskjob"} <= names
 
 
 @pytest.mark.parametrize("values", VALUE_SETS, ids=IDS)
@@ -244,6 +247,21 @@ def test_rayjob_values_render_a_rayjob_running_the_pipeline_on_its_head(rendered
     assert any(m["mountPath"] == "/etc/scdist" for m in head["containers"][0]["volumeMounts"])
 
 
+def test_daskjob_values_render_a_daskjob_on_its_own_dask_cluster(rendered, crd_schemas):
+    docs = rendered(CHART / "ci" / "daskjob.yaml")
+    assert not {"Job", "DaskCluster", "Deployment", "Service"} & set(kinds(docs))
+    dj = one(docs, "DaskJob")
+    name = dj["metadata"]["name"]
+    (c,) = dj["spec"]["job"]["spec"]["containers"]
+    assert c["name"] == "job" and c["args"][:2] == ["run", "/etc/scdist/pipeline.yaml"]
+    # The operator names the job's cluster after the job, and its scheduler Service "<name>-scheduler".
+    assert env_of(c)["SCDIST_DASK_ADDRESS"] == f"tcp://{name}-scheduler:8786"
+    cluster = dj["spec"]["cluster"]["spec"]
+    assert cluster["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == name
+    assert cluster["worker"]["replicas"] == 6
+    assert manifest_problems(dj, crd_schemas) == []
+
+
 def test_notes_tell_how_to_follow_the_run(helm_bin):
     out = helm(helm_bin, "install", RELEASE, str(CHART), "--namespace", NS, "--dry-run=client").stdout
     notes = out.split("NOTES:", 1)[1]
@@ -289,6 +307,8 @@ CROSS_CHECKS = [
     (["pipeline.specYaml=store: a.zarr"], "no `stages`"),
     (["schedule.enabled=true", "job.kind=RayJob"], "cannot be scheduled"),
     (["job.kind=RayJob", "ray.enabled=true"], "ray.enabled"),
+    (["job.kind=DaskJob"], "needs the Dask operator"),
+    (["job.kind=DaskJob", "dask.mode=operator", "schedule.enabled=true"], "DaskJob cannot be scheduled"),
 ]
 
 

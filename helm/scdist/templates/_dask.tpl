@@ -52,7 +52,7 @@ volumes:
 
 {{/* Workers read the store and write result chunks, so they mount the same storage as the run. */}}
 {{- define "scdist.daskWorkerPodSpec" -}}
-{{- $ := .root }}
+{{- $ := .root -}}
 serviceAccountName: {{ include "scdist.serviceAccountName" $ }}
 automountServiceAccountToken: false
 {{- with $.Values.imagePullSecrets }}
@@ -108,4 +108,31 @@ containers:
       {{- include "scdist.volumeMounts" $ | nindent 6 }}
 volumes:
   {{- include "scdist.volumes" $ | nindent 2 }}
+{{- end }}
+
+{{/* scheduler + worker of a DaskCluster (also the cluster of a DaskJob). */}}
+{{- define "scdist.daskClusterSpec" -}}
+{{- $ := .root -}}
+scheduler:
+  spec:
+    {{- include "scdist.daskSchedulerPodSpec" $ | nindent 4 }}
+  service:
+    type: ClusterIP
+    selector:
+      dask.org/cluster-name: {{ .clusterName }}
+      dask.org/component: scheduler
+    ports:
+      - name: tcp-comm
+        protocol: TCP
+        port: {{ $.Values.dask.scheduler.port }}
+        targetPort: tcp-comm
+      - name: http-dashboard
+        protocol: TCP
+        port: {{ $.Values.dask.scheduler.dashboardPort }}
+        targetPort: http-dashboard
+worker:
+  replicas: {{ $.Values.dask.worker.replicas }}
+  spec:
+    {{- /* The operator injects DASK_SCHEDULER_ADDRESS and DASK_WORKER_NAME (it retires workers by that name). */}}
+    {{- include "scdist.daskWorkerPodSpec" (dict "root" $ "scheduler" "$(DASK_SCHEDULER_ADDRESS)" "workerName" "$(DASK_WORKER_NAME)") | nindent 4 }}
 {{- end }}

@@ -112,6 +112,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.schedule.enabled (eq .Values.job.kind "RayJob") }}
 {{- fail "[schedule.enabled] a KubeRay RayJob cannot be scheduled. Fix: use job.kind=Job with ray.enabled=true for scheduled runs" }}
 {{- end }}
+{{- if and .Values.schedule.enabled (eq .Values.job.kind "DaskJob") }}
+{{- fail "[schedule.enabled] a DaskJob cannot be scheduled. Fix: use job.kind=Job (with dask.mode=operator or plain) for scheduled runs" }}
+{{- end }}
+{{- if and (eq .Values.job.kind "DaskJob") (not (and .Values.dask.enabled (eq .Values.dask.mode "operator"))) }}
+{{- fail "[job.kind] a DaskJob needs the Dask operator. Fix: set dask.enabled=true and dask.mode=operator, or job.kind=Job" }}
+{{- end }}
 {{- if and (eq .Values.job.kind "RayJob") .Values.ray.enabled }}
 {{- fail "[ray.enabled] job.kind=RayJob brings up its own Ray cluster. Fix: set ray.enabled=false (or job.kind=Job to use the long-lived RayCluster)" }}
 {{- end }}
@@ -173,75 +179,79 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "scdist.envFrom" -}}
-{{- if eq .Values.storage.type "objectStore" }}
+{{- if eq .Values.storage.type "objectStore" -}}
 - secretRef:
     name: {{ .Values.storage.objectStore.existingSecret }}
 {{- end }}
 {{- end }}
 
-{{/* The pod that runs `scdist run` (Job and CronJob). */}}
+{{/* The pod that runs `scdist run` (Job, CronJob, DaskJob). Arguments: root (the chart context),
+     container (its name; the Dask operator wants "job"), daskAddress (default: the chart's
+     Dask scheduler Service). */}}
 {{- define "scdist.runnerPodSpec" -}}
-serviceAccountName: {{ include "scdist.serviceAccountName" . }}
+{{- $ := .root }}
+{{- $dask := default (include "scdist.daskAddress" $) .daskAddress -}}
+serviceAccountName: {{ include "scdist.serviceAccountName" $ }}
 automountServiceAccountToken: false
 restartPolicy: Never
-{{- with .Values.imagePullSecrets }}
+{{- with $.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 securityContext:
-  {{- include "scdist.podSecurityContext" . | nindent 2 }}
-{{- with .Values.job.nodeSelector }}
+  {{- include "scdist.podSecurityContext" $ | nindent 2 }}
+{{- with $.Values.job.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.job.tolerations }}
+{{- with $.Values.job.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.job.affinity }}
+{{- with $.Values.job.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 containers:
-  - name: scdist
-    image: {{ include "scdist.image" . }}
-    imagePullPolicy: {{ .Values.image.pullPolicy }}
+  - name: {{ default "scdist" .container }}
+    image: {{ include "scdist.image" $ }}
+    imagePullPolicy: {{ $.Values.image.pullPolicy }}
     args:
       - run
       - /etc/scdist/pipeline.yaml
-      {{- range .Values.pipeline.extraArgs }}
+      {{- range $.Values.pipeline.extraArgs }}
       - {{ . | quote }}
       {{- end }}
-    workingDir: {{ include "scdist.workingDir" . }}
+    workingDir: {{ include "scdist.workingDir" $ }}
     env:
-      {{- include "scdist.env" . | nindent 6 }}
-      {{- if .Values.dask.enabled }}
+      {{- include "scdist.env" $ | nindent 6 }}
+      {{- if $dask }}
       - name: SCDIST_DASK_ADDRESS
-        value: {{ include "scdist.daskAddress" . | quote }}
+        value: {{ $dask | quote }}
       {{- end }}
-      {{- if .Values.ray.enabled }}
+      {{- if $.Values.ray.enabled }}
       - name: SCDIST_RAY_ADDRESS
-        value: {{ include "scdist.rayAddress" . | quote }}
+        value: {{ include "scdist.rayAddress" $ | quote }}
       {{- end }}
-      {{- with .Values.job.env }}
+      {{- with $.Values.job.env }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
-    {{- with (include "scdist.envFrom" .) }}
+    {{- with (include "scdist.envFrom" $) }}
     envFrom:
       {{- . | nindent 6 }}
     {{- end }}
     resources:
-      {{- toYaml .Values.job.resources | nindent 6 }}
+      {{- toYaml $.Values.job.resources | nindent 6 }}
     securityContext:
-      {{- include "scdist.containerSecurityContext" . | nindent 6 }}
+      {{- include "scdist.containerSecurityContext" $ | nindent 6 }}
     volumeMounts:
-      {{- include "scdist.volumeMounts" . | nindent 6 }}
+      {{- include "scdist.volumeMounts" $ | nindent 6 }}
       - name: pipeline
         mountPath: /etc/scdist
         readOnly: true
 volumes:
-  {{- include "scdist.volumes" . | nindent 2 }}
+  {{- include "scdist.volumes" $ | nindent 2 }}
   - name: pipeline
     configMap:
-      name: {{ include "scdist.fullname" . }}-pipeline
+      name: {{ include "scdist.fullname" $ }}-pipeline
 {{- end }}

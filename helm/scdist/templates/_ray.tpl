@@ -4,7 +4,7 @@
      Arguments: root (the chart context), pipeline (mount the pipeline ConfigMap on the head). */}}
 
 {{- define "scdist.rayPod" -}}
-{{- $ := .root }}
+{{- $ := .root -}}
 serviceAccountName: {{ include "scdist.serviceAccountName" $ }}
 automountServiceAccountToken: false
 {{- with $.Values.imagePullSecrets }}
@@ -64,7 +64,7 @@ volumes:
 
 {{- define "scdist.rayClusterSpec" -}}
 {{- $ := .root }}
-{{- $v := $.Values.ray }}
+{{- $v := $.Values.ray -}}
 rayVersion: {{ $v.rayVersion | quote }}
 headGroupSpec:
   rayStartParams:
