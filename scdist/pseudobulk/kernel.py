@@ -57,6 +57,36 @@ class Partial:
                        self.m2[:, start:stop].copy(), self.counts[:, start:stop].copy())
 
 
+def _canonical(m) -> sp.csr_matrix:
+    """CSR with sorted, duplicate-free entries (per-entry sums below rely on it)."""
+    m = sp.csr_matrix(m)
+    if not m.has_canonical_format:
+        m = m.copy()
+        m.sum_duplicates()
+    return m
+
+
+def _entry_rows(m: sp.csr_matrix) -> np.ndarray:
+    """Row index of every stored entry of a CSR matrix."""
+    return np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+
+
+def _normalized_data(counts: sp.csr_matrix, rows: np.ndarray, normalization: str) -> np.ndarray:
+    """y_ics at the stored entries of ``counts`` (all normalisations map 0 to 0)."""
+    if normalization not in NORMALIZATIONS:
+        raise InputError(f"unknown normalization {normalization!r}", field="normalization",
+                         fix=f"use one of {', '.join(NORMALIZATIONS)} or pass layer=")
+    data = counts.data.astype(np.float64)
+    if normalization == "log1p_cp10k":
+        lib = np.bincount(rows, weights=data, minlength=counts.shape[0])
+        scale = np.divide(CP10K, lib, out=np.zeros_like(lib), where=lib > 0)
+        data *= scale[rows]
+        np.log1p(data, out=data)
+    elif normalization == "log1p":
+        np.log1p(data, out=data)
+    return data
+
+
 def normalize(counts: sp.csr_matrix, normalization: str = "log1p_cp10k") -> sp.csr_matrix:
     """Normalised expression y_ics of a CSR count chunk (cells x genes), as float64 CSR.
 
@@ -65,24 +95,27 @@ def normalize(counts: sp.csr_matrix, normalization: str = "log1p_cp10k") -> sp.c
     ``log1p``: log(1 + count). ``none``: the counts themselves.
     All three map 0 to 0, so sparsity is kept.
     """
-    if normalization not in NORMALIZATIONS:
-        raise InputError(f"unknown normalization {normalization!r}", field="normalization",
-                         fix=f"use one of {', '.join(NORMALIZATIONS)} or pass layer=")
-    x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
-    if normalization == "log1p_cp10k":
-        lib = np.asarray(x.sum(axis=1)).ravel()
-        scale = np.divide(CP10K, lib, out=np.zeros_like(lib), where=lib > 0)
-        x.data *= np.repeat(scale, np.diff(x.indptr))
-        np.log1p(x.data, out=x.data)
-    elif normalization == "log1p":
-        np.log1p(x.data, out=x.data)
-    return x
+    m = _canonical(counts)
+    data = _normalized_data(m, _entry_rows(m), normalization)
+    return sp.csr_matrix((data, m.indices.copy(), m.indptr.copy()), shape=m.shape)
 
 
-def _indicator(codes: np.ndarray, n_groups: int) -> sp.csr_matrix:
-    """One-hot (groups x cells) matrix: entry (g, s) = 1 when cell s is in group g."""
-    n = codes.shape[0]
-    return sp.csr_matrix((np.ones(n), (codes, np.arange(n))), shape=(n_groups, n))
+def _pair_sums(m: sp.csr_matrix, data: np.ndarray, rows: np.ndarray, local: np.ndarray,
+               n: np.ndarray, k: int):
+    """Per pair x gene: sum, mean and two-pass M2 of ``data`` stored at ``m``'s entries.
+
+    ``key`` numbers each entry's (pair, gene) cell of the k x G output, so every sum is one
+    ``np.bincount`` over the stored entries (no loop over cells or genes).
+    """
+    g = m.shape[1]
+    key = local[rows] * g + m.indices
+    s1 = np.bincount(key, weights=data, minlength=k * g)
+    mean = s1 / np.repeat(n, g)
+    dev2 = (data - mean[key]) ** 2
+    nz_dev = np.bincount(key, weights=dev2, minlength=k * g)
+    nnz = np.bincount(key, minlength=k * g)
+    m2 = nz_dev + (np.repeat(n, g) - nnz) * mean ** 2
+    return key, mean.reshape(k, g), m2.reshape(k, g)
 
 
 def chunk_stats(counts: sp.spmatrix, donor: np.ndarray, celltype: np.ndarray, n_celltypes: int,
@@ -101,10 +134,10 @@ def chunk_stats(counts: sp.spmatrix, donor: np.ndarray, celltype: np.ndarray, n_
 
     Within the chunk the variance uses a two-pass scheme on the nonzeros: with the pair
     mean m, sum_s (y_s - m)^2 = sum_{nonzero} (y_s - m)^2 + (n - nnz) m^2, which never
-    subtracts two large sums (no cancellation), all as sparse products with a one-hot
-    pair indicator: no loop over cells or genes.
+    subtracts two large sums (no cancellation). Every sum is a weighted ``bincount`` over
+    the stored entries keyed by (pair, gene): no loop over cells or genes.
     """
-    counts = sp.csr_matrix(counts)
+    counts = _canonical(counts)
     donor = np.asarray(donor, dtype=np.int64)
     celltype = np.asarray(celltype, dtype=np.int64)
     n_cells, n_genes = counts.shape
@@ -112,31 +145,26 @@ def chunk_stats(counts: sp.spmatrix, donor: np.ndarray, celltype: np.ndarray, n_
         raise InputError(f"donor/celltype codes have shapes {donor.shape}/{celltype.shape}, "
                          f"expected ({n_cells},)", field="obs",
                          fix="pass one donor and one cell type code per cell of the chunk")
+    code = donor * n_celltypes + celltype
+    groups, local = np.unique(code, return_inverse=True)
+    local = local.ravel()
+    k = groups.shape[0]
+    n = np.bincount(local, minlength=k).astype(np.int64)
+    rows = _entry_rows(counts)
     if values is None:
-        y = normalize(counts, normalization)
+        key, mean, m2 = _pair_sums(counts, _normalized_data(counts, rows, normalization),
+                                   rows, local, n, k)
     else:
-        y = sp.csr_matrix(values, dtype=np.float64)
+        y = values if sp.issparse(values) else sp.csr_matrix(np.asarray(values, np.float64))
+        y = _canonical(y)
         if y.shape != counts.shape:
             raise InputError(f"layer has shape {y.shape}, counts {counts.shape}", field="layer",
                              fix="use a layer with the same cells and genes as X")
-    code = donor * n_celltypes + celltype
-    groups, local = np.unique(code, return_inverse=True)
-    k = groups.shape[0]
-    ind = _indicator(local, k)
-    n = np.bincount(local, minlength=k).astype(np.int64)
-    s1 = (ind @ y).toarray()
-    mean = s1 / n[:, None]
-    # Two-pass M2: deviations at the nonzeros (same sparsity pattern as y), then the
-    # implicit zeros contribute m^2 each.
-    rows_g = np.repeat(local, np.diff(y.indptr))
-    shape = y.shape
-    dev2 = sp.csr_matrix(((y.data - mean[rows_g, y.indices]) ** 2, y.indices, y.indptr),
-                         shape=shape, copy=False)
-    pattern = sp.csr_matrix((np.ones(y.nnz), y.indices, y.indptr), shape=shape, copy=False)
-    nz_dev = (ind @ dev2).toarray()
-    nnz = (ind @ pattern).toarray()
-    m2 = nz_dev + (n[:, None] - nnz) * mean ** 2
-    raw = (ind.astype(np.int64) @ counts.astype(np.int64)).toarray()
+        _, mean, m2 = _pair_sums(y, y.data.astype(np.float64), _entry_rows(y), local, n, k)
+        key = local[rows] * n_genes + counts.indices
+    raw = np.bincount(key, weights=counts.data, minlength=k * n_genes)
+    # float64 sums of integers are exact below 2**53 counts per pair and gene.
+    raw = np.rint(raw).astype(np.int64).reshape(k, n_genes)
     return Partial(groups.astype(np.int64), n, mean, m2, raw)
 
 
