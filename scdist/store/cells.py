@@ -34,7 +34,7 @@ from ..errors import InputError
 from . import _fs, layout, validate
 
 DEFAULT_CHUNK_CELLS = 10_000
-NNZ_CHUNK = 1 << 20  # stored entries per chunk of X/data and X/indices (4 MiB of int32)
+NNZ_CHUNK = 1 << 19  # stored entries per chunk of X/data and X/indices (2 MiB of int32)
 TMP_DIR = "_scdist_tmp"
 OBS_STANDARD = (layout.OBS_DONOR, layout.OBS_CELLTYPE, layout.OBS_BATCH)
 DEFAULT_BATCH = "batch0"
@@ -44,6 +44,55 @@ def _write_elem(group, key, value):
     # Explicitly unsharded: concurrent writers rely on chunk == unit of write.
     with ad.settings.override(auto_shard_zarr_v3=False):
         write_elem(group, key, value)
+
+
+class _ChunkAppender:
+    """Append to a 1-d zarr array in whole chunks (each chunk compressed once, never rewritten).
+
+    Values are buffered until at least one chunk is full; :meth:`flush` writes the rest.
+    """
+
+    def __init__(self, arr: zarr.Array):
+        self.arr = arr
+        self.chunk = arr.chunks[0]
+        self.size = arr.shape[0]
+        self._buf: list[np.ndarray] = []
+        self._n = 0
+
+    def push(self, values: np.ndarray) -> None:
+        if values.size:
+            self._buf.append(values)
+            self._n += values.size
+        if self._n >= self.chunk:
+            self._write(self._n // self.chunk * self.chunk)
+
+    def flush(self) -> None:
+        if self._n:
+            self._write(self._n)
+
+    def _write(self, n: int) -> None:
+        buf = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
+        self.arr.resize((self.size + n,))
+        self.arr[self.size:self.size + n] = buf[:n]
+        self.size += n
+        rest = buf[n:]
+        self._buf = [rest] if rest.size else []
+        self._n = rest.size
+
+
+def _str_categorical(col: pd.Series) -> pd.Categorical:
+    """Labels as a Categorical with string categories (no per-cell string copies)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = col.cat.categories
+        if cats.dtype != object or pd.api.types.infer_dtype(cats) != "string":
+            cats = pd.Index(cats.astype(str), dtype=object)
+        if cats.is_unique:
+            return pd.Categorical.from_codes(col.cat.codes.to_numpy(), cats)
+    return pd.Categorical(np.asarray(col).astype(str).astype(object))
+
+
+def _concat_categoricals(parts: list[pd.Categorical]) -> pd.Categorical:
+    return pd.api.types.union_categoricals(parts) if len(parts) > 1 else parts[0]
 
 
 def replace_group(study, src: str, dst: str) -> None:
@@ -122,7 +171,7 @@ class CellWriter:
         self.provenance = provenance
         self.n_cells = 0
         self.nnz = 0
-        self._obs: list[pd.DataFrame] = []
+        self._obs: list[dict] = []
         self._tmp = f"{TMP_DIR}/{layout.CELLS}-{uuid.uuid4().hex}"
         self._closed = False
         n_genes = len(self.gene_names)
@@ -137,6 +186,7 @@ class CellWriter:
         self._indptr = x.create_array("indptr", shape=(1,), dtype="int64",
                                       chunks=(self.chunk_cells,))
         self._indptr[:] = np.zeros(1, dtype="int64")
+        self._out = [_ChunkAppender(a) for a in (self._data, self._indices, self._indptr)]
 
     # ---- context manager ----------------------------------------------------------------
     def __enter__(self) -> "CellWriter":
@@ -180,16 +230,15 @@ class CellWriter:
         if not m.has_canonical_format:
             m = m.copy()
             m.sum_duplicates()
-        if m.nnz:
-            self._data.append(m.data.astype(self.count_dtype, copy=False))
-            self._indices.append(m.indices.astype("int32", copy=False))
-        self._indptr.append(m.indptr[1:].astype("int64") + self.nnz)
-        cols = [c for c in (*OBS_STANDARD, *self.covariates) if c in obs.columns]
-        block = obs[cols].copy()
-        block.index = obs.index.astype(str)
-        for c in (layout.OBS_DONOR, layout.OBS_CELLTYPE, layout.OBS_BATCH):
-            if c in block.columns:
-                block[c] = block[c].astype(str).astype("category")
+        data, indices, indptr = self._out
+        data.push(m.data.astype(self.count_dtype, copy=False))
+        indices.push(m.indices.astype("int32", copy=False))
+        indptr.push(m.indptr[1:].astype("int64") + self.nnz)
+        block = {"index": obs.index}  # a view; converted to str once, at close
+        for c in (*OBS_STANDARD, *self.covariates):
+            if c in obs.columns:
+                col = obs[c]
+                block[c] = _str_categorical(col) if c in OBS_STANDARD else col.to_numpy()
         self._obs.append(block)
         self.n_cells += n
         self.nnz += m.nnz
@@ -218,16 +267,29 @@ class CellWriter:
         if self.n_cells == 0:
             raise InputError("no cells were written", field="obs",
                              fix="pass at least one block of cells")
-        obs = pd.concat(self._obs, axis=0)
-        self._obs = []
-        if layout.OBS_BATCH not in obs.columns:
-            obs[layout.OBS_BATCH] = DEFAULT_BATCH
+        for appender in self._out:
+            appender.flush()
+        blocks, self._obs = self._obs, []
+        index = pd.Index(np.concatenate([np.asarray(b.pop("index"), dtype=object) for b in blocks]),
+                         dtype=object)
+        if pd.api.types.infer_dtype(index, skipna=False) != "string":
+            index = index.astype(str).astype(object)
+        cols: dict[str, object] = {}
         for c in OBS_STANDARD:
-            obs[c] = obs[c].astype(str).astype("category")
+            if all(c in b for b in blocks):
+                cols[c] = _concat_categoricals([b.pop(c) for b in blocks])
+            elif c == layout.OBS_BATCH:
+                cols[c] = pd.Categorical.from_codes(np.zeros(len(index), "int8"), [DEFAULT_BATCH])
         for c in self.covariates:
-            if obs[c].dtype == object or pd.api.types.is_string_dtype(obs[c]):
-                obs[c] = obs[c].astype(str).astype("category")
-        obs = obs[[*OBS_STANDARD, *self.covariates]]
+            parts = [b.pop(c) for b in blocks]
+            if any(isinstance(p, pd.Categorical) for p in parts) or any(
+                    p.dtype == object or p.dtype.kind in "US" for p in parts):
+                cols[c] = pd.Categorical(np.concatenate([np.asarray(p, dtype=object) for p in parts]
+                                                        ).astype(str))
+            else:
+                cols[c] = np.concatenate(parts)
+        del blocks
+        obs = pd.DataFrame(cols, index=index)
         validate.check_obs(obs, donor_key=layout.OBS_DONOR, celltype_key=layout.OBS_CELLTYPE,
                            batch_key=layout.OBS_BATCH, covariates=self.covariates)
         if obs.index.has_duplicates:  # as AnnData.obs_names_make_unique: 'a', 'a-1', ...

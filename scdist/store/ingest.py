@@ -25,7 +25,8 @@ import scipy.sparse as sp
 
 from ..errors import InputError
 from . import _fs, layout, validate
-from .cells import DEFAULT_CHUNK_CELLS, CellWriter, remove_tmp, replace_group, TMP_DIR
+from .cells import (DEFAULT_CHUNK_CELLS, TMP_DIR, CellWriter, _str_categorical, remove_tmp,
+                    replace_group)
 from .study import Study, create_study, open_study
 
 CSC_LOAD_LIMIT = 1 << 30  # bytes of a CSC matrix we accept to load whole (it cannot stream by rows)
@@ -130,9 +131,11 @@ def _prepare_obs(obs: pd.DataFrame, *, donor_key, celltype_key, batch_key, covar
         raise InputError(f"covariate column(s) {clash} would clash with scdist's standard obs "
                          "columns donor/celltype/batch", field=f"obs[{clash[0]!r}]",
                          fix="rename the column in obs before ingest")
-    out = pd.DataFrame({std: obs[key].to_numpy() for std, key in keys.items()}, index=obs.index)
+    # categorical labels once for all cells: blocks are then cheap views of codes
+    out = pd.DataFrame({std: _str_categorical(obs[key]) for std, key in keys.items()},
+                       index=obs.index)
     for c in covariates:
-        out[c] = obs[c].to_numpy()
+        out[c] = obs[c].array
     return out
 
 

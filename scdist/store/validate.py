@@ -22,6 +22,22 @@ def _examples(values, k: int = 5) -> str:
     return ", ".join(repr(v) for v in vals[:k]) + more
 
 
+_BLANK = ["", "nan", "None", "NaN"]
+
+
+def _blank_labels(col: pd.Series) -> np.ndarray:
+    """Mask of missing or blank labels (NaN, None, '', 'nan'), cheap for categoricals."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = pd.Index(col.cat.categories).astype(str).str.strip()
+        bad_codes = np.flatnonzero(cats.isin(_BLANK))
+        codes = col.cat.codes.to_numpy()
+        return (codes < 0) | np.isin(codes, bad_codes)
+    missing = col.isna().to_numpy()
+    if col.dtype == object or pd.api.types.is_string_dtype(col):
+        missing |= col.astype(str).str.strip().isin(_BLANK).to_numpy()
+    return missing
+
+
 def check_counts(values: np.ndarray, field: str, *, where: str = "",
                  max_value: int | None = None) -> None:
     """Counts must be finite, non-negative and integer-valued (float storage is allowed).
@@ -107,17 +123,15 @@ def check_obs(obs: pd.DataFrame, *, donor_key: str, celltype_key: str,
     if len(obs) == 0:
         raise InputError("there are no cells", field="obs", fix="pass a non-empty AnnData")
     for arg, key in keys.items():
-        col = obs[key]
-        missing = col.isna().to_numpy()
-        missing |= col.astype(str).str.strip().isin(["", "nan", "None"]).to_numpy() & ~missing
+        missing = _blank_labels(obs[key])
         if missing.any():
             raise InputError(f"{int(missing.sum())} cells have an empty {arg.removesuffix('_key')}"
                              f" label (first at row {int(np.flatnonzero(missing)[0])})",
                              field=f"obs[{key!r}]",
                              fix="fill or drop those cells before ingest (e.g. "
                                  f"adata = adata[adata.obs[{key!r}].notna()])")
-    donors = obs[donor_key].astype(str)
-    n_donors = donors.nunique()
+    donor_codes, donor_labels = pd.factorize(obs[donor_key])
+    n_donors = len(donor_labels)
     if n_donors < min_donors:
         raise InputError(f"only {n_donors} donor(s) found; population methods need at least "
                          f"{min_donors}", field=f"obs[{donor_key!r}]",
@@ -130,11 +144,11 @@ def check_obs(obs: pd.DataFrame, *, donor_key: str, celltype_key: str,
             raise InputError(f"{int(null[c].sum())} cells have no value for covariate {c!r}",
                              field=f"obs[{c!r}]",
                              fix="fill the missing donor-level values or drop the covariate")
-        per_donor = cov.groupby(donors.to_numpy(), observed=True, sort=False).nunique()
+        per_donor = cov.groupby(donor_codes, sort=True).nunique()
         varying = per_donor.gt(1)
         if varying.to_numpy().any():
             c = varying.any().idxmax()
-            bad = per_donor.index[varying[c].to_numpy()]
+            bad = np.asarray(donor_labels)[per_donor.index[varying[c].to_numpy()]]
             raise InputError(f"covariate {c!r} is not constant within donor for "
                              f"{len(bad)} donor(s): {_examples(bad)}", field=f"obs[{c!r}]",
                              fix="donor covariates must have one value per donor; use a "
