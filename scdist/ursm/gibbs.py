@@ -46,6 +46,36 @@ def _half(t: int, samples: int) -> int:
     return 0 if t < h else (1 if t >= samples - h else -1)
 
 
+def kappa_tau_conditional(omega, S, a, theta: Theta):
+    """(S3) parameters for every cell: precision P_l (as p11, p12, p22) and mean m_l of (κ_l, τ_l) | ω, S.
+
+    P_l = [[Σ_i ω_il + σκ⁻², Σ_i ω_il a_il], [Σ_i ω_il a_il, Σ_i ω_il a_il² + στ⁻²]],
+    P_l m_l = [Σ_i S_il − N/2 + μκ σκ⁻², Σ_i S_il a_il − ½ + μτ στ⁻²] (uses Σ_i a_il = 1).
+    """
+    N = a.shape[1]
+    ik2, it2 = 1.0 / theta.s2_kappa, 1.0 / theta.s2_tau
+    oa = omega * a
+    p11 = omega.sum(axis=1) + ik2
+    p12 = oa.sum(axis=1)
+    p22 = np.einsum("ln,ln->l", oa, a) + it2
+    b1 = S.sum(axis=1) - N / 2.0 + theta.mu_kappa * ik2
+    b2 = np.einsum("ln,ln->l", a, S) - 0.5 + theta.mu_tau * it2
+    det = p11 * p22 - p12 * p12
+    m = np.stack([(p22 * b1 - p12 * b2) / det, (p11 * b2 - p12 * b1) / det])
+    return (p11, p12, p22), m
+
+
+def draw_kappa_tau(omega, S, a, theta: Theta, rng):
+    """(S3) draw for all cells: m_l + L_l⁻ᵀ z with P_l = L_l L_lᵀ (closed-form 2 × 2 Cholesky)."""
+    (p11, p12, p22), m = kappa_tau_conditional(omega, S, a, theta)
+    l11 = np.sqrt(p11)
+    l21 = p12 / l11
+    l22 = np.sqrt(p11 * p22 - p12 * p12) / l11
+    z = rng.standard_normal((2, len(p11)))
+    x2 = z[1] / l22
+    return m[0] + (z[0] - l21 * x2) / l11, m[1] + x2
+
+
 @dataclass
 class CellStats:
     """Averages over the T kept sweeps for one cell block (spec §1.2)."""
@@ -89,6 +119,14 @@ class CellBlockSampler:
         self.s_update = s_update
         self.rao_blackwell = rao_blackwell
         self.S = self.kappa = self.tau = None
+
+    def set_counts(self, Y: np.ndarray) -> None:
+        """Replace the block's counts (same shape), keeping the chain state (used by joint-distribution tests)."""
+        self.Y = np.ascontiguousarray(Y)
+        self.pos = self.Y > 0
+        self.R = self.Y.sum(axis=1).astype(float)
+        if self.S is not None:
+            self.S |= self.pos
 
     def _draw_S_gamma(self, S, psi, a, rng):
         U = np.einsum("ln,ln->l", a, S)
@@ -136,21 +174,7 @@ class CellBlockSampler:
         for s in range(burnin + samples):
             random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)
             draw_S(S, psi, a, rng)
-            # (S3): P_l = [[Σω + σκ⁻², Σωa], [Σωa, Σωa² + στ⁻²]], P_l m_l = [ΣS − N/2 + μκσκ⁻², ΣSa − ½ + μτστ⁻²]
-            oa = omega * a
-            p11 = omega.sum(axis=1) + ik2
-            p12 = oa.sum(axis=1)
-            p22 = np.einsum("ln,ln->l", oa, a) + it2
-            b1 = S.sum(axis=1) - N / 2.0 + theta.mu_kappa * ik2
-            b2 = np.einsum("ln,ln->l", a, S) - 0.5 + theta.mu_tau * it2
-            det = p11 * p22 - p12 * p12
-            l11 = np.sqrt(p11)
-            l21 = p12 / l11
-            l22 = np.sqrt(det) / l11
-            z = rng.standard_normal((2, Lb))
-            x2 = z[1] / l22
-            kappa[:] = (p22 * b1 - p12 * b2) / det + (z[0] - l21 * x2) / l11
-            tau[:] = (p11 * b2 - p12 * b1) / det + x2
+            kappa[:], tau[:] = draw_kappa_tau(omega, S, a, theta, rng)
             np.multiply(tau[:, None], a, out=psi)
             psi += kappa[:, None]
             if s < burnin:
@@ -190,6 +214,12 @@ class BulkBlockSampler:
         self.K = K
         self.rao_blackwell = rao_blackwell
         self.n = None          # (Mb, K) Σ_i Z̃_ijk, the chain's state (warm-started)
+
+    def set_counts(self, X: np.ndarray) -> None:
+        """Replace the block's counts (same shape), keeping the chain state."""
+        self.X = np.ascontiguousarray(X, dtype=np.int64)
+        self.Xf = self.X.astype(float)
+        self.Rj = self.Xf.sum(axis=1)
 
     def _draw_Z(self, W, A, rng, zsum=None):
         """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials."""
