@@ -85,35 +85,41 @@ def plan(spec: Path = SPEC_ARG, store: Optional[str] = STORE_OPT,
     typer.echo(json.dumps(graph.to_dict(), indent=1, default=str) if as_json else graph.render())
 
 
-def _run_single_stage(stage: str, store: str, config: dict, dask_address: str | None) -> None:
+def _run_single_stage(stage: str, store: str, config: dict, dask_address: str | None,
+                      ray_address: str | None = None) -> None:
     from .plan.runner import run as run_spec
 
     spec = {"store": store, "stages": {stage: config}}
     try:
-        result = run_spec(spec, dask_address=dask_address)
+        result = run_spec(spec, dask_address=dask_address, ray_address=ray_address)
     except ScdistError as exc:
         _fail(exc)
     verb = "done" if result.ran else "already done (same config), skipped"
     typer.echo(f"{stage} {verb}: {result.store}")
 
 
-def _register_stage_verb(name: str, help_: str) -> None:
-    """`scdist <stage> STORE --option ...` with one option per scalar key of the stage's config."""
+def stage_verb(app: typer.Typer, name: str, help_: str) -> None:
+    """Register `scdist <name> STORE --option ...` running stage ``name`` alone on STORE.
+
+    One option per scalar (or list-of-scalar) key of the stage's Config, ``--set KEY=VALUE``
+    for the others; method modules in ``scdist/cli_methods`` can call this too. Nothing is
+    registered when the stage's module is not part of this install.
+    """
     from .plan.config_cli import parse_sets, with_config_options
     from .plan.registry import STAGES, stage_class
 
     if importlib.util.find_spec(STAGES[name].split(":")[0]) is None:
-        return  # stage not part of this install: no verb rather than a broken one
+        return
     cls = stage_class(name)
 
     def verb(config: dict, store: str = STORE_ARG,
              set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other config key: KEY=VALUE (YAML)."),
-             dask_address: Optional[str] = DASK_OPT):
+             dask_address: Optional[str] = DASK_OPT, ray_address: Optional[str] = RAY_OPT):
         try:
             merged = {**parse_sets(set_), **config}
         except ScdistError as exc:
             _fail(exc)
-        _run_single_stage(name, store, merged, dask_address)
+        _run_single_stage(name, store, merged, dask_address, ray_address)
 
     verb.__name__ = name
     verb.__doc__ = help_
@@ -121,11 +127,11 @@ def _register_stage_verb(name: str, help_: str) -> None:
 
 
 def _register_core_stage_verbs() -> None:
-    _register_stage_verb("simulate", (
+    stage_verb(app, "simulate", (
         "Simulate a multi-donor study with known truth into STORE (the `simulate` stage).\n\n"
         "Options are the keys of the spec's `simulate:` block. Rerunning with the same options "
         "does nothing; other options rewrite the study."))
-    _register_stage_verb("ingest", (
+    stage_verb(app, "ingest", (
         "Ingest an AnnData (.h5ad or .zarr) and optional bulk counts into STORE (the `ingest` stage).\n\n"
         "Options are the keys of the spec's `ingest:` block: the input path and the obs keys "
         "holding donor, cell type, batch and donor covariates. Bad input fails before "
