@@ -77,7 +77,7 @@ def test_dask_cube_matches_dense_and_opens_with_xarray(tmp_path, dask_client, mo
     np.testing.assert_allclose(ds["mean"].values, cube.mean, rtol=1e-12, equal_nan=True)
     np.testing.assert_allclose(ds["op_nu"].values, cube.op_nu, rtol=1e-12)
     assert is_done(out, STAGE)
-    assert len(done_set(out)) == 1 + len(PB._gene_blocks(counts.shape[1], 8, D * C))
+    assert len(done_set(out)) == 1 + len(PB.gene_blocks(counts.shape[1], 8, D * C))
     assert not study.has(PB.SCRATCH)  # partials removed after success
 
 
@@ -93,7 +93,7 @@ def test_rerun_skips_and_resume_uses_saved_partials(tmp_path, dask_client, monke
     assert (tmp_path / "s.zarr/pseudobulk/zarr.json").stat().st_mtime_ns == mtime
     # Simulate a crash after the first gene block: stage marker and one block marker gone,
     # that block's data garbled, and X overwritten so that re-reading counts would differ.
-    blocks = PB._gene_blocks(counts.shape[1], 8, D * C)
+    blocks = PB.gene_blocks(counts.shape[1], 8, D * C)
     a, b = blocks[1]
     clear_markers(out, [STAGE, f"genes-{a}-{b}"])
     import zarr
@@ -139,3 +139,26 @@ def test_user_layer(tmp_path, dask_client):
     cube = K.finalize(K.chunk_stats(counts, donor, ct, C, values=layer), D, C)
     np.testing.assert_allclose(ds["var"].values, cube.var, rtol=1e-10, equal_nan=True)
     np.testing.assert_allclose(ds["op_mean"].values, cube.op_mean, rtol=1e-10)
+
+
+def test_simulated_study_end_to_end(tmp_path, dask_client):
+    """simulate_study -> compute_pseudobulk: labels, counts and donor table match the truth."""
+    from scdist.simulate import simulate_study
+
+    s = simulate_study(str(tmp_path / "sim.zarr"), n_donors=12, n_cells=3000, n_genes=40,
+                       n_celltypes=3, n_batches=3, seed=5, chunk_cells=400)
+    compute_pseudobulk(s, client=dask_client)
+    ds, t = s.pseudobulk().load(), s.truth().load()
+    assert list(ds["donor"].values) == list(t["donor"].values)
+    assert list(ds["gene"].values) == list(t["gene"].values)
+    np.testing.assert_array_equal(ds["n_cells"].values, t["n_cells"].values)
+    np.testing.assert_array_equal(ds["batch"].values, t["donor_batch"].values)
+    np.testing.assert_array_equal(ds["covariates"].sel(covariate="sex_M").values,
+                                  (t["sex"].values == "M").astype(float))
+    np.testing.assert_allclose(ds["covariates"].sel(covariate="age").values, t["age"].values)
+    np.testing.assert_allclose(ds["P"].values, t["n_cells"].values / t["n_cells"].values.sum(
+        1, keepdims=True))
+    # The CTP mean tracks the true log mean where cells are plenty (monotone link).
+    ok = ds["observed"].values
+    r = np.corrcoef(ds["mean"].values[ok].ravel(), t["eta"].values[ok].ravel())[0, 1]
+    assert r > 0.8

@@ -92,10 +92,17 @@ def donor_table(obs: pd.DataFrame, donor_codes: np.ndarray, n_donors: int,
     return batch, cov, names
 
 
-def _gene_blocks(n_genes: int, gene_chunk: int, n_pairs: int) -> list[tuple[int, int]]:
-    """Gene ranges per reduction task: whole storage chunks, each array under BLOCK_BYTES."""
+def gene_blocks(n_genes: int, gene_chunk: int, n_pairs: int) -> list[tuple[int, int]]:
+    """Gene ranges of the reduction and write tasks (the units marked done in pseudobulk/).
+
+    Each block is a whole number of stored chunks of ``gene_chunk`` genes, as many as keep
+    one float64 (pairs x genes) array of the block under ``BLOCK_BYTES``.
+    """
     per = max(1, BLOCK_BYTES // (8 * max(n_pairs, 1) * gene_chunk)) * gene_chunk
     return [(a, min(a + per, n_genes)) for a in range(0, n_genes, per)]
+
+
+_gene_blocks = gene_blocks  # older name, used by the planner's pseudobulk stage
 
 
 def _params_key(params: dict) -> str:
@@ -300,7 +307,7 @@ def compute_pseudobulk(study, *, client=None, min_cells: int = 10,
                   gene_chunk=gene_chunk,
                   attrs={"min_cells": int(min_cells), "normalization": norm_label,
                          "scdist_params": json.dumps(params, sort_keys=True)})
-    blocks = _gene_blocks(n_genes, gene_chunk, D * C)
+    blocks = gene_blocks(n_genes, gene_chunk, D * C)
     done = done_set(out_url, storage_options=so)
     todo = [(j, a, b) for j, (a, b) in enumerate(blocks) if f"genes-{a}-{b}" not in done]
     scratch_key = _params_key({"normalization": norm_label, "n_cells": int(n_cells_total),
