@@ -107,3 +107,13 @@ def test_memory_urls_are_separate_stores():
     create_study(a).add_provenance("a", {}, [])
     create_study(b)
     assert len(open_study(a).provenance) == 1 and open_study(b).provenance == []
+
+
+def test_provenance_from_two_handles_keeps_both(any_url):
+    a = create_study(any_url)
+    b = open_study(any_url)
+    a.add_provenance("ingest", {}, [])
+    b.add_provenance("pseudobulk", {}, [])  # b was opened before a's record existed
+    assert [p["stage"] for p in open_study(any_url).provenance] == ["ingest", "pseudobulk"]
+    ro = open_study(any_url, mode="r")
+    assert len(ro.provenance) == 2

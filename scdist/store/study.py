@@ -80,9 +80,17 @@ class Study:
         return f"Study({', '.join(parts)})"
 
     # ---- generic access ---------------------------------------------------------------
+    def _fresh_root(self) -> zarr.Group:
+        # zarr caches a group's attributes when it is opened; other writers (a planner's
+        # own Study object, another process) may have appended since.
+        mode = "r" if self.root.read_only else "r+"
+        self.root = _open_root(self.url, mode, self.storage_options)
+        return self.root
+
     @property
     def attrs(self) -> dict:
-        return dict(self.root.attrs)
+        """Root attributes, read fresh from the store."""
+        return dict(self._fresh_root().attrs)
 
     @property
     def schema_version(self) -> int:
@@ -90,7 +98,8 @@ class Study:
 
     @property
     def provenance(self) -> list[dict]:
-        return list(self.root.attrs.get(layout.ATTR_PROVENANCE, []))
+        """Provenance records (oldest first), read fresh from the store."""
+        return list(self._fresh_root().attrs.get(layout.ATTR_PROVENANCE, []))
 
     def group_url(self, path: str) -> str:
         """URL (or local path) of ``path`` inside the store, for xarray/fsspec/markers."""
@@ -124,7 +133,10 @@ class Study:
                        inputs: Sequence[str] | dict | None = None) -> dict:
         """Append a provenance record (stage, params, inputs, time, scdist version) to the root.
 
-        Returns the record. Values are stored as JSON (non-JSON values as strings).
+        Returns the record. Values are stored as JSON (non-JSON values as strings). The
+        list is re-read just before appending; two processes appending at the same instant
+        can still lose one record (attributes are one JSON document), so stages record
+        provenance from the driver, not from workers.
         """
         rec = _jsonable({"stage": stage, "params": params or {}, "inputs": inputs or [],
                          "time": _now(), "scdist_version": _scdist_version()})
