@@ -1,0 +1,125 @@
+"""MrVI model: sample effects land in z (counterfactual distances) and not in u, cell types in
+u; counterfactuals are consistent with the model's own z; variants, save/load, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scdist.errors import InputError
+from scdist.vae import MrVI, train_mrvi
+from scdist.vae.components import MixtureOfGaussians
+from scdist.vae.simulate import sample_effects
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return sample_effects(n_cells=2000, n_genes=150, n_samples=6, n_types=3, n_markers=20, lfc=1.0, seed=0)
+
+
+def _knn_same(X, lab, k=15):
+    d = ((X[:, None] - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    nn = np.argsort(d, 1)[:, :k]
+    return (lab[nn] == lab[:, None]).mean()
+
+
+def _group_distance_ratio(model, ct, sample_group):
+    """Mean counterfactual distance between samples of different groups / of the same group, per type."""
+    D = np.concatenate([torch.cdist(b["z"].permute(1, 0, 2), b["z"].permute(1, 0, 2)).numpy()
+                        for b in model.iter_counterfactuals(batch_size=500)])
+    same = (sample_group[:, None] == sample_group[None, :]) & ~np.eye(len(sample_group), dtype=bool)
+    diff = sample_group[:, None] != sample_group[None, :]
+    out = []
+    for t in np.unique(ct):
+        Dt = D[ct == t].mean(0)
+        out.append(Dt[diff].mean() / Dt[same].mean())
+    return np.array(out)
+
+
+@pytest.mark.slow
+def test_sample_effect_in_z_not_in_u(sim):
+    adata, info = sim
+    model = train_mrvi(adata, "sample", seed=0, max_epochs=60)
+    ct = adata.obs["celltype"].cat.codes.values
+    grp = adata.obs["group"].cat.codes.values
+    u = model.latent("u").values
+    assert u.shape == (adata.n_obs, 10) and model.latent("z").shape == (adata.n_obs, 30)
+    # u keeps cell types apart and mixes the samples of the null cell types
+    assert _knn_same(u, ct) > 0.95
+    for t in (1, 2):
+        assert _knn_same(u[ct == t], grp[ct == t]) < 0.6
+    # counterfactual sample distances: groups far apart in the DE type only
+    ratio = _group_distance_ratio(model, ct, info["sample_group"])
+    assert ratio[0] > 1.5 and ratio[0] > 1.3 * ratio[1:].max(), ratio
+    # the held-out ELBO went down
+    assert model.history.val_nelbo[-1] < model.history.val_nelbo[0]
+
+
+@pytest.mark.parametrize("variant", ["attention", "linear"])
+def test_counterfactuals_match_own_sample_z(sim, variant):
+    adata, _ = sim
+    model = train_mrvi(adata, "sample", "batch", seed=1, max_epochs=2, variant=variant, n_hidden=32,
+                       n_latent=12, n_latent_u=6)
+    z = model.latent("z").values
+    b = next(model.iter_counterfactuals(batch_size=64, samples=list(model.samples)))
+    Z = b["z"].numpy()
+    assert Z.shape == (len(model.samples), len(b["index"]), 12)
+    own = Z[b["sample"].numpy(), np.arange(len(b["index"]))]
+    np.testing.assert_allclose(own, z[b["index"].numpy()], rtol=1e-4, atol=1e-5)
+    # a subset of samples, in a given order, picks the matching rows
+    sub = model.counterfactual_z(b["u"], samples=[model.samples[3], model.samples[0]]).numpy()
+    np.testing.assert_allclose(sub, Z[[3, 0]], rtol=1e-5, atol=1e-6)
+    h = model.decode_h(torch.from_numpy(Z[:, :4]), 0)
+    assert h.shape == (len(model.samples), 4, adata.n_vars)
+    assert torch.allclose(h.sum(-1), torch.ones(h.shape[:-1]), atol=1e-5)
+    mc = next(model.iter_counterfactuals(batch_size=32, mc_samples=5))
+    assert mc["u_draws"].shape == (5, 32, 6)
+
+
+def test_label_informed_prior(sim):
+    adata, _ = sim
+    model = train_mrvi(adata, "sample", labels_key="celltype", seed=0, max_epochs=2, n_hidden=32)
+    prior = model.module.prior
+    assert prior.K == 3 and prior.label_epsilon == 10.0
+    # the label bonus epsilon shifts the mixture weights of a labelled cell towards its component
+    mog = MixtureOfGaussians(3, 2, label_epsilon=10.0)
+    with torch.no_grad():
+        mog.means.copy_(torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]]))
+    u = torch.tensor([[0.0, 0.0]])
+    assert mog.log_prob(u, torch.tensor([1])) < mog.log_prob(u, torch.tensor([0]))
+
+
+def test_save_load_roundtrip(sim, tmp_path):
+    adata, _ = sim
+    model = train_mrvi(adata, "sample", seed=0, max_epochs=1, n_hidden=32)
+    model.save(str(tmp_path / "mrvi"))
+    again = MrVI.load(str(tmp_path / "mrvi"))
+    assert list(again.samples) == list(model.samples)
+    np.testing.assert_array_equal(again.latent("u", adata).values, model.latent("u").values)
+    np.testing.assert_array_equal(again.latent("z", adata).values, model.latent("z").values)
+    with pytest.raises(InputError, match=r"\[path\]"):
+        MrVI.load(str(tmp_path / "nothing"))
+
+
+def test_bad_input(sim):
+    adata, _ = sim
+    with pytest.raises(InputError, match=r"\[sample_key\]"):
+        train_mrvi(adata, None)
+    with pytest.raises(InputError, match=r"\[donor_id\]"):
+        train_mrvi(adata, "donor_id")
+    with pytest.raises(InputError, match=r"\[variant\]"):
+        train_mrvi(adata, "sample", variant="mlp", max_epochs=1)
+    model = train_mrvi(adata, "sample", max_epochs=1, n_hidden=16)
+    with pytest.raises(InputError, match=r"\[kind\]"):
+        model.latent("w")
+    with pytest.raises(InputError, match=r"\[samples\]"):
+        model.counterfactual_z(np.zeros((2, 10), np.float32), samples=["nope"])
