@@ -24,7 +24,15 @@ def _arrays(url):
 
 
 def test_same_seed_same_store_and_workers_agree(tmp_path, dask_client):
-    a = simulate_study(str(tmp_path / "a.zarr"), seed=7, **SMALL)
+    class Count:
+        n = 0
+
+        def update(self, n=1):
+            self.n += n
+
+    bar = Count()
+    a = simulate_study(str(tmp_path / "a.zarr"), seed=7, progress=bar, **SMALL)
+    assert bar.n == -(-4000 // 700)  # one update per chunk
     b = simulate_study(str(tmp_path / "b.zarr"), seed=7, client=dask_client, **SMALL)
     c = simulate_study(str(tmp_path / "c.zarr"), seed=8, **SMALL)
     xa, xb, xc = _arrays(a.url), _arrays(b.url), _arrays(c.url)

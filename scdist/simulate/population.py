@@ -296,7 +296,8 @@ def truth_dataset(design: Design) -> xr.Dataset:
 def simulate_study(url: str, *, n_donors: int = 40, n_cells: int = 20_000, n_genes: int = 500,
                    n_celltypes: int = 4, n_batches: int = 2, seed: int = 0,
                    chunk_cells: int = 10_000, bulk_samples: int = 0, overwrite: bool = False,
-                   storage_options: dict | None = None, client=None, **design_kw):
+                   storage_options: dict | None = None, client=None, progress=None,
+                   **design_kw):
     """Simulate a population single-cell study into a new study store; return the Study.
 
     Cells are generated and written one chunk of ``chunk_cells`` at a time through
@@ -312,6 +313,7 @@ def simulate_study(url: str, *, n_donors: int = 40, n_cells: int = 20_000, n_gen
     overwrite : replace an existing store at ``url``.
     client : optional ``distributed.Client``: chunks are then generated on its workers
         (same result as without; the driver writes them in order).
+    progress : optional object with ``update(n=1)``, called once per chunk written.
     design_kw : model knobs of :func:`make_design`, e.g. ``model_mix=(hom, free, full)``
         weights, ``hom2_range`` (sigma_alpha^2), ``v_range`` (V_cc), ``n_groups=(T, S)``,
         ``mrvi_celltype``, ``mrvi_gene_frac``, ``da_celltype``, ``da_fold``, ``bulk_depth``.
@@ -344,6 +346,8 @@ def simulate_study(url: str, *, n_donors: int = 40, n_cells: int = 20_000, n_gen
         if client is None:
             for a in starts:
                 writer.append(*generate_chunk(design, a, min(a + chunk_cells, total)))
+                if progress is not None:
+                    progress.update(1)
         else:
             # Workers generate, the driver appends in order; a window of chunks bounds the
             # driver's memory to a few chunks.
@@ -355,6 +359,8 @@ def simulate_study(url: str, *, n_donors: int = 40, n_cells: int = 20_000, n_gen
                 for f in futs:
                     writer.append(*f.result())
                     f.release()
+                    if progress is not None:
+                        progress.update(1)
     so = study.storage_options
     kw = {"storage_options": so} if so and "://" in study.url else {}
     truth = strings_to_object(truth_dataset(design))
