@@ -59,7 +59,10 @@ def test_h5ad_in_chunks_equals_in_memory(tmp_path):
     a = make_adata()
     p = tmp_path / "a.h5ad"
     a.write_h5ad(p)
-    s1 = ingest_h5ad(str(tmp_path / "s1.zarr"), p, layer="counts", chunk_cells=64, **KEYS)
+    done = []
+    s1 = ingest_h5ad(str(tmp_path / "s1.zarr"), p, layer="counts", chunk_cells=64,
+                     progress=done.append, **KEYS)
+    assert sum(done) == 600 and len(done) == 10
     s2 = ingest_anndata(f"memory://{uuid.uuid4().hex}.zarr", a, layer="counts", **KEYS)
     assert_same_cells(s1, a)
     assert_same_cells(s2, a)

@@ -141,7 +141,7 @@ def _prepare_obs(obs: pd.DataFrame, *, donor_key, celltype_key, batch_key, covar
 
 def _ingest(study_or_url, matrix: _Matrix, obs: pd.DataFrame, gene_names, *, donor_key,
             celltype_key, batch_key, covariates, chunk_cells, overwrite, storage_options,
-            count_dtype, source: str, layer) -> Study:
+            count_dtype, source: str, layer, progress=None) -> Study:
     n, g = matrix.shape
     if len(obs) != n:
         raise InputError(f"obs has {len(obs)} rows but the matrix has {n}", field="obs",
@@ -164,6 +164,8 @@ def _ingest(study_or_url, matrix: _Matrix, obs: pd.DataFrame, gene_names, *, don
             for start in range(0, n, chunk_cells):
                 stop = min(start + chunk_cells, n)
                 w.append(matrix.block(start, stop), std_obs.iloc[start:stop])
+                if progress is not None:
+                    progress(stop - start)
     except BaseException:
         if created:
             fs, path = _fs.filesystem(study.url, storage_options)
@@ -185,6 +187,7 @@ _DOC_COMMON = """
     layer : layer holding raw counts (default X). Counts must be integer-valued and >= 0.
     chunk_cells : cells per block read and per chunk of the stored X.
     overwrite : replace existing cells in the store (otherwise an error).
+    progress : optional callable, called with the number of cells after each block.
     Returns the :class:`Study`."""
 
 
@@ -192,7 +195,7 @@ def ingest_h5ad(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
                 batch_key: str | None = None, covariates: Sequence[str] = (),
                 layer: str | None = None, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                 overwrite: bool = False, storage_options: dict | None = None,
-                count_dtype="int32") -> Study:
+                count_dtype="int32", progress=None) -> Study:
     import h5py
 
     path = os.fspath(path)
@@ -211,14 +214,15 @@ def ingest_h5ad(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
                        celltype_key=celltype_key, batch_key=batch_key, covariates=covariates,
                        chunk_cells=chunk_cells, overwrite=overwrite,
                        storage_options=storage_options, count_dtype=count_dtype,
-                       source=os.path.abspath(path), layer=layer)
+                       source=os.path.abspath(path), layer=layer, progress=progress)
 
 
 def ingest_zarr(study_or_url, path: str | os.PathLike, *, donor_key: str, celltype_key: str,
                 batch_key: str | None = None, covariates: Sequence[str] = (),
                 layer: str | None = None, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                 overwrite: bool = False, storage_options: dict | None = None,
-                source_storage_options: dict | None = None, count_dtype="int32") -> Study:
+                source_storage_options: dict | None = None, count_dtype="int32",
+                progress=None) -> Study:
     import zarr
 
     loc = _fs.normalize(path)
@@ -236,14 +240,14 @@ def ingest_zarr(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
     return _ingest(study_or_url, matrix, obs, var.index.to_numpy(), donor_key=donor_key,
                    celltype_key=celltype_key, batch_key=batch_key, covariates=covariates,
                    chunk_cells=chunk_cells, overwrite=overwrite, storage_options=storage_options,
-                   count_dtype=count_dtype, source=loc, layer=layer)
+                   count_dtype=count_dtype, source=loc, layer=layer, progress=progress)
 
 
 def ingest_anndata(study_or_url, adata=None, *, donor_key: str, celltype_key: str,
                    batch_key: str | None = None, covariates: Sequence[str] = (),
                    layer: str | None = None, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                    overwrite: bool = False, storage_options: dict | None = None,
-                   count_dtype="int32") -> Study:
+                   count_dtype="int32", progress=None) -> Study:
     import anndata as ad
 
     if isinstance(study_or_url, ad.AnnData):  # also accept ingest_anndata(adata, store)
@@ -269,7 +273,8 @@ def ingest_anndata(study_or_url, adata=None, *, donor_key: str, celltype_key: st
                    donor_key=donor_key, celltype_key=celltype_key, batch_key=batch_key,
                    covariates=covariates, chunk_cells=chunk_cells, overwrite=overwrite,
                    storage_options=storage_options, count_dtype=count_dtype,
-                   source=f"AnnData({adata.n_obs} x {adata.n_vars})", layer=layer)
+                   source=f"AnnData({adata.n_obs} x {adata.n_vars})", layer=layer,
+                   progress=progress)
 
 
 ingest_h5ad.__doc__ = ("Ingest an .h5ad file into the study (read by blocks of cells; bounded "
