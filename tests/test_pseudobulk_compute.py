@@ -162,3 +162,19 @@ def test_simulated_study_end_to_end(tmp_path, dask_client):
     ok = ds["observed"].values
     r = np.corrcoef(ds["mean"].values[ok].ravel(), t["eta"].values[ok].ravel())[0, 1]
     assert r > 0.8
+
+
+def test_reingested_cells_are_not_taken_as_done(tmp_path, dask_client):
+    url = str(tmp_path / "s.zarr")
+    study, counts, donor, ct, D, C, *_ = _make_study(url, chunk_cells=300)
+    compute_pseudobulk(study, client=dask_client)
+    # New cells of the same shape and labels (different counts) replace cells/.
+    counts2, *_ = _toy(seed=9)
+    obs = study.obs()
+    with CellWriter(study, list(study.gene_names), chunk_cells=300,
+                    covariates=["sex", "age"]) as w:
+        w.append(counts2, obs)
+    compute_pseudobulk(study, client=dask_client)
+    ds = study.pseudobulk()
+    ref = _dense_reference(counts2, donor, ct, D, C, 10)
+    np.testing.assert_allclose(ds["mean"].values, ref["mean"], rtol=1e-10, equal_nan=True)

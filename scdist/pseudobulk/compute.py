@@ -29,7 +29,7 @@ import xarray as xr
 
 from ..errors import InputError
 from ..store import layout
-from ..store.markers import STAGE, clear_markers, done_set, is_done, mark_done, read_marker
+from ..store.markers import STAGE, done_set, is_done, mark_done
 from . import kernel
 
 log = logging.getLogger("scdist.pseudobulk")
@@ -274,12 +274,14 @@ def compute_pseudobulk(study, *, client=None, min_cells: int = 10,
     chunks = [tuple(map(int, c)) for c in study.cell_chunks]
     norm_label = f"layer:{layer}" if layer else normalization
     params = {"min_cells": int(min_cells), "normalization": norm_label,
-              "gene_chunk": gene_chunk, "n_cells": int(n_cells_total), "n_genes": int(n_genes)}
+              "gene_chunk": gene_chunk, "n_cells": int(n_cells_total), "n_genes": int(n_genes),
+              "cells": _cells_fingerprint(study)}
+    params_json = json.dumps(params, sort_keys=True)
     out = layout.PSEUDOBULK
     out_url = study.group_url(out)
     so = study.storage_options
-    marker = read_marker(out_url, STAGE, storage_options=so) if study.has(out) else None
-    if marker and marker.get("meta", {}).get("params") == params:
+    started = study.has(out) and dict(study.group(out).attrs).get("scdist_params") == params_json
+    if started and is_done(out_url, STAGE, storage_options=so):
         log.info("pseudobulk already complete with these parameters; skipping")
         return out_url
 
@@ -295,23 +297,20 @@ def compute_pseudobulk(study, *, client=None, min_cells: int = 10,
     genes = np.asarray(study.gene_names, dtype=object)
     del obs
 
-    # Resume a half-written cube only if it was started with the same parameters.
-    resume = False
-    if study.has(out):
-        attrs = dict(study.group(out).attrs)
-        resume = attrs.get("scdist_params") == json.dumps(params, sort_keys=True)
-    if not resume:
-        clear_markers(out_url, storage_options=so)
+    # Resume a half-written cube only if it was started with the same parameters (and the
+    # same cells); otherwise start over (the template replaces the group and its markers).
+    if not started:
         _template(study, out, donors=donors, celltypes=celltypes, genes=genes, n_cells=n_ic,
                   observed=n_ic > min_cells, P=P, batch=batch, cov=cov, cov_names=cov_names,
                   gene_chunk=gene_chunk,
                   attrs={"min_cells": int(min_cells), "normalization": norm_label,
-                         "scdist_params": json.dumps(params, sort_keys=True)})
+                         "scdist_params": params_json})
     blocks = gene_blocks(n_genes, gene_chunk, D * C)
     done = done_set(out_url, storage_options=so)
     todo = [(j, a, b) for j, (a, b) in enumerate(blocks) if f"genes-{a}-{b}" not in done]
-    scratch_key = _params_key({"normalization": norm_label, "n_cells": int(n_cells_total),
-                               "n_genes": int(n_genes), "chunks": chunks})
+    scratch_key = _params_key({"normalization": norm_label, "cells": params["cells"],
+                               "n_cells": int(n_cells_total), "n_genes": int(n_genes),
+                               "chunks": chunks})
     scratch = f"{SCRATCH}/{scratch_key}"
     if todo:
         _run_graph(study, client, chunks, donor, celltype, C, D, normalization, layer, scratch,
@@ -320,6 +319,18 @@ def compute_pseudobulk(study, *, client=None, min_cells: int = 10,
     if not keep_partials and study.has(scratch):
         _remove(study, SCRATCH)
     return out_url
+
+
+def _cells_fingerprint(study) -> str:
+    """Identifies the current ``cells/`` (stored entries + when its metadata was written), so
+    a cube computed from cells that were re-ingested since is not taken as done."""
+    from ..store import _fs
+
+    nnz = int(study.root[f"{layout.CELLS}/X/indptr"][-1])
+    fs, p = _fs.filesystem(study.group_url(layout.CELLS), study.storage_options)
+    info = fs.info(f"{p}/zarr.json")
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    return f"nnz={nnz};written={stamp}"
 
 
 def _remove(study, path: str) -> None:
