@@ -158,8 +158,9 @@ def prepare(sc_counts, cell_types, bulk_counts, *, n_types=None, markers=None, g
     if n_types is not None and n_types < len(labels):
         raise InputError(f"n_types={n_types} is smaller than the {len(labels)} single-cell types",
                          field="n_types", fix=f"use n_types >= {len(labels)} (K = max(K_sc, K_bulk))")
+    int_labels = Y is None or labels == [str(k) for k in range(len(labels))]
     while len(names) < K:
-        names.append(f"bulk_type{len(names)}")
+        names.append(str(len(names)) if int_labels else f"bulk_type{len(names)}")
     if markers:
         for t, gl in markers.items():
             k = names.index(str(t)) if str(t) in names else int(t)

@@ -63,9 +63,12 @@ def simulate(n_genes: int = 200, n_cells: int = 100, n_bulk: int = 150, *, n_typ
              cell_fractions=None, alpha=None, kappa_mean: float = -1.0, kappa_sd: float = 0.5,
              tau_mean: float | None = None, tau_sd: float | None = None,
              sc_depth_mean: float | None = None, sc_depth_dispersion: float = 2.0,
-             bulk_depth_mean: float | None = None, seed: int = 0) -> UrsmSimulation:
+             bulk_depth_mean: float | None = None, n_markers: int = 10, n_anti: int = 10,
+             n_housekeeping: int = 30, seed: int = 0) -> UrsmSimulation:
     """Simulate the design of Section 4.1 (defaults: N=200, L=100 at 30/30/40 %, M=150, α=(1,2,3)).
 
+    Each type has ``n_markers`` marker and ``n_anti`` anti-marker genes, plus ``n_housekeeping``
+    shared genes (10 / 10 / 30 in the paper; shrunk proportionally when they would exceed N/2).
     ``n_types_sc`` / ``n_types_bulk`` give the Section 4.5 design K_sc ≠ K_bk: A has
     K = max(K_sc, K_bk) columns, cells come from the first K_sc types (40 in the first, 30 in each
     other unless ``cell_fractions`` is given), bulk samples mix the first K_bk types with
@@ -76,7 +79,13 @@ def simulate(n_genes: int = 200, n_cells: int = 100, n_bulk: int = 150, *, n_typ
     k_sc = n_types_sc or n_types
     k_bk = n_types_bulk or n_types
     K = max(k_sc, k_bk)
-    A, markers, anti, hk = simulate_profile(N, K, rng)
+    need = K * (n_markers + n_anti) + n_housekeeping
+    if need > N // 2:      # small test problems: shrink the special gene sets to at most half the genes
+        f = (N // 2) / need
+        n_markers, n_anti, n_housekeeping = (max(1, int(n_markers * f)), max(1, int(n_anti * f)),
+                                             int(n_housekeeping * f))
+    A, markers, anti, hk = simulate_profile(N, K, rng, n_markers=n_markers, n_anti=n_anti,
+                                            n_housekeeping=n_housekeeping)
 
     # cells
     if cell_fractions is None:
