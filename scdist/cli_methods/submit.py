@@ -44,12 +44,10 @@ def submit(
 ):
     """Run a pipeline spec on Kubernetes.
 
-    Builds a ConfigMap with the spec and a Job running `scdist run` on it (a CronJob with
-    --schedule; a KubeRay RayJob when the spec has Ray stages and no Ray cluster is given),
-    checks them offline, and creates them in the current kube context. The store must outlive
-    the pod: a path on --pvc (or the --release's volume) or an object-store URL (--secret for
-    credentials).
-    """
+    Builds a ConfigMap with the spec and a Job running `scdist run` on it (a CronJob with --schedule; a KubeRay RayJob when the spec has Ray stages and no Ray cluster is given), checks them offline, and creates them in the current kube context.
+
+    The store must outlive the pod: a path on --pvc (or the --release's volume) or an object-store URL (--secret for credentials).
+    """  # noqa: E501 (typer keeps line breaks, so paragraphs are single lines)
     try:
         import kubernetes  # noqa: F401
     except ImportError:
