@@ -55,6 +55,8 @@ def fetch_helm_kubectl() -> tuple[Path, Path]:
         script = SHARED / "tools" / "get_k8s_tools.sh"
         if not script.exists():
             unavailable(f"{script} not available (../shared is absent): helm/kubectl cannot be fetched")
+        for stale in (helm, kubectl):  # the script keeps existing files, even broken ones
+            stale.unlink(missing_ok=True)
         # The script runs `python3 -m pip`: make that this interpreter (it has pip).
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         proc = subprocess.run(["bash", str(script), str(BIN)], capture_output=True, text=True,
