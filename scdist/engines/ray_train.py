@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import os
 import tempfile
+import time
 
 from ..errors import ClusterError
 
@@ -72,9 +73,24 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
         local = "://" not in checkpoint_dir or checkpoint_dir.startswith("file://")
         base = checkpoint_dir.replace("file://", "") if local else tempfile.mkdtemp(prefix="scdist-ray-")
         storage_path = os.path.abspath(os.path.join(base, os.pardir, "ray"))
+    def finished_state():
+        state = CheckpointDir(checkpoint_dir).load_latest()
+        if state is None:
+            return None
+        best = state["best_state"] if state["best_state"] is not None else state["module"]
+        return best, History(**state["history"]), state["finished"]
+
+    done = finished_state()
+    if done is not None and done[2]:  # a finished run: nothing to train, no workers to start
+        return done[:2]
     with ray_session():
         need = num_workers * cpus_per_worker
+        # Workers of a previous fit are released asynchronously: give them a moment.
+        deadline = time.monotonic() + 30.0
         have = ray.available_resources().get("CPU", 0.0)
+        while have + 1e-9 < need and time.monotonic() < deadline and ray.cluster_resources().get("CPU", 0) >= need:
+            time.sleep(0.5)
+            have = ray.available_resources().get("CPU", 0.0)
         if have + 1e-9 < need:
             raise ClusterError(f"Ray has {have:g} free CPUs, {need:g} needed for {num_workers} workers",
                                field="num_workers", fix="lower num_workers or free the CPUs held by other actors")
@@ -98,9 +114,8 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
                                    fix="raise timeout_s, or check that no other actors hold the CPUs") from exc
         if getattr(result, "error", None) is not None:
             raise result.error
-    state = CheckpointDir(checkpoint_dir).load_latest()
-    if state is None:
+    done = finished_state()
+    if done is None:
         raise ClusterError("Ray Train finished without a checkpoint", field="checkpoint_dir",
                            fix="check the Ray worker logs")
-    best = state["best_state"] if state["best_state"] is not None else state["module"]
-    return best, History(**state["history"])
+    return done[:2]
