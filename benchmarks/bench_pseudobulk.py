@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--repeats-large", type=int, default=1, help="repeats for >= 1M cells")
     ap.add_argument("--data-dir", default=str(HERE / "out" / "data"))
     ap.add_argument("--out", default=str(HERE / "out" / "pseudobulk.json"))
+    ap.add_argument("--simulate-only", action="store_true", help="only create the stores")
     args = ap.parse_args()
 
     rows = []
@@ -120,6 +121,8 @@ def main() -> None:
         path = Path(args.data_dir) / f"pb_{n_cells}x{args.genes}.zarr"
         path.parent.mkdir(parents=True, exist_ok=True)
         ensure_store(path, n_cells, args.genes, args.donors, args.chunk_cells, seed=0)
+        if args.simulate_only:
+            continue
         reps = args.repeats if n_cells < 1_000_000 else args.repeats_large
         for w in args.workers:
             runs = [run_once(path, w) for _ in range(reps)]
