@@ -36,6 +36,12 @@ class EMSettings:
     a_solver: str = "scaled"
     final_estep: bool = True
     update_alpha: bool = True
+    bulk_burnin: int | None = None      # bulk chain: burn-in after the first EM iteration (default: as cells)
+    bulk_samples: int | None = None     # bulk chain: kept sweeps (default: ``samples``)
+
+    @property
+    def samples_bulk(self) -> int:
+        return self.bulk_samples or self.samples
 
     @property
     def track(self) -> bool:
@@ -74,8 +80,11 @@ def run_block(sampler, key, theta: Theta, s: EMSettings, em_iter: int, burnin: i
     """Run one block's E-step with its own stream (same code on every engine)."""
     chain, kind, block = key
     rng = block_rng(s.seed, chain, kind, block, em_iter)
-    cold = cold_sc if kind == CELL else False
-    return sampler.run(theta, rng, burnin, s.samples, cold=cold, track=s.track)
+    if kind == CELL:
+        return sampler.run(theta, rng, burnin, s.samples, cold=cold_sc, track=s.track)
+    if s.bulk_burnin is not None and em_iter > 0:
+        burnin = s.bulk_burnin
+    return sampler.run(theta, rng, burnin, s.samples_bulk, cold=False, track=s.track)
 
 
 class LocalExecutor:
@@ -247,11 +256,12 @@ class GibbsEM:
             out["rhat_tau"] = max_finite(split_rhat_from_moments(h[:, 2], h[:, 3], n))
         if per_chain[0].bulk is not None and per_chain[0].bulk.halves is not None:
             h = np.concatenate([p.bulk.halves for p in per_chain], axis=0)    # (2C, 2, M, K)
-            out["rhat_W"] = max_finite(split_rhat_from_moments(h[:, 0], h[:, 1], n))
-        lj = [sum(x.logjoint for x in (p.cell, p.bulk) if x is not None and x.logjoint is not None)
-              for p in per_chain]
-        if all(isinstance(x, np.ndarray) for x in lj):
-            out["rhat_logjoint"] = split_rhat_traces(np.stack(lj))
+            out["rhat_W"] = max_finite(split_rhat_from_moments(h[:, 0], h[:, 1], self.s.samples_bulk // 2))
+        if self.s.samples_bulk == self.s.samples:
+            lj = [sum(x.logjoint for x in (p.cell, p.bulk) if x is not None and x.logjoint is not None)
+                  for p in per_chain]
+            if all(isinstance(x, np.ndarray) for x in lj):
+                out["rhat_logjoint"] = split_rhat_traces(np.stack(lj))
         return out
 
     def run(self, layout: BlockLayout, callback=None, progress=None):

@@ -23,7 +23,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         celltype_names=None, warm_start=True, warm_burnin=None, s_update="gamma", rao_blackwell=True,
         init_dropout="wide", eps_A=1e-6, eps_alpha=None, map_w_steps=1, final_estep=True,
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
-        min_ray_entries=200_000, impute_threshold=0.5, a_max_iter=500, a_solver="scaled", theta0: Theta | None = None,
+        min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500, a_solver="scaled", theta0: Theta | None = None,
         callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
@@ -45,7 +45,8 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     restart), ``warm_burnin`` burn-in sweeps after the first iteration, ``init_dropout`` 'wide'
     (τ prior free to move) or 'pinned' (τ held near N), ``s_update`` 'gamma' (vectorised exact
     auxiliary-variable S update) or 'sequential' (the paper's gene-by-gene update),
-    ``rao_blackwell`` conditional expectations in the statistics.
+    ``rao_blackwell`` conditional expectations in the statistics; ``bulk_burnin`` /
+    ``bulk_samples`` a shorter (warm-started) bulk chain than the single-cell one.
 
     Engine: ``engine='local'`` runs in-process; ``'ray'`` runs (chain, block) samplers on Ray
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
@@ -72,6 +73,10 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     _check_int("bulk_block_size", bulk_block_size, 1)
     if warm_burnin is not None:
         _check_int("warm_burnin", warm_burnin, 0)
+    if bulk_burnin is not None:
+        _check_int("bulk_burnin", bulk_burnin, 0)
+    if bulk_samples is not None:
+        _check_int("bulk_samples", bulk_samples, 1)
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", field="engine", fix=f"use one of {ENGINES}")
     if s_update not in S_UPDATES:
@@ -103,7 +108,8 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
                           chains=chains, map_w=map_w, map_w_steps=map_w_steps, eps_A=eps_A,
                           eps_alpha=eps_alpha, sc_warm_start=warm_start, s_update=s_update,
                           rao_blackwell=rao_blackwell, seed=int(seed), final_estep=final_estep,
-                          a_max_iter=a_max_iter, a_solver=a_solver)
+                          a_max_iter=a_max_iter, a_solver=a_solver, bulk_burnin=bulk_burnin,
+                          bulk_samples=bulk_samples)
     theta = theta0.copy() if theta0 is not None else initial_theta(
         data.Y, data.G, data.X, data.K, data.markers, eps_A=eps_A, init_dropout=init_dropout,
         alpha0=max(1.0, eps_alpha))

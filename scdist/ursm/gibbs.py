@@ -222,20 +222,27 @@ class BulkBlockSampler:
         self.Rj = self.Xf.sum(axis=1)
 
     def _draw_Z(self, W, A, rng, zsum=None):
-        """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials."""
+        """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials:
+        Z̃_ij1 ~ Bin(X_ij, r_ij1), Z̃_ij2 ~ Bin(X_ij − Z̃_ij1, r_ij2 / (1 − r_ij1)), …"""
         AW = W @ A.T                                          # (Mb, N)
-        rem = self.X.copy()
-        remp = np.ones_like(AW)
+        inv = 1.0 / AW
+        rem = self.X
+        remp = None
         n = np.empty((self.X.shape[0], self.K))
         for k in range(self.K - 1):
-            p = W[:, k, None] * A[None, :, k] / AW
-            q = np.clip(p / np.maximum(remp, 1e-300), 0.0, 1.0)
+            p = np.multiply.outer(W[:, k], A[:, k])
+            p *= inv                                          # r_ijk
+            if remp is None:
+                q = p
+                remp = 1.0 - p
+            else:
+                q = np.minimum(p / np.maximum(remp, 1e-300), 1.0)
+                remp -= p
             Zk = rng.binomial(rem, q)
             n[:, k] = Zk.sum(axis=1)
             if zsum is not None:
                 zsum[:, k] = Zk.sum(axis=0)
-            rem -= Zk
-            remp -= p
+            rem = rem - Zk
         n[:, -1] = rem.sum(axis=1)
         if zsum is not None:
             zsum[:, -1] = rem.sum(axis=0)
