@@ -35,6 +35,14 @@ from . import _fs, layout, validate
 
 DEFAULT_CHUNK_CELLS = 10_000
 NNZ_CHUNK = 1 << 19  # stored entries per chunk of X/data and X/indices (2 MiB of int32)
+
+
+def _x_compressors():
+    # Blosc lz4 + bit-shuffle: on counts/indices here it wrote 2-4x faster and read faster
+    # than zarr's default zstd, at a similar size (benchmarks/bench_ingest.py).
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
 TMP_DIR = "_scdist_tmp"
 OBS_STANDARD = (layout.OBS_DONOR, layout.OBS_CELLTYPE, layout.OBS_BATCH)
 DEFAULT_BATCH = "batch0"
@@ -180,11 +188,13 @@ class CellWriter:
         x = self._group.create_group("X")
         x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                         "shape": [0, n_genes]})
+        comp = _x_compressors()
         self._data = x.create_array("data", shape=(0,), dtype=self.count_dtype,
-                                    chunks=(NNZ_CHUNK,))
-        self._indices = x.create_array("indices", shape=(0,), dtype="int32", chunks=(NNZ_CHUNK,))
+                                    chunks=(NNZ_CHUNK,), compressors=comp)
+        self._indices = x.create_array("indices", shape=(0,), dtype="int32", chunks=(NNZ_CHUNK,),
+                                       compressors=comp)
         self._indptr = x.create_array("indptr", shape=(1,), dtype="int64",
-                                      chunks=(self.chunk_cells,))
+                                      chunks=(self.chunk_cells,), compressors=comp)
         self._indptr[:] = np.zeros(1, dtype="int64")
         self._out = [_ChunkAppender(a) for a in (self._data, self._indices, self._indptr)]
 
