@@ -55,54 +55,83 @@ def vae_plan(study, cfg: VaeTrainConfig, method: str) -> StagePlan:
                      resources=res, output_url=url)
 
 
-def write_vae_results(ctx, model, method: str, run: str, latent_fns: dict, extra: dict | None = None) -> str:
-    """Write ``results/<method>/<run>``: per-cell latents by cell chunk (+ markers), ``extra``
-    (gene- or epoch-indexed DataArrays) and the history; save the model under ``model/``."""
+def prepare_results(ctx, method: str, run: str, cell_vars: dict[str, tuple[int, str]],
+                    gene_vars: dict[str, tuple[int, str]] | None = None) -> str:
+    """Write the template of ``results/<method>/<run>`` once, before training, so that the
+    checkpoints written into its ``checkpoints/`` survive; a rerun keeps both."""
     import dask.array as da
     import xarray as xr
 
-    from ...store.markers import done_set, mark_done
-    from ...store.results import write_region, write_template
+    from ...store.markers import is_done, mark_done
+    from ...store.results import write_template
 
     study = ctx.study
     url = study.result_url(method, run)
-    chunks = [(int(a), int(b)) for a, b in study.cell_chunks]
-    csize = chunks[0][1] - chunks[0][0]
+    if is_done(url, "template"):
+        return url
+    chunks = study.cell_chunks
+    csize = int(chunks[0][1] - chunks[0][0])
     cells = np.asarray(study.obs().index.astype(str), dtype=object)
-    h = model.history
-    hist = xr.Dataset({"train_loss": ("epoch", np.asarray(h.train_loss, float)),
-                       "val_nelbo": ("epoch", np.asarray(h.val_nelbo if h.val_nelbo else [np.nan] * len(h.epoch), float)),
-                       "epoch_seconds": ("epoch", np.asarray(h.seconds, float))},
-                      coords={"epoch": np.asarray(h.epoch, int)})
+    genes = np.asarray(study.gene_names, dtype=object)
+    data = {}
+    for name, (n_lat, lat_dim) in cell_vars.items():
+        data[name] = xr.DataArray(da.full((study.n_cells, n_lat), np.nan, dtype=np.float32, chunks=(csize, n_lat)),
+                                  dims=("cell", lat_dim))
+    for name, (n_lat, lat_dim) in (gene_vars or {}).items():
+        data[name] = xr.DataArray(da.full((study.n_genes, n_lat), np.nan, dtype=np.float32), dims=("gene", lat_dim))
+    lat_dims = {d: n for n, d in list(cell_vars.values()) + list((gene_vars or {}).values())}
+    coords = {"cell": cells, **({"gene": genes} if gene_vars else {}),
+              **{d: np.array([str(i) for i in range(n)], dtype=object) for d, n in lat_dims.items()}}
+    tmpl = xr.Dataset(data, coords=coords, attrs={"method": method, "run": run})
+    write_template(tmpl, url, {"cell": csize})
+    mark_done(url, "template")
+    return url
+
+
+def write_vae_results(ctx, model, url: str, latent_fns: dict, gene_vars: dict | None = None) -> None:
+    """Fill the template: gene-indexed results, the saved model (``model/``), the training
+    history (``history/``), then per-cell latents chunk by chunk, each chunk's marker after it."""
+    import xarray as xr
+
+    from ...store.markers import done_set, mark_done
+    from ...store.results import write_region
+
+    study = ctx.study
+    chunks = [(int(a), int(b)) for a, b in study.cell_chunks]
+    cells = np.asarray(study.obs().index.astype(str), dtype=object)
     done = done_set(url)
-    if not any(c.startswith("cells-") for c in done):
-        dims = {}
-        for name, (fn, n_lat, lat_dim) in latent_fns.items():
-            dims[name] = xr.DataArray(da.full((study.n_cells, n_lat), np.nan, dtype=np.float32, chunks=(csize, n_lat)),
-                                      dims=("cell", lat_dim),
-                                      coords={lat_dim: np.array([str(i) for i in range(n_lat)], dtype=object)})
-        tmpl = xr.Dataset({**dims, **{k: v.copy(data=da.from_array(v.values)) for k, v in (extra or {}).items()},
-                           **{k: v.copy(data=da.from_array(v.values)) for k, v in hist.data_vars.items()}},
-                          coords={"cell": cells})
-        tmpl.attrs.update(method=method, run=run, best_epoch=int(h.best_epoch), seed=model.train_config["seed"])
-        write_template(tmpl, url, {"cell": csize})
-        small = xr.Dataset({**(extra or {}), **hist.data_vars})
-        for dim in {d for v in small.data_vars.values() for d in v.dims}:
-            part = small[[k for k, v in small.data_vars.items() if dim in v.dims]]
-            write_region(part, url, {dim: slice(0, part.sizes[dim])})
+    if "model" not in done:
+        if gene_vars:
+            write_region(xr.Dataset(gene_vars), url, {"gene": slice(0, study.n_genes)})
+        h = model.history
+        hist = xr.Dataset({"train_loss": ("epoch", np.asarray(h.train_loss, float)),
+                           "val_nelbo": ("epoch", np.asarray(h.val_nelbo or [np.nan] * len(h.epoch), float)),
+                           "epoch_seconds": ("epoch", np.asarray(h.seconds, float))},
+                          coords={"epoch": np.asarray(h.epoch, int)},
+                          attrs={"best_epoch": int(h.best_epoch), "stopped_early": bool(h.stopped_early)})
+        hist.to_zarr(f"{url}/history", mode="w", consolidated=False, zarr_format=3)
         model.save(f"{url}/model")
-    with ctx.progress(f"{method} latent chunks", len(chunks)) as bar:
+        mark_done(url, "model", {"best_epoch": int(h.best_epoch), "epochs": len(h.epoch)})
+    with ctx.progress(f"{model.method} latent chunks", len(chunks)) as bar:
         for i, (a, b) in enumerate(chunks):
             cid = f"cells-{i:06d}"
             if cid in done:
                 bar.update()
                 continue
             block = xr.Dataset({name: xr.DataArray(fn(np.arange(a, b)), dims=("cell", lat_dim))
-                                for name, (fn, _, lat_dim) in latent_fns.items()}, coords={"cell": cells[a:b]})
+                                for name, (fn, lat_dim) in latent_fns.items()}, coords={"cell": cells[a:b]})
             write_region(block, url, {"cell": slice(a, b)})
             mark_done(url, cid, {"cells": [a, b]})
             bar.update()
-    return url
+
+
+def trained_model(url: str, cls, train):
+    """The model saved by an earlier, interrupted run of this stage, or a newly trained one."""
+    from ...store.markers import is_done
+
+    if is_done(url, "model"):
+        return cls.load(f"{url}/model")
+    return train()
 
 
 class LdvaeStage(Stage):
@@ -124,16 +153,14 @@ class LdvaeStage(Stage):
         return vae_plan(study, cfg, "ldvae")
 
     def run(self, ctx, cfg: LdvaeConfig) -> None:
-        from ...vae import train_ldvae
+        from ...vae import LDVAE, train_ldvae
 
         study = ctx.study
-        url = study.result_url("ldvae", cfg.run)
+        url = prepare_results(ctx, "ldvae", cfg.run, {"z": (cfg.n_latent, "latent")},
+                              {"loadings": (cfg.n_latent, "latent")})
         if cfg.num_workers > 1 or cfg.use_gpu:
             ctx.ray()
-        model = train_ldvae(study, cfg.batch_key, cfg.n_latent, seed=cfg.seed, **train_kwargs(cfg, f"{url}/checkpoints"))
-
-        def latent(idx):
-            return model.latent(cells=idx).values
-
-        write_vae_results(ctx, model, "ldvae", cfg.run, {"z": (latent, cfg.n_latent, "latent")},
-                          extra={"loadings": model.loadings()})
+        model = trained_model(url, LDVAE, lambda: train_ldvae(
+            study, cfg.batch_key, cfg.n_latent, seed=cfg.seed, **train_kwargs(cfg, f"{url}/checkpoints")))
+        write_vae_results(ctx, model, url, {"z": (lambda idx: model.latent(study, cells=idx).values, "latent")},
+                          gene_vars={"loadings": model.loadings().drop_vars(["gene", "latent"])})

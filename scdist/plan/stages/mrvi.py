@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..stage import Stage, StagePlan
-from .ldvae import VaeTrainConfig, train_kwargs, vae_plan, write_vae_results
+from .ldvae import VaeTrainConfig, prepare_results, train_kwargs, trained_model, vae_plan, write_vae_results
 
 
 class MrviConfig(VaeTrainConfig):
@@ -46,16 +46,17 @@ class MrviStage(Stage):
         return vae_plan(study, cfg, "mrvi")
 
     def run(self, ctx, cfg: MrviConfig) -> None:
-        from ...vae import train_mrvi
+        from ...vae import MrVI, train_mrvi
 
         study = ctx.study
-        url = study.result_url("mrvi", cfg.run)
+        url = prepare_results(ctx, "mrvi", cfg.run, {"u": (cfg.n_latent_u, "latent_u"), "z": (cfg.n_latent, "latent_z")})
         if cfg.num_workers > 1 or cfg.use_gpu:
             ctx.ray()
         kw = train_kwargs(cfg, f"{url}/checkpoints")
         kw.update(n_latent=cfg.n_latent, n_latent_u=cfg.n_latent_u, variant=cfg.variant)
-        model = train_mrvi(study, cfg.sample_key, cfg.batch_key, cfg.labels_key, seed=cfg.seed, **kw)
-        write_vae_results(ctx, model, "mrvi", cfg.run, {
-            "u": (lambda idx: model.latent("u", cells=idx).values, cfg.n_latent_u, "latent_u"),
-            "z": (lambda idx: model.latent("z", cells=idx).values, cfg.n_latent, "latent_z"),
+        model = trained_model(url, MrVI, lambda: train_mrvi(study, cfg.sample_key, cfg.batch_key, cfg.labels_key,
+                                                            seed=cfg.seed, **kw))
+        write_vae_results(ctx, model, url, {
+            "u": (lambda idx: model.latent("u", study, cells=idx).values, "latent_u"),
+            "z": (lambda idx: model.latent("z", study, cells=idx).values, "latent_z"),
         })
