@@ -174,6 +174,7 @@ def test_ray_stages_without_a_ray_cluster_become_a_rayjob(ray_spec, crd_schemas,
     assert group["groupName"] == "gpu" and group["replicas"] == 3
     worker = group["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert worker["containers"][0]["image"] == head["containers"][0]["image"] + "-cuda"
     assert any(t["key"] == "nvidia.com/gpu" for t in worker["tolerations"])
     assert any(v["name"] == "pipeline" for v in head["volumes"])
     for pod in (head, worker):

@@ -24,6 +24,7 @@ def submit(
                                           help="A helm/scdist release whose Dask scheduler, Ray head, store PVC "
                                                "and ServiceAccount the run uses."),
     image: Optional[str] = typer.Option(None, "--image", help="Container image (default: scdist/scdist:<version>)."),
+    gpu_image: Optional[str] = typer.Option(None, "--gpu-image", help="Image of GPU Ray workers (default: <image>-cuda)."),
     pvc: Optional[str] = typer.Option(None, "--pvc", help="PersistentVolumeClaim holding the store (mounted at --mount-path)."),
     mount_path: Optional[str] = typer.Option(None, "--mount-path", help="Where the PVC is mounted (default /data); "
                                                                          "also the working directory."),
@@ -61,11 +62,11 @@ def submit(
 
     try:
         pipeline = load_pipeline(spec)
-        if namespace is None and not dry_run:
-            namespace = current_namespace(context)
+        if namespace is None:
+            namespace = current_namespace(context)  # None without a kubeconfig: "default"
         opts = SubmitOptions.make(
             name=name or dns_label(spec.stem), namespace=namespace, schedule=schedule, release=release,
-            image=image, pvc=pvc, mount_path=mount_path, secret=secret, dask_address=dask_address,
+            image=image, gpu_image=gpu_image, pvc=pvc, mount_path=mount_path, secret=secret, dask_address=dask_address,
             ray_address=ray_address, ray_job=ray_job, ray_workers=ray_workers,
             ray_worker_gpus=ray_worker_gpus, cpu=cpu, memory=memory, time_zone=time_zone,
             service_account=service_account)

@@ -222,15 +222,17 @@ def _ray_pod(opts: SubmitOptions, *, head: bool, config_map: str | None):
             req["nvidia.com/gpu"] = lim["nvidia.com/gpu"] = str(opts.ray_worker_gpus)
         resources = c.V1ResourceRequirements(requests=req, limits=lim)
         ports = None
+    gpu = not head and opts.ray_worker_gpus > 0
     container = c.V1Container(
-        name="ray-head" if head else "ray-worker", image=opts.image,
+        name="ray-head" if head else "ray-worker",
+        image=opts.resolved_gpu_image() if gpu else opts.image,
         image_pull_policy=opts.image_pull_policy, working_dir=_working_dir(opts),
         env=_env(opts, dask=opts.resolved_dask_address() if head else None, ray=None),
         env_from=_env_from(opts), ports=ports, resources=resources,
         security_context=_container_security(),
         volume_mounts=_mounts(opts, pipeline=head, shm=True))
     tolerations = None
-    if not head and opts.ray_worker_gpus:
+    if gpu:
         tolerations = [c.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
     return c.V1PodSpec(containers=[container], service_account_name=opts.resolved_service_account(),
                        automount_service_account_token=False, security_context=_pod_security(),

@@ -51,6 +51,7 @@ class SubmitOptions(BaseModel):
     name: str = Field(description="stem of the object names")
     namespace: str = "default"
     image: str = Field(default_factory=default_image)
+    gpu_image: str | None = Field(None, description="image of GPU Ray workers (default: <image>-cuda)")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     schedule: str | None = None
     time_zone: str | None = None
@@ -152,6 +153,10 @@ class SubmitOptions(BaseModel):
         if self.release and not self.secret:
             return f"{self.fullname}-store"
         return None
+
+    def resolved_gpu_image(self) -> str:
+        """The CUDA variant (deploy/Dockerfile.cuda), tagged "<tag>-cuda" like the chart's default."""
+        return self.gpu_image or f"{self.image}-cuda"
 
     def resolved_service_account(self) -> str | None:
         if self.service_account:
