@@ -250,3 +250,44 @@ def test_ray_stage_runs_on_existing_ray(stages, tmp_store, ray_local):
     res = scdist.run({"store": tmp_store, "stages": {"t_ray": {}}}, rich=False)
     assert res.ran == ["t_ray"] and WORK["t_ray"] == 1
     assert ray_local.is_initialized()  # a Ray scdist did not start is left running
+
+
+@pytest.mark.resilience
+def test_sigkilled_driver_is_reported_and_resumed(stages, tmp_store, dask_client):
+    """SIGKILL the driver mid-stage (cluster by address survives), then run the same spec."""
+    import os
+    import subprocess
+    import sys
+
+    create_study(tmp_store)  # so the run record is written when the run starts
+    spec = _spec(tmp_store, a={"n_chunks": 40, "sleep": 0.2})
+    code = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})",
+        f"import {__name__} as t",
+        "from scdist.plan import registry",
+        f"registry.STAGES['t_a'] = '{__name__}:StageA'",
+        "import scdist",
+        f"scdist.run({spec!r}, dask_address={dask_client.scheduler.address!r}, rich=False)",
+    ])
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while len(done_set(f"{tmp_store}/t_a") - {"__started__"}) < 4:
+            assert proc.poll() is None, "driver ended before it could be killed"
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    _wait_idle(dask_client)
+    finished = {c for c in done_set(f"{tmp_store}/t_a") if not c.startswith("__")}
+    assert 4 <= len(finished) < 40
+    assert list_runs(tmp_store)[-1]["status"] == "interrupted"
+
+    WORK.clear()
+    res = scdist.run(spec, client=dask_client, rich=False)
+    assert res.ran == ["t_a"] and WORK["t_a"] == 40 - len(finished)
+    np.testing.assert_array_equal(_data(tmp_store, "t_a"), np.arange(1, 41))
+    assert [r["status"] for r in list_runs(tmp_store)] == ["interrupted", "succeeded"]

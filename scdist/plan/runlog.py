@@ -63,8 +63,25 @@ class RunRecord:
                      json.dumps(self.doc, indent=1, default=str).encode())
 
 
+def _driver_gone(rec: dict) -> bool:
+    """A 'running' record whose driver process (on this host) no longer exists."""
+    if rec.get("status") != "running" or rec.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(rec.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
 def list_runs(store: str) -> list[dict]:
-    """All run records of a store, oldest first."""
+    """All run records of a store, oldest first.
+
+    A record still saying ``running`` whose driver is known to be gone (same host, no such
+    process) is reported as ``interrupted``: the driver was killed before it could finish.
+    """
     fs, root = _fs(store)
     try:
         names = sorted(fs.ls(f"{root}/{RUNS_DIR}", detail=False))
@@ -74,7 +91,10 @@ def list_runs(store: str) -> list[dict]:
     for n in names:
         if n.endswith(".json"):
             try:
-                out.append(json.loads(fs.cat_file(n)))
+                rec = json.loads(fs.cat_file(n))
             except (ValueError, FileNotFoundError):
                 continue  # a record being replaced right now
+            if _driver_gone(rec):
+                rec["status"] = "interrupted"
+            out.append(rec)
     return sorted(out, key=lambda r: r.get("run_id", ""))
