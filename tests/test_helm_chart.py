@@ -308,6 +308,7 @@ CROSS_CHECKS = [
     (["schedule.enabled=true", "job.kind=RayJob"], "cannot be scheduled"),
     (["job.kind=RayJob", "ray.enabled=true"], "ray.enabled"),
     (["job.kind=DaskJob"], "needs the Dask operator"),
+    (["ray.enabled=true", "ray.cpuWorkers.enabled=false"], "no worker group"),
     (["job.kind=DaskJob", "dask.mode=operator", "schedule.enabled=true"], "DaskJob cannot be scheduled"),
 ]
 

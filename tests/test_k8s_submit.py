@@ -201,6 +201,7 @@ def test_ray_stages_without_a_ray_cluster_become_a_rayjob(ray_spec, crd_schemas,
     (["--dry-run", "--pvc", "s"], "store: /scratch/a.zarr\nstages: {pseudobulk: {}}\n", "outside the volume"),
     (["--dry-run", "--pvc", "s"], RAY_SPEC, "[--pvc]"),                      # URL store and a PVC
     (["--dry-run", "--ray-job", "--schedule", "@weekly"], RAY_SPEC, "[--schedule]"),
+    (["--dry-run", "--ray-workers", "0"], RAY_SPEC, "[--ray-workers]"),
 ])
 def test_bad_input_fails_naming_the_field_and_the_fix(tmp_path, no_kube, args, text, needle):
     p = tmp_path / "p.yaml"

@@ -123,7 +123,7 @@ def _mounts(opts: SubmitOptions, pipeline: bool, shm: bool = False):
     return mounts
 
 
-def _env(opts: SubmitOptions, *, dask: str | None, ray: str | None):
+def _env(*, dask: str | None, ray: str | None):
     c = _k()
     env = [c.V1EnvVar(name="HOME", value="/tmp")]
     if dask:
@@ -151,7 +151,7 @@ def runner_pod_spec(opts: SubmitOptions, config_map: str, ray_address: str | Non
         name="scdist", image=opts.image, image_pull_policy=opts.image_pull_policy,
         args=["run", f"{PIPELINE_DIR}/{PIPELINE_FILE}"],
         working_dir=_working_dir(opts),
-        env=_env(opts, dask=opts.resolved_dask_address(), ray=ray_address),
+        env=_env(dask=opts.resolved_dask_address(), ray=ray_address),
         env_from=_env_from(opts),
         resources=c.V1ResourceRequirements(requests={"cpu": opts.cpu, "memory": opts.memory},
                                            limits={"memory": opts.memory}),
@@ -227,7 +227,7 @@ def _ray_pod(opts: SubmitOptions, *, head: bool, config_map: str | None):
         name="ray-head" if head else "ray-worker",
         image=opts.resolved_gpu_image() if gpu else opts.image,
         image_pull_policy=opts.image_pull_policy, working_dir=_working_dir(opts),
-        env=_env(opts, dask=opts.resolved_dask_address() if head else None, ray=None),
+        env=_env(dask=opts.resolved_dask_address() if head else None, ray=None),
         env_from=_env_from(opts), ports=ports, resources=resources,
         security_context=_container_security(),
         volume_mounts=_mounts(opts, pipeline=head, shm=True))

@@ -73,7 +73,8 @@ class SubmitOptions(BaseModel):
     ttl_seconds_after_finished: int | None = Field(604800, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
     ray_version: str = "2.60.0"
-    ray_workers: int = Field(2, ge=0)
+    # The head runs no tasks (num-cpus 0), so a RayJob needs at least one worker.
+    ray_workers: int = Field(2, ge=1)
     ray_worker_cpu: str = "2"
     ray_worker_memory: str = "8Gi"
     ray_worker_gpus: int = Field(0, ge=0)

@@ -118,6 +118,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (eq .Values.job.kind "DaskJob") (not (and .Values.dask.enabled (eq .Values.dask.mode "operator"))) }}
 {{- fail "[job.kind] a DaskJob needs the Dask operator. Fix: set dask.enabled=true and dask.mode=operator, or job.kind=Job" }}
 {{- end }}
+{{- $rayUsed := or .Values.ray.enabled (eq .Values.job.kind "RayJob") }}
+{{- $rayWorkers := or .Values.ray.cpuWorkers.enabled .Values.ray.gpuWorkers.enabled }}
+{{- if and $rayUsed (not $rayWorkers) (eq (toString .Values.ray.head.numCpus) "0") }}
+{{- fail "[ray.cpuWorkers.enabled] the Ray cluster has no worker group and its head runs no tasks (ray.head.numCpus=0), so Ray stages would wait forever. Fix: enable ray.cpuWorkers or ray.gpuWorkers, or give the head CPUs" }}
+{{- end }}
 {{- if and (eq .Values.job.kind "RayJob") .Values.ray.enabled }}
 {{- fail "[ray.enabled] job.kind=RayJob brings up its own Ray cluster. Fix: set ray.enabled=false (or job.kind=Job to use the long-lived RayCluster)" }}
 {{- end }}
