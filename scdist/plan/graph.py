@@ -1,9 +1,9 @@
 """Job graph: the spec's stages in dependency order, each with its plan and what is already done.
 
 A stage's requirements (store products such as ``cells`` or ``pseudobulk``) are met by the
-latest earlier stage of the spec that produces them, or else by a previous run that left
-the product in the store with its completion marker. Stages are ordered topologically,
-keeping the spec's order among independent stages.
+stage of the spec that produces them (at most one may), or else by a previous run that left
+the product complete in the store. Stages are ordered topologically, keeping the spec's
+order among independent stages.
 
 Status of a stage, read from its stage-level markers (``__stage__`` in each product group):
 
@@ -87,11 +87,6 @@ class JobGraph:
             if n.name == name:
                 return n
         raise KeyError(name)
-
-    @property
-    def engines(self) -> set[str]:
-        """Engines of the stages that will run (Ray is started only if one needs it)."""
-        return {n.engine for n in self.nodes if n.will_run}
 
     def to_dict(self) -> dict[str, Any]:
         return {"store": self.spec.store, "study_exists": self.study_exists,

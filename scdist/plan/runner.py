@@ -28,9 +28,7 @@ from .graph import DONE, PARTIAL, STALE, JobGraph, build_graph, product_url
 from .progress import ProgressFactory, configure_logging
 from .runlog import RunRecord
 from .spec import Spec, load_spec
-from .stage import STAGE_MARKER
-
-STARTED_MARKER = "__started__"
+from .stage import STAGE_MARKER, STARTED_MARKER
 log = logging.getLogger("scdist")
 
 
@@ -72,7 +70,7 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
     (or connected to) only if a stage with engine ``ray`` runs. All validation (spec keys,
     stage inputs, requirements) happens before any stage starts.
     """
-    from ..store.markers import clear_markers, mark_done, read_marker
+    from ..store.markers import clear_markers
 
     configure_logging()
     spec = load_spec(spec, store=store, dask_address=dask_address, ray_address=ray_address)
@@ -102,8 +100,7 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
             started_meta = {"stage": node.name, "config_hash": node.spec.config_hash(),
                             "run_id": result.run_id}
             if record.store_exists():
-                for product in node.products:
-                    mark_done(product_url(spec.store, product), STARTED_MARKER, started_meta)
+                _mark(spec.store, node.products, STARTED_MARKER, started_meta)
             if node.plan.chunks is None and record.store_exists():
                 # planned before an earlier stage of this run created its input: plan again
                 replanned = node.stage.plan(ctx.study, node.config)
@@ -117,8 +114,7 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
                 node.stage.run(ctx, node.config)
             except BaseException as exc:
                 if record.store_exists():  # the stage may have created the store: say whose chunks these are
-                    for product in node.products:
-                        mark_done(product_url(spec.store, product), STARTED_MARKER, started_meta)
+                    _mark(spec.store, node.products, STARTED_MARKER, started_meta)
                 record.stage(node.name, action="failed", seconds=time.perf_counter() - t0,
                              error=f"{type(exc).__name__}: {exc}")
                 record.finish("failed", error=f"stage {node.name}: {type(exc).__name__}: {exc}")
@@ -127,12 +123,9 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
             ctx.refresh()
             meta = {**started_meta, "inputs": node.input_hashes, "seconds": round(seconds, 3),
                     "chunks": node.plan.chunks}
-            for product in node.products:  # again: a stage creating its group may have wiped it
-                url = product_url(spec.store, product)
-                mark_done(url, STARTED_MARKER, started_meta)
-                # keep what the stage's own function recorded in the marker (e.g. its params)
-                own = (read_marker(url, STAGE_MARKER) or {}).get("meta", {})
-                mark_done(url, STAGE_MARKER, {**own, **meta})
+            # again: a stage creating its group may have wiped the first one
+            _mark(spec.store, node.products, STARTED_MARKER, started_meta)
+            _mark(spec.store, node.products, STAGE_MARKER, meta)
             _provenance(ctx, node)
             result.ran.append(node.name)
             result.seconds[node.name] = seconds
@@ -140,6 +133,17 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
             log.info("stage %s: done in %.1fs", node.name, seconds)
         record.finish("succeeded")
     return result
+
+
+def _mark(store: str, products, chunk_id: str, meta: dict) -> None:
+    """Write a run-level marker into each product group, keeping what the stage's own
+    function already recorded in it (e.g. compute_pseudobulk's params)."""
+    from ..store.markers import mark_done, read_marker
+
+    for product in products:
+        url = product_url(store, product)
+        own = (read_marker(url, chunk_id) or {}).get("meta", {})
+        mark_done(url, chunk_id, {**own, **meta})
 
 
 def _provenance(ctx: RunContext, node) -> None:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from .context import RunContext
 
-STAGE_MARKER = "__stage__"
+STAGE_MARKER = "__stage__"  # = scdist.store.markers.STAGE: the stage's products are complete
+STARTED_MARKER = "__started__"  # which config the chunk markers of a product belong to
 
 
 class StageConfig(BaseModel):

@@ -11,8 +11,6 @@ from ..store import layout
 from .runlog import list_runs
 from .stage import STAGE_MARKER
 
-STARTED_MARKER = "__started__"
-
 
 def _groups(study) -> list[str]:
     """Data groups of a study: the standard ones present, plus results/<method>/<run>."""
