@@ -206,6 +206,8 @@ def test_resume_under_a_different_config_recomputes(stages, tmp_store, dask_clie
     StageA.fail_after = None
     _wait_idle(dask_client)
     assert scdist.plan(_spec(tmp_store, a={"n_chunks": 8, "sleep": 0.1})).node("t_a").status == PARTIAL
+    node = scdist.plan(_spec(tmp_store, a={"n_chunks": 8, "value": 7})).node("t_a")
+    assert node.status == STALE and "another config" in node.reason and node.done_chunks == 0
     WORK.clear()
     scdist.run(_spec(tmp_store, a={"n_chunks": 8, "value": 7}), client=dask_client, rich=False)
     assert WORK["t_a"] == 8
@@ -291,3 +293,20 @@ def test_sigkilled_driver_is_reported_and_resumed(stages, tmp_store, dask_client
     assert res.ran == ["t_a"] and WORK["t_a"] == 40 - len(finished)
     np.testing.assert_array_equal(_data(tmp_store, "t_a"), np.arange(1, 41))
     assert [r["status"] for r in list_runs(tmp_store)] == ["interrupted", "succeeded"]
+
+
+def test_interrupted_stage_whose_input_changed_is_recomputed(stages, tmp_store, dask_client):
+    scdist.run(_spec(tmp_store, a={"n_chunks": 8}), client=dask_client, rich=False)
+    StageB.fail_after = 1
+    with pytest.raises(RuntimeError):
+        scdist.run(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1}), client=dask_client, rich=False)
+    StageB.fail_after = None
+    _wait_idle(dask_client)
+    assert scdist.plan(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1})).node("t_b").status == PARTIAL
+    scdist.run(_spec(tmp_store, a={"n_chunks": 8, "value": 3}), client=dask_client, rich=False)
+    node = scdist.plan(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1})).node("t_b")
+    assert node.status == STALE and "other inputs" in node.reason
+    WORK.clear()
+    scdist.run(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1}), client=dask_client, rich=False)
+    assert WORK["t_b"] == 8
+    np.testing.assert_array_equal(_data(tmp_store, "t_b"), 6 * np.arange(1, 9))

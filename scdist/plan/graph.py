@@ -9,8 +9,10 @@ Status of a stage, read from its stage-level markers (``__stage__`` in each prod
 
 ``done``     every product is marked by this stage type with the same config hash, and the
              inputs it was computed from are the inputs this run will use: skipped.
-``stale``    marked, but under another config or from other inputs: recomputed from scratch.
-``partial``  some chunk markers but no stage marker (an interrupted run): resumed.
+``stale``    marked (or interrupted) under another config or from other inputs, or an input
+             is recomputed in this run: recomputed from scratch.
+``partial``  some chunk markers but no stage marker (an interrupted run under the same
+             config and inputs): resumed, only missing chunks run.
 ``pending``  nothing yet.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from ..errors import SpecError
 from .spec import Spec, StageSpec
-from .stage import STAGE_MARKER, Stage, StagePlan
+from .stage import STAGE_MARKER, STARTED_MARKER, Stage, StagePlan
 
 DONE, STALE, PARTIAL, PENDING = "done", "stale", "partial", "pending"
 
@@ -159,7 +161,7 @@ def _available(store: str, product: str) -> dict | None:
 
 
 def _status(node: StageNode, store: str) -> tuple[str, str]:
-    from ..store.markers import done_set
+    from ..store.markers import done_set, read_marker
 
     want = node.spec.config_hash()
     markers = [_stage_marker(store, p) for p in node.products]
@@ -177,7 +179,17 @@ def _status(node: StageNode, store: str) -> tuple[str, str]:
     if node.products:
         ids = done_set(product_url(store, node.products[0]))
         node.done_chunks = sum(not i.startswith("__") for i in ids)  # "__x__": run-level markers
-    return (PARTIAL, "resuming an interrupted run") if node.done_chunks else (PENDING, "")
+    if not node.done_chunks:
+        return PENDING, ""
+    # chunks of an interrupted run: reusable only under the same config and inputs
+    started = (read_marker(product_url(store, node.products[0]), STARTED_MARKER) or {}).get("meta", {})
+    if started and started.get("config_hash") != want:
+        node.done_chunks = 0
+        return STALE, "interrupted run had another config"
+    if started and started.get("inputs", node.input_hashes) != node.input_hashes:
+        node.done_chunks = 0
+        return STALE, "interrupted run had other inputs"
+    return PARTIAL, "resuming an interrupted run"
 
 
 def build_graph(spec: Spec, *, check: bool = True) -> JobGraph:

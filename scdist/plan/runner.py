@@ -4,15 +4,16 @@ The runner decides *what* runs; Dask (and Ray, for Ray stages) decide where and 
 task runs. For each stage in order:
 
 1. ``done``: skipped (logged).
-2. ``stale``: its markers are cleared, then it runs from scratch.
+2. ``stale``: ``Stage.reset`` clears its markers (and any partial state), then it runs
+   from scratch.
 3. ``partial`` / ``pending``: it runs; the stage itself skips chunks already marked done.
 4. After the stage returns, the stage-level marker ``__stage__`` is written into each of
    its product groups (after the data), with the config hash and the input hashes that
    later plans compare against. Provenance is added to the store and the run record
    (``_scdist_runs/<run_id>.json``) is updated.
 
-A ``__started__`` marker records the config a stage's chunk markers belong to, so resuming
-an interrupted stage under a different config recomputes it. It is written before the stage
+A ``__started__`` marker records the config and inputs a stage's chunk markers belong to,
+so an interrupted stage resumed under a different config or inputs is recomputed instead. It is written before the stage
 runs when the store exists, and again when a stage fails (the first stage of a run may be
 the one creating the store; only a SIGKILL during such a stage leaves it unwritten).
 """
@@ -52,13 +53,6 @@ def plan(spec: "str | Mapping | Spec", **overrides: Any) -> JobGraph:
     return build_graph(load_spec(spec, **overrides))
 
 
-def _resume_is_stale(node, store: str) -> bool:
-    from ..store.markers import read_marker
-
-    started = read_marker(product_url(store, node.products[0]), STARTED_MARKER)
-    return started is not None and started.get("meta", {}).get("config_hash") != node.spec.config_hash()
-
-
 def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
         dask_address: str | None = None, ray_address: str | None = None,
         rich: bool | None = None, run_id: str | None = None) -> RunResult:
@@ -70,8 +64,6 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
     (or connected to) only if a stage with engine ``ray`` runs. All validation (spec keys,
     stage inputs, requirements) happens before any stage starts.
     """
-    from ..store.markers import clear_markers
-
     configure_logging()
     spec = load_spec(spec, store=store, dask_address=dask_address, ray_address=ray_address)
     graph = build_graph(spec)
@@ -89,16 +81,14 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
                 result.skipped.append(node.name)
                 record.stage(node.name, action="skipped")
                 continue
-            fresh = node.status == STALE or (node.status == PARTIAL and _resume_is_stale(node, spec.store))
-            if fresh:
-                log.info("stage %s: recomputing (%s)", node.name, node.reason or "config changed")
-                for product in node.products:
-                    clear_markers(product_url(spec.store, product))
+            if node.status == STALE:
+                log.info("stage %s: recomputing (%s)", node.name, node.reason)
+                node.stage.reset(spec.store, node.config)
             elif node.status == PARTIAL:
                 log.info("stage %s: resuming (%d/%s chunks already done)", node.name,
                          node.done_chunks, node.plan.chunks)
             started_meta = {"stage": node.name, "config_hash": node.spec.config_hash(),
-                            "run_id": result.run_id}
+                            "inputs": node.input_hashes, "run_id": result.run_id}
             if record.store_exists():
                 _mark(spec.store, node.products, STARTED_MARKER, started_meta)
             if node.plan.chunks is None and record.store_exists():
@@ -108,7 +98,7 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
                 node.plan = replanned
                 record.stage(node.name, chunks=replanned.chunks)
             ctx.stage, ctx.plan = node.name, node.plan
-            ctx.done_chunks = 0 if fresh else node.done_chunks
+            ctx.done_chunks = node.done_chunks
             t0 = time.perf_counter()
             try:
                 node.stage.run(ctx, node.config)
@@ -121,7 +111,7 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
                 raise
             seconds = time.perf_counter() - t0
             ctx.refresh()
-            meta = {**started_meta, "inputs": node.input_hashes, "seconds": round(seconds, 3),
+            meta = {**started_meta, "seconds": round(seconds, 3),
                     "chunks": node.plan.chunks}
             # again: a stage creating its group may have wiped the first one
             _mark(spec.store, node.products, STARTED_MARKER, started_meta)

@@ -69,5 +69,16 @@ class Stage:
     def plan(self, study, cfg) -> StagePlan:
         return StagePlan()
 
+    def reset(self, store_url: str, cfg) -> None:
+        """Forget partial work before recomputing from scratch (config or inputs changed).
+
+        Default: clear the completion markers of every product; override to also drop
+        scratch state the stage keeps elsewhere.
+        """
+        from ..store.markers import clear_markers
+
+        for product in self.products(cfg):
+            clear_markers(f"{store_url.rstrip('/')}/{product}")
+
     def run(self, ctx: "RunContext", cfg) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -48,6 +48,16 @@ class PseudobulkStage(Stage):
                         f"(stored in chunks of {gene_chunk} genes)"),
             resources=resources)
 
+    def reset(self, store_url: str, cfg: PseudobulkConfig) -> None:
+        # per-cell-chunk partials of an interrupted run were computed from the old cells/
+        from ...pseudobulk.compute import SCRATCH
+        from ...store._fs import filesystem
+
+        super().reset(store_url, cfg)
+        fs, path = filesystem(f"{store_url.rstrip('/')}/{SCRATCH}")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
     def run(self, ctx, cfg: PseudobulkConfig) -> None:
         from ...pseudobulk import compute_pseudobulk
 
