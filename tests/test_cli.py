@@ -133,3 +133,20 @@ def test_import_is_cheap_and_planning_loads_no_torch_or_ray():
             "assert [n.name for n in g] == ['simulate', 'pseudobulk']; "
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_simulate_refuses_to_replace_real_cells(tmp_path, h5ad):
+    store = tmp_path / "real.zarr"
+    assert invoke("ingest", store, "--path", h5ad, "--donor-key", "indiv",
+                  "--celltype-key", "ct").exit_code == 0
+    before = invoke("info", store, "--json").output
+    res = runner.invoke(app, ["simulate", str(store), "--n-donors", "4", "--n-cells", "100"])
+    assert res.exit_code == 2 and "not simulated" in res.output and "[store]" in res.output
+    assert invoke("info", store, "--json").output == before  # untouched
+
+
+def test_unknown_design_knob_is_named(tmp_path):
+    res = runner.invoke(app, ["simulate", str(tmp_path / "s.zarr"), "--set", "design={hom_range: [0.1, 0.2]}"])
+    assert res.exit_code == 2
+    assert "stages.simulate.design.hom_range" in res.output and "hom2_range" in res.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -95,7 +95,9 @@ def with_config_options(model: type[BaseModel], fn: Callable) -> Callable:
     """Wrap ``fn(config: dict, **own_params)`` into a function whose signature also has one
     option per scalar field of ``model``; the given ones are collected into ``config``."""
     sig = inspect.signature(fn)
-    own = [p for n, p in sig.parameters.items() if n != "config"]
+    hints = typing.get_type_hints(fn)  # string annotations (PEP 563) resolved in fn's module
+    own = [p.replace(annotation=hints.get(n, p.annotation))
+           for n, p in sig.parameters.items() if n != "config"]
     fields = option_fields(model)
     clash = set(fields) & {p.name for p in own}
     extra = [p for p in config_parameters(model) if p.name not in clash]
