@@ -13,20 +13,22 @@ import numpy as np
 _SMALL = 8  # block sizes up to this use the vectorised entry-wise recursion
 
 
-def spd_inverse(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def spd_inverse(A: np.ndarray, rcond: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Invert a stack of symmetric matrices ``A[..., m, m]``.
 
     Returns ``(W, logdet, ok)``: ``W = A^{-1}`` and ``logdet = log|A|`` where the block is
     positive definite; ``ok`` is False for blocks that are not (their ``W`` is the identity
-    and ``logdet`` 0, so callers can mask them without NaN propagation).
+    and ``logdet`` 0, so callers can mask them without NaN propagation). With ``rcond > 0``
+    blocks whose smallest Cholesky pivot is below ``rcond`` times their largest diagonal entry
+    (numerically singular) also count as not positive definite.
     """
     m = A.shape[-1]
     if m <= _SMALL:
-        return _spd_inverse_small(A)
-    return _spd_inverse_lapack(A)
+        return _spd_inverse_small(A, rcond)
+    return _spd_inverse_lapack(A, rcond)
 
 
-def _spd_inverse_small(A: np.ndarray):
+def _spd_inverse_small(A: np.ndarray, rcond: float = 0.0):
     m = A.shape[-1]
     batch = A.shape[:-2]
     a = np.moveaxis(A, (-2, -1), (0, 1)).reshape(m, m, -1)
@@ -36,11 +38,14 @@ def _spd_inverse_small(A: np.ndarray):
     L = [[None] * m for _ in range(m)]
     inv_diag = [None] * m
     logdet = np.zeros(n)
+    floor = 0.0
+    if rcond > 0:
+        floor = rcond * np.max(np.stack([np.abs(a[j, j]) for j in range(m)]), axis=0)
     for j in range(m):
         d = a[j, j].copy()
         for k in range(j):
             d -= L[j][k] * L[j][k]
-        good = d > 0
+        good = d > floor
         ok &= good
         d = np.where(good, d, 1.0)
         ljj = np.sqrt(d)
@@ -80,7 +85,7 @@ def _spd_inverse_small(A: np.ndarray):
     return W, logdet.reshape(batch), ok.reshape(batch)
 
 
-def _spd_inverse_lapack(A: np.ndarray):
+def _spd_inverse_lapack(A: np.ndarray, rcond: float = 0.0):
     m = A.shape[-1]
     batch = A.shape[:-2]
     flat = A.reshape((-1, m, m))
@@ -91,6 +96,9 @@ def _spd_inverse_lapack(A: np.ndarray):
         ok = np.linalg.eigvalsh(flat)[:, 0] > 0
         safe = np.where(ok[:, None, None], flat, np.eye(m))
         L = np.linalg.cholesky(safe)
+    if rcond > 0:
+        piv = np.diagonal(L, axis1=-2, axis2=-1) ** 2
+        ok &= piv.min(-1) > rcond * np.abs(np.diagonal(flat, axis1=-2, axis2=-1)).max(-1)
     logdet = 2.0 * np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(-1)
     eye = np.broadcast_to(np.eye(m), flat.shape)
     Linv = np.linalg.solve(L, eye)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Problem
-from .likelihood import evaluate
+from .likelihood import evaluate, fisher
 
 
 @dataclass
@@ -46,10 +46,41 @@ def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
     return d
 
 
+def _newton_dir(prob: Problem, rows: np.ndarray, theta: np.ndarray, grad: np.ndarray,
+                ai: np.ndarray, method: str) -> np.ndarray:
+    """Exact Newton direction with the observed information ``2 AI - Fisher`` (valid for
+    covariances linear in theta) where it is positive definite, else the AI direction."""
+    st = evaluate(prob.take(rows), theta, method, grad=False, ai=False)
+    obs = 2.0 * ai - fisher(prob.take(rows), st, method)
+    d = _solve_dir(ai, grad)
+    with np.errstate(all="ignore"):
+        pd = np.linalg.eigvalsh(obs)[:, 0] > 0
+    if pd.any():
+        d[pd] = _solve_dir(obs[pd], grad[pd])
+    return d
+
+
+def _accept(st, ll_old: np.ndarray) -> np.ndarray:
+    return st.ok & (st.loglik >= ll_old - 1e-10 * np.abs(ll_old))
+
+
+def _take(rows, cand, st, sel, theta, ll, grad, AI, flat) -> None:
+    """Store accepted candidates ``cand[sel]`` (state ``st``) for ``rows``."""
+    new_ll = st.loglik[sel]
+    small = (new_ll - ll[rows]) <= 1e-10 * np.maximum(np.abs(ll[rows]), 1.0)
+    flat[rows] = np.where(small, flat[rows] + 1, 0)
+    theta[rows] = cand[sel]
+    ll[rows] = new_ll
+    grad[rows] = st.grad[sel]
+    AI[rows] = st.ai[sel]
+
+
 def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_iter: int = 60,
-             tol: float = 1e-7, max_halvings: int = 30) -> FitResult:
+             tol: float = 1e-7, max_halvings: int = 12) -> FitResult:
     """AI-Newton from ``theta0`` (R, K); converged when the Newton decrement ``g' AI^{-1} g / 2``
-    falls below ``tol`` (log-likelihood units)."""
+    falls below ``tol`` (log-likelihood units). Rows whose AI steps needed repeated halving
+    (typically near the positive-definiteness boundary with negative variance components)
+    switch to exact Newton steps with the observed information."""
     R, K = theta0.shape
     theta = np.array(theta0, float)
     st = evaluate(prob, theta, method)
@@ -62,40 +93,53 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     grad = np.zeros((R, K))
     AI = np.zeros((R, K, K))
     grad[active], AI[active] = g[active], ai[active]
+    hard = np.zeros(R, bool)
+    flat = np.zeros(R, int)   # consecutive accepted steps that changed l by < 1e-10 |l|
     for _ in range(max_iter):
         if active.size == 0:
             break
         d = _solve_dir(AI[active], grad[active])
+        h = hard[active]
+        if h.any():
+            rows = active[h]
+            d[h] = _newton_dir(prob, rows, theta[rows], grad[rows], AI[rows], method)
         dec = 0.5 * np.einsum("rk,rk->r", d, grad[active])
-        done = dec < tol
+        done = (dec < tol) | (flat[active] >= 2)
         conv[active[done]] = True
         active, d = active[~done], d[~done]
         if active.size == 0:
             break
         iters[active] += 1
-        alpha = np.ones(active.size)
-        pending = np.arange(active.size)
-        for _h in range(max_halvings):
-            rows = active[pending]
-            cand = theta[rows] + alpha[pending, None] * d[pending]
-            stc = evaluate(prob.take(rows), cand, method)
-            better = stc.ok & (stc.loglik >= ll[rows] - 1e-10 * np.abs(ll[rows]))
-            acc = rows[better]
-            theta[acc] = cand[better]
-            ll[acc] = stc.loglik[better]
-            grad[acc] = stc.grad[better]
-            AI[acc] = stc.ai[better]
-            pending = pending[~better]
-            if pending.size == 0:
-                break
-            alpha[pending] *= 0.5
+        # full step for every active row, then all shorter steps 2^-1 .. 2^-max_halvings for
+        # the rows that did not improve in ONE batched evaluation (few rows, many steps)
+        st1 = evaluate(prob.take(active), theta[active] + d, method)
+        better = _accept(st1, ll[active])
+        _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat)
+        pending = np.flatnonzero(~better)
         if pending.size:
-            # no ascent along the AI direction: a (numerical) optimum if the gradient is tiny
+            rows = active[pending]
+            alphas = 0.5 ** np.arange(1, max_halvings + 1)
+            cand = (theta[rows][:, None] + alphas[None, :, None] * d[pending][:, None]).reshape(-1, K)
+            rep = np.repeat(rows, alphas.size)
+            stc = evaluate(prob.take(rep), cand, method)
+            good = _accept(stc, ll[rep]).reshape(rows.size, alphas.size)
+            first = np.where(good.any(axis=1), good.argmax(axis=1), -1)
+            hit = first >= 0
+            pick = np.flatnonzero(hit) * alphas.size + first[hit]
+            sel = np.zeros(rep.size, bool)
+            sel[pick] = True
+            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat)
+            hard[rows[hit & (first >= 2)]] = True
+            pending = pending[~hit]
+        if pending.size:
+            # no ascent even for tiny steps along the AI direction: retry with exact Newton
+            # steps; if those fail too we sit on the boundary of the parameter space (the
+            # RCOND guard), which counts as the constrained optimum
             stuck = active[pending]
-            gn = np.abs(grad[stuck]).max(axis=1)
-            conv[stuck[gn < 1e-4]] = True
-            failed[stuck] = True
-            active = np.setdiff1d(active, stuck)
+            retry = ~hard[stuck]
+            hard[stuck[retry]] = True
+            conv[stuck[~retry]] = True
+            active = np.setdiff1d(active, stuck[~retry])
     return FitResult(theta=theta, loglik=ll, converged=conv & np.isfinite(ll), iterations=iters)
 
 

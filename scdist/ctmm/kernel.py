@@ -1,0 +1,292 @@
+"""The CTMM block kernel: a pure function of one gene block of the pseudobulk cube.
+
+``fit_block(block, cfg)`` takes an ``xarray.Dataset`` with ``mean``/``nu`` over
+``(donor, celltype, gene)`` for a block of genes (plus the donor-level ``covariates`` /
+random-effect variables and, for OP, ``op_mean``/``op_nu``/``P``) and returns the result
+Dataset for those genes. It knows nothing of Dask or the store, so the engine adapters only
+place it on workers, and it is tested on plain in-memory data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from . import covariance as cov_models
+from .design import Layout, Problem, covariance_basis, encode_factor, fixed_design, make_layout
+from .he import he_fit
+from .jackknife import donor_weights, jackknife_he, jackknife_reml
+from .likelihood import evaluate, fisher
+from .optimize import maximize_with_restarts
+from .tests import jackknife_cov, lrt, mean_contrasts, wald_f
+
+METHODS = ("reml", "ml", "he")
+TESTS = ("lrt", "wald", "jackknife")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything a block fit needs besides the data (small, picklable, broadcast to tasks)."""
+
+    models: tuple[str, ...] = ("hom", "free")
+    method: str = "reml"
+    tests: tuple[str, ...] = TESTS
+    covariates: tuple[str, ...] = ()
+    random_effects: tuple[str, ...] = ()
+    op: bool = False
+    n_restarts: int = 10
+    jk_restarts: int = 2
+    max_iter: int = 60
+    tol: float = 1e-7
+    seed: int = 0
+    test_labels: tuple[str, ...] = field(default=())
+
+
+def test_labels(models, method: str, tests) -> tuple[str, ...]:
+    """The p-value labels a fit with these models/method/tests produces (fixed before work)."""
+    labels = []
+    if method != "he":
+        if "lrt" in tests and "free" in models and "hom" in models:
+            labels.append("free_vs_hom_lrt")
+        if "wald" in tests and "free" in models:
+            labels.append("free_vs_hom_wald")
+    if "jackknife" in tests and "free" in models:
+        labels.append("free_vs_hom_jackknife")
+    if method != "he" and "lrt" in tests and "full" in models and "free" in models:
+        labels.append("full_vs_free_lrt")
+    if "jackknife" in tests and "free" in models:
+        labels.append("mean_jackknife")
+    return tuple(labels)
+
+
+def _ols_resid_var(y, mask, X2, B, m):
+    R = y.shape[0]
+    yf = np.where(mask, y, 0.0).reshape(R, B * m)
+    mf = mask.reshape(R, B * m).astype(float)
+    XtX = np.einsum("rn,np,nq->rpq", mf, X2, X2)
+    Xty = yf @ X2
+    with np.errstate(all="ignore"):
+        b = np.linalg.solve(XtX + 1e-12 * np.eye(X2.shape[1]), Xty[..., None])[..., 0]
+    res = (yf - b @ X2.T) * mf
+    n = mf.sum(axis=1)
+    return (res ** 2).sum(axis=1) / np.maximum(n - X2.shape[1], 1)
+
+
+class _Fitter:
+    """Fits every model of one data kind (CTP or OP) for a gene block."""
+
+    def __init__(self, Y, NU, mask, Z, factors, P, C: int, cfg: FitConfig):
+        G, N, c = Y.shape
+        self.cfg, self.C, self.P, self.factors = cfg, C, P, factors
+        self.layout: Layout = make_layout(N, c, factors)
+        lay = self.layout
+        self.X = fixed_design(lay, Z, P)
+        self.y = lay.to_blocks(np.where(mask, Y, 0.0))
+        self.nu = lay.to_blocks(np.where(mask, NU, 1.0), 1.0)
+        self.mask = lay.to_blocks(mask, False)
+        B, m, p = self.X.shape
+        self.total = _ols_resid_var(self.y, self.mask, self.X.reshape(B * m, p), B, m)
+        self.total = np.where(np.isfinite(self.total) & (self.total > 0), self.total, 1.0)
+        self.n_re = len(factors)
+
+    def problem(self, model: str) -> Problem:
+        k = cov_models.basis(model, self.C)
+        K = covariance_basis(self.layout, k, self.factors, self.P)
+        return Problem(y=self.y, nu=self.nu, mask=self.mask, X=self.X, K=K, n_vc=len(k))
+
+    def start(self, model: str, rows=None) -> np.ndarray:
+        tot = self.total if rows is None else self.total[rows]
+        th = cov_models.initial(model, self.C, tot)
+        if self.n_re:
+            K = th.shape[1] + self.n_re
+            re = np.repeat((tot / (K + 1.0))[:, None], self.n_re, axis=1)
+            th = np.concatenate([th, re], axis=1)
+        return th
+
+    def random_start(self, model: str):
+        def draw(rng, rows):
+            base = self.start(model, rows)
+            noise = rng.gamma(2.0, 0.5, size=base.shape)
+            th = base * noise
+            if model == "full":
+                r, c = np.tril_indices(self.C)
+                off = np.flatnonzero(r != c)
+                scale = np.sqrt(base[:, r == c].mean(axis=1))
+                th[:, off] = rng.normal(size=(len(rows), off.size)) * 0.1 * scale[:, None] ** 2
+            return th
+        return draw
+
+    def fit(self, model: str, need_fisher: bool, need_jk: bool) -> dict:
+        cfg = self.cfg
+        prob = self.problem(model)
+        out = {}
+        if cfg.method == "he":
+            theta, b_ols = he_fit(prob)
+            out.update(theta=theta, loglik=np.full(prob.rows, np.nan),
+                       converged=np.isfinite(theta).all(axis=1),
+                       iterations=np.zeros(prob.rows, int), beta=self._he_beta(prob, theta))
+            if need_jk:
+                out["theta_jk"], out["beta_jk"] = jackknife_he(prob, self.layout, self._he_beta)
+            return out
+        res = maximize_with_restarts(prob, self.start(model), cfg.method,
+                                     random_start=self.random_start(model),
+                                     n_restarts=cfg.n_restarts, seed=cfg.seed,
+                                     max_iter=cfg.max_iter, tol=cfg.tol)
+        st = evaluate(prob, res.theta, cfg.method, grad=False, ai=False)
+        out.update(theta=res.theta, loglik=np.where(st.ok, res.loglik, np.nan),
+                   converged=res.converged & st.ok, iterations=res.iterations, beta=st.beta)
+        if need_fisher:
+            out["fisher"] = fisher(prob, st, cfg.method)
+        if need_jk:
+            out["theta_jk"], out["beta_jk"], _ = jackknife_reml(
+                prob, self.layout, res.theta, cfg.method, random_start=self.random_start(model),
+                n_restarts=cfg.jk_restarts, seed=cfg.seed)
+        out["weight"] = donor_weights(prob, self.layout)
+        return out
+
+    @staticmethod
+    def _he_beta(prob: Problem, theta: np.ndarray) -> np.ndarray:
+        """GLS fixed effects at the HE variance components (OLS where Sigma is not PD)."""
+        th = np.where(np.isfinite(theta), theta, 0.0)
+        st = evaluate(prob, th, "reml", grad=False, ai=False)
+        beta = st.beta
+        if not st.ok.all():
+            bad = ~st.ok
+            _, b_ols = he_fit(prob.take(np.flatnonzero(bad)))
+            beta = beta.copy()
+            beta[bad] = b_ols
+        return beta
+
+
+def _tests(fits: dict, fitter: _Fitter, cfg: FitConfig, labels) -> dict:
+    C = fitter.C
+    p = fitter.X.shape[-1]
+    out = {}
+    free = fits.get("free")
+    if free is not None:
+        weight = free.get("weight")
+        if weight is None:
+            weight = donor_weights(fitter.problem("free"), fitter.layout)
+        n_donors = weight.sum(axis=1)
+        n_par = (C + 1) + fitter.n_re + p
+        df2 = np.maximum(n_donors - n_par, 1)
+        vsel = np.arange(1, C + 1)
+    if "free_vs_hom_lrt" in labels:
+        out["free_vs_hom_lrt"] = lrt(free["loglik"], fits["hom"]["loglik"], C)
+    if "full_vs_free_lrt" in labels:
+        df = cov_models.n_params("full", C) - cov_models.n_params("free", C)
+        out["full_vs_free_lrt"] = lrt(fits["full"]["loglik"], free["loglik"], df)
+    if "free_vs_hom_wald" in labels:
+        with np.errstate(all="ignore"):
+            try:
+                cov = np.linalg.inv(free["fisher"])
+            except np.linalg.LinAlgError:
+                cov = np.linalg.pinv(free["fisher"])
+        out["free_vs_hom_wald"] = wald_f(free["theta"][:, vsel], cov[:, vsel][:, :, vsel], df2)
+    if "free_vs_hom_jackknife" in labels:
+        jc = jackknife_cov(free["theta_jk"][:, :, vsel], weight)
+        out["free_vs_hom_jackknife"] = wald_f(free["theta"][:, vsel], jc, df2)
+    if "mean_jackknife" in labels:
+        L = mean_contrasts(C)
+        est = free["beta"][:, :C] @ L.T
+        reps = free["beta_jk"][:, :, :C] @ L.T
+        out["mean_jackknife"] = wald_f(est, jackknife_cov(reps, weight), df2)
+    return out
+
+
+def _assemble(fits: dict, tests: dict, fitter: _Fitter, cfg: FitConfig, prefix: str,
+              coords: dict) -> dict:
+    C = fitter.C
+    models = cfg.models
+    G = fitter.y.shape[0]
+    hom2 = np.full((len(models), G), np.nan)
+    V = np.full((len(models), G, C, C), np.nan)
+    beta = np.full((len(models), G, C), np.nan)
+    q = len(cfg.covariates)
+    gamma = np.full((len(models), G, q), np.nan)
+    re = np.full((len(models), G, fitter.n_re), np.nan)
+    ll = np.full((len(models), G), np.nan)
+    conv = np.zeros((len(models), G), bool)
+    iters = np.zeros((len(models), G), np.int32)
+    for i, mname in enumerate(models):
+        f = fits[mname]
+        nv = cov_models.n_params(mname, C)
+        h, Vm = cov_models.unpack(mname, f["theta"][:, :nv], C)
+        hom2[i] = np.nan if mname == "full" else h
+        V[i] = Vm
+        beta[i] = f["beta"][:, :C]
+        gamma[i] = f["beta"][:, C:]
+        re[i] = f["theta"][:, nv:]
+        ll[i] = f["loglik"]
+        conv[i] = f["converged"]
+        iters[i] = f["iterations"]
+    d = {
+        f"{prefix}hom2": (("model", "gene"), hom2),
+        f"{prefix}V": (("model", "gene", "celltype", "celltype2"), V),
+        f"{prefix}beta": (("model", "gene", "celltype"), beta),
+        f"{prefix}loglik": (("model", "gene"), ll),
+        f"{prefix}converged": (("model", "gene"), conv),
+        f"{prefix}iterations": (("model", "gene"), iters),
+    }
+    if q:
+        d[f"{prefix}gamma"] = (("model", "gene", "covariate"), gamma)
+    if fitter.n_re:
+        d[f"{prefix}re_var"] = (("model", "gene", "random_effect"), re)
+    labels = cfg.test_labels
+    if labels:
+        pv = np.stack([tests.get(t, np.full(G, np.nan)) for t in labels])
+        d[f"{prefix}pvalue"] = (("test", "gene"), pv)
+    return d
+
+
+def _fit_kind(Y, NU, mask, Z, factors, P, C, cfg: FitConfig):
+    fitter = _Fitter(Y, NU, mask, Z, factors, P, C, cfg)
+    labels = cfg.test_labels
+    fits = {}
+    for mname in cfg.models:
+        fits[mname] = fitter.fit(mname, need_fisher=(mname == "free" and "free_vs_hom_wald" in labels),
+                                 need_jk=(mname == "free" and "free_vs_hom_jackknife" in labels))
+    return fitter, fits, _tests(fits, fitter, cfg, labels)
+
+
+def donor_inputs(block: xr.Dataset, cfg: FitConfig):
+    """Donor-level covariate matrix ``Z (N, q)`` and random-effect codes from a block."""
+    Z = None
+    if cfg.covariates:
+        Z = block["covariates"].sel(covariate=list(cfg.covariates)).transpose("donor", "covariate").values
+        Z = np.asarray(Z, float)
+    factors = [encode_factor(block[name].values, name) for name in cfg.random_effects]
+    return Z, factors
+
+
+def fit_block(block: xr.Dataset, cfg: FitConfig) -> xr.Dataset:
+    """Fit CTMM to one gene block; returns the result Dataset for those genes."""
+    Y = np.asarray(block["mean"].transpose("gene", "donor", "celltype").values, float)
+    NU = np.asarray(block["nu"].transpose("gene", "donor", "celltype").values, float)
+    mask = np.isfinite(Y) & np.isfinite(NU)
+    G, N, C = Y.shape
+    Z, factors = donor_inputs(block, cfg)
+    coords = {"model": list(cfg.models), "gene": block["gene"].values,
+              "celltype": block["celltype"].values,
+              "celltype2": block["celltype"].values}
+    fitter, fits, tests = _fit_kind(Y, NU, mask, Z, factors, None, C, cfg)
+    data = _assemble(fits, tests, fitter, cfg, "", coords)
+    if cfg.op:
+        Yo = np.asarray(block["op_mean"].transpose("gene", "donor").values, float)[..., None]
+        NUo = np.asarray(block["op_nu"].transpose("gene", "donor").values, float)[..., None]
+        P = np.asarray(block["P"].transpose("donor", "celltype").values, float)
+        mo = np.isfinite(Yo) & np.isfinite(NUo)
+        fo, fits_o, tests_o = _fit_kind(Yo, NUo, mo, Z, factors, P, C, cfg)
+        data.update(_assemble(fits_o, tests_o, fo, cfg, "op_", coords))
+    if cfg.test_labels:
+        coords["test"] = list(cfg.test_labels)
+    if cfg.covariates:
+        coords["covariate"] = list(cfg.covariates)
+    if cfg.random_effects:
+        coords["random_effect"] = list(cfg.random_effects)
+    ds = xr.Dataset(data, coords=coords)
+    for name in ("model", "test", "covariate", "random_effect", "celltype", "celltype2", "gene"):
+        if name in ds.coords:
+            ds.coords[name] = np.asarray(ds.coords[name].values).astype(object)
+    return ds
