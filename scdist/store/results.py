@@ -41,7 +41,8 @@ def write_template(ds_template: xr.Dataset, url: str, chunks: Mapping[str, int],
 
     ``chunks`` maps dimension → chunk length (dimensions not named are one chunk). Data
     variables should be lazy (e.g. ``dask.array.full``); they are not written, so each
-    region is later filled by :func:`write_region`. ``mode="w"`` replaces what is at ``url``.
+    region is later filled by :func:`write_region`. Object (string) variables are the
+    exception: they are computed and written with the template. ``mode="w"`` replaces what is at ``url``.
     Returns ``url``.
     """
     ds = strings_to_object(ds_template)
@@ -50,6 +51,11 @@ def write_template(ds_template: xr.Dataset, url: str, chunks: Mapping[str, int],
         if c <= 0:
             raise ValueError(f"chunk length for {d!r} must be positive, got {c}")
     ds = ds.chunk({d: c for d, c in full.items()})
+    for name, var in ds.data_vars.items():
+        # Object (string) variables cannot be written lazily (zarr needs their values to pick
+        # an encoding): they are small labels, so they are written with the template.
+        if var.dtype == object:
+            ds[name] = var.compute()
     enc: dict[str, dict[str, Any]] = {}
     for name, var in ds.data_vars.items():
         e = {"chunks": tuple(min(full[d], max(ds.sizes[d], 1)) for d in var.dims)}
