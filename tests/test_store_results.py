@@ -88,3 +88,19 @@ def test_concurrent_region_writes_from_local_cluster(tmp_store, dask_client):
     assert sorted(dask_client.gather(futs)) == list(range(0, G, CHUNK))
     xr.testing.assert_equal(open_result(url).load().drop_attrs(), _expected())
     assert done_set(url) == {f"genes-{a}-{min(a + CHUNK, G)}" for a in range(0, G, CHUNK)}
+
+
+def test_string_variables_are_written_with_the_template(tmp_store):
+    url = create_study(tmp_store).result_url("pb", "r")
+    donors = np.array([f"d{i}" for i in range(4)], dtype=object)
+    tmpl = xr.Dataset({"batch": (("donor",), da.from_array(np.array(["b0", "b0", "b1", "b1"],
+                                                                   dtype=object), chunks=2)),
+                       "mean": (("donor", "gene"), da.zeros((4, G), chunks=(4, CHUNK)))},
+                      coords={"donor": donors, "gene": GENES})
+    write_template(tmpl, url, {"gene": CHUNK})
+    write_region(xr.Dataset({"mean": (("donor", "gene"), np.ones((4, CHUNK)))},
+                            coords={"donor": donors, "gene": GENES[:CHUNK]}), url,
+                 {"gene": slice(0, CHUNK)})
+    ds = open_result(url).compute()
+    assert list(ds["batch"].values) == ["b0", "b0", "b1", "b1"]
+    assert (ds["mean"].values[:, :CHUNK] == 1).all() and np.isnan(ds["mean"].values[:, CHUNK:]).all()
