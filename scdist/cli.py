@@ -193,6 +193,10 @@ def main() -> None:
     except ScdistError as exc:  # raised by a plugin verb
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished chunks are kept; run the same command again to resume",
+                   err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

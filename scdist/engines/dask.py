@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 ENV_DASK_ADDRESS = "SCDIST_DASK_ADDRESS"
@@ -39,9 +40,14 @@ def dask_client(address: str | None = None, *, client=None, n_workers: int | Non
             c.close()
         return
     n_workers = n_workers or min(2, os.cpu_count() or 1)
-    with LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                      processes=processes, memory_limit=memory_limit,
-                      dashboard_address=":0" if dashboard else None) as cluster, Client(cluster) as c:
+    with warnings.catch_warnings():
+        # the scheduler's HTTP server (health/metrics) falls back to a free port when 8787 is
+        # taken, e.g. by another cluster; that is expected here, not worth a warning
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               processes=processes, memory_limit=memory_limit,
+                               dashboard_address=":0" if dashboard else None)
+    with cluster, Client(cluster) as c:
         yield c
 
 
