@@ -96,6 +96,21 @@ def test_dense_and_csc_h5ad(tmp_path, kind):
     assert_same_cells(st, b, layer=None)
 
 
+def test_raw_x(tmp_path):
+    a = make_adata(n=150)
+    full = ad.AnnData(a.layers["counts"], obs=a.obs, var=a.var)
+    b = full[:, :25].copy()  # X: a gene subset (as after HVG selection); raw: all genes
+    b.X = sp.csr_matrix(np.log1p(b.X.toarray()))
+    b.raw = full
+    b.write_h5ad(tmp_path / "b.h5ad")
+    for st in (ingest_h5ad(str(tmp_path / "s.zarr"), tmp_path / "b.h5ad", layer="raw.X", **KEYS),
+               ingest_anndata(f"memory://{uuid.uuid4().hex}", b, layer="raw.X", **KEYS)):
+        assert_same_cells(st, full, layer=None)
+    with pytest.raises(InputError) as e:
+        ingest_anndata(str(tmp_path / "t.zarr"), a, layer="raw.X", **KEYS)
+    assert e.value.field == "raw.X"
+
+
 def test_backed_anndata_streams(tmp_path):
     a = make_adata(n=200)
     b = ad.AnnData(a.layers["counts"], obs=a.obs, var=a.var)

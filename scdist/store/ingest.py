@@ -86,18 +86,28 @@ def _read_elem(elem):
     return read_elem(elem)
 
 
+RAW = "raw.X"  # layer name selecting AnnData's raw.X (with raw.var's gene names)
+
+
 def _matrix_elem(root, layer: str | None):
+    """(matrix element, field name for errors, var element) of an on-disk AnnData."""
+    if layer == RAW:
+        if "raw" not in root or "X" not in root["raw"]:
+            raise InputError("the file has no raw.X", field=RAW,
+                             fix="pass layer=None for X or name a layer holding raw counts")
+        return root["raw"]["X"], RAW, root["raw"]["var"]
     if layer is None:
         if "X" not in root:
             raise InputError("the file has no X matrix", field="X",
                              fix="name the layer holding raw counts with layer=")
-        return root["X"], "X"
+        return root["X"], "X", root["var"]
     layers = root["layers"] if "layers" in root else {}
     if layer not in layers:
         raise InputError(f"no layer {layer!r}; available: {sorted(layers.keys())}",
                          field=f"layers[{layer!r}]",
-                         fix="pass one of the available layers, or layer=None for X")
-    return layers[layer], f"layers[{layer!r}]"
+                         fix=f"pass one of the available layers, layer='{RAW}' for raw.X, or "
+                             "layer=None for X")
+    return layers[layer], f"layers[{layer!r}]", root["var"]
 
 
 # ---- the shared pipeline -------------------------------------------------------------------
@@ -184,7 +194,8 @@ _DOC_COMMON = """
         (one batch when ``batch_key`` is None). Original names go to ``cells`` attrs.
     covariates : donor-level obs columns (constant within donor), stored in obs and listed
         in ``study.donor_covariates``.
-    layer : layer holding raw counts (default X). Counts must be integer-valued and >= 0.
+    layer : layer holding raw counts (default X; ``"raw.X"`` for AnnData's ``raw``, with
+        its own genes). Counts must be integer-valued and >= 0.
     chunk_cells : cells per block read and per chunk of the stored X.
     overwrite : replace existing cells in the store (otherwise an error).
     progress : optional callable, called with the number of cells after each block.
@@ -207,9 +218,9 @@ def ingest_h5ad(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
         raise InputError(f"{path} is not a readable .h5ad (HDF5) file: {exc}", field="path",
                          fix="pass an AnnData .h5ad file (for .zarr use ingest_zarr)") from exc
     with f:
-        elem, field = _matrix_elem(f, layer)
+        elem, field, var_elem = _matrix_elem(f, layer)
         matrix = _Matrix(elem, field)
-        obs, var = _read_elem(f["obs"]), _read_elem(f["var"])
+        obs, var = _read_elem(f["obs"]), _read_elem(var_elem)
         return _ingest(study_or_url, matrix, obs, var.index.to_numpy(), donor_key=donor_key,
                        celltype_key=celltype_key, batch_key=batch_key, covariates=covariates,
                        chunk_cells=chunk_cells, overwrite=overwrite,
@@ -234,9 +245,9 @@ def ingest_zarr(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
     if "obs" not in root or "var" not in root:
         raise InputError(f"{loc} has no obs/var: not an AnnData .zarr", field="path",
                          fix="pass a directory written by AnnData.write_zarr")
-    elem, field = _matrix_elem(root, layer)
+    elem, field, var_elem = _matrix_elem(root, layer)
     matrix = _Matrix(elem, field)
-    obs, var = _read_elem(root["obs"]), _read_elem(root["var"])
+    obs, var = _read_elem(root["obs"]), _read_elem(var_elem)
     return _ingest(study_or_url, matrix, obs, var.index.to_numpy(), donor_key=donor_key,
                    celltype_key=celltype_key, batch_key=batch_key, covariates=covariates,
                    chunk_cells=chunk_cells, overwrite=overwrite, storage_options=storage_options,
@@ -257,7 +268,13 @@ def ingest_anndata(study_or_url, adata=None, *, donor_key: str, celltype_key: st
                          fix="pass an anndata.AnnData (for files use ingest_h5ad / ingest_zarr)")
     if study_or_url is None:
         raise InputError("no store given", field="store", fix="pass a path or URL for the store")
-    if layer is None:
+    genes = adata.var_names
+    if layer == RAW:
+        if adata.raw is None:
+            raise InputError("adata.raw is not set", field=RAW,
+                             fix="pass layer=None for X or name a layer holding raw counts")
+        x, field, genes = adata.raw.X, RAW, adata.raw.var_names
+    elif layer is None:
         if adata.X is None:
             raise InputError("adata.X is empty", field="X", fix="pass layer= naming the counts")
         x, field = adata.X, "X"
@@ -269,7 +286,7 @@ def ingest_anndata(study_or_url, adata=None, *, donor_key: str, celltype_key: st
     if adata.isbacked and not sp.issparse(x) and not isinstance(x, np.ndarray):
         x = x.group if hasattr(x, "group") else x  # backed sparse dataset: stream its arrays
     matrix = _Matrix(x, field)
-    return _ingest(study_or_url, matrix, adata.obs, adata.var_names.to_numpy(),
+    return _ingest(study_or_url, matrix, adata.obs, genes.to_numpy(),
                    donor_key=donor_key, celltype_key=celltype_key, batch_key=batch_key,
                    covariates=covariates, chunk_cells=chunk_cells, overwrite=overwrite,
                    storage_options=storage_options, count_dtype=count_dtype,
