@@ -111,6 +111,15 @@ def test_raw_x(tmp_path):
     assert e.value.field == "raw.X"
 
 
+def test_lazy_dask_x(tmp_path):
+    da = pytest.importorskip("dask.array")
+    a = make_adata(n=130)
+    b = ad.AnnData(da.from_array(a.layers["counts"].toarray(), chunks=(40, 40)), obs=a.obs,
+                   var=a.var)
+    st = ingest_anndata(str(tmp_path / "s.zarr"), b, chunk_cells=50, **KEYS)
+    assert_same_cells(st, a)
+
+
 def test_backed_anndata_streams(tmp_path):
     a = make_adata(n=200)
     b = ad.AnnData(a.layers["counts"], obs=a.obs, var=a.var)

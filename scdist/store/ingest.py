@@ -38,6 +38,10 @@ class _Matrix:
 
     def __init__(self, elem, field: str):
         self.field = field
+        self._lazy = None
+        if hasattr(elem, "compute") and hasattr(elem, "chunks"):  # a dask array (lazy AnnData)
+            self._lazy, self._mem, self.shape = elem, None, tuple(elem.shape)
+            return
         if isinstance(elem, (np.ndarray, sp.spmatrix, sp.sparray)) or hasattr(elem, "todense"):
             self._mem = elem.tocsr() if sp.issparse(elem) else np.asarray(elem)
             self.shape = tuple(self._mem.shape)
@@ -68,6 +72,9 @@ class _Matrix:
                              fix="store counts as a CSR/CSC sparse matrix or a dense array")
 
     def block(self, start: int, stop: int) -> sp.csr_matrix:
+        if self._lazy is not None:
+            m = self._lazy[start:stop].compute()
+            return m.tocsr() if sp.issparse(m) else sp.csr_matrix(np.asarray(m))
         if self._mem is not None:
             m = self._mem[start:stop]
             return m if sp.issparse(m) else sp.csr_matrix(m)
