@@ -126,7 +126,8 @@ class JobGraph:
         return "\n".join(lines)
 
 
-def _study_exists(store: str) -> bool:
+def group_exists(store: str) -> bool:
+    """Whether a Zarr group (a study store, or a group inside one) exists at ``store``."""
     from ..store._fs import filesystem
 
     fs, path = filesystem(store)
@@ -155,7 +156,7 @@ ATOMIC_PRODUCTS = ("cells", "bulk")
 def _available(store: str, product: str) -> dict | None:
     """The product's stage marker, ``{}`` for a complete unmarked atomic group, else None."""
     marker = _stage_marker(store, product)
-    if marker is None and product in ATOMIC_PRODUCTS and _study_exists(product_url(store, product)):
+    if marker is None and product in ATOMIC_PRODUCTS and group_exists(product_url(store, product)):
         return {}
     return marker
 
@@ -201,7 +202,7 @@ def build_graph(spec: Spec, *, check: bool = True) -> JobGraph:
     """
     from .registry import stage_class
 
-    exists = _study_exists(spec.store)
+    exists = group_exists(spec.store)
     study = _open_study_or_none(spec.store, exists)
 
     stages = [(s, stage_class(s.name)()) for s in spec.stages]

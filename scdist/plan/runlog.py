@@ -52,8 +52,9 @@ class RunRecord:
         self.write()
 
     def store_exists(self) -> bool:
-        fs, root = _fs(self.store)
-        return fs.exists(f"{root}/zarr.json")
+        from .graph import group_exists
+
+        return group_exists(self.store)
 
     def write(self) -> None:
         fs, root = _fs(self.store)
