@@ -1,6 +1,7 @@
 """Ingest throughput (cells/s) and peak RSS for a synthetic .h5ad, streamed vs in-memory.
 
-Writes synthetic h5ad files (default 100k and 300k cells × 2,000 genes, 10% non-zero),
+Writes synthetic h5ad files (default 100k and 300k cells × 2,000 genes, 10% non-zero;
+uncompressed unless ``--compression gzip``),
 then ingests each in a fresh subprocess, so the peak RSS reported is the ingest's own:
 
 * ``scdist``  — ``scdist.store.ingest_h5ad`` (blocks of ``--chunk-cells`` cells);
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--chunk-cells", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compression", default=None, help="h5py filter for the input X, e.g. gzip")
     ap.add_argument("--no-reference", action="store_true", help="skip the anndata baseline")
     ap.add_argument("--workdir", default=None, help="where the files go (default: a temp dir)")
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
             src = os.path.join(work, f"synthetic_{n}.h5ad")
             t = time.perf_counter()
             info = write_synthetic_h5ad(src, n, args.genes, density=args.density, n_donors=50,
-                                        seed=0)
+                                        seed=0, compression=args.compression)
             size_mb = os.path.getsize(src) / 2**20
             print(f"# wrote {src}: {n} cells x {args.genes} genes, {info['nnz']:,} counts, "
                   f"{size_mb:.0f} MiB, in {time.perf_counter() - t:.1f}s", flush=True)

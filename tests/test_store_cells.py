@@ -176,3 +176,13 @@ def test_writer_argument_errors(tmp_store):
     with CellWriter(st, ["a", "b"]) as w:
         w.append(np.eye(2, dtype=int), pd.DataFrame({"donor": ["x", "y"], "celltype": ["t", "t"]}))
     assert list(st.obs()["batch"]) == ["batch0", "batch0"]
+
+
+def test_batch_in_some_blocks_only_is_an_error(tmp_store):
+    st = create_study(tmp_store)
+    with_batch = pd.DataFrame({"donor": ["x", "y"], "celltype": ["t", "t"], "batch": ["a", "b"]})
+    with pytest.raises(InputError) as e:
+        with CellWriter(st, ["a", "b"]) as w:
+            w.append(np.eye(2, dtype=int), with_batch)
+            w.append(np.eye(2, dtype=int), with_batch.drop(columns="batch"))
+    assert e.value.field == "obs['batch']" and not st.has("cells")

@@ -150,6 +150,7 @@ class CellWriter:
         The user's original obs key names, e.g. ``{"donor": "indiv", "celltype": "cell_type"}``,
         stored in ``cells`` attrs.
     count_dtype : numpy integer dtype of the stored counts.
+    field : name of the counts in error messages (e.g. ``"layers['counts']"``).
 
     Use as a context manager; ``append(counts, obs)`` takes a cells × genes matrix (scipy
     sparse or dense, integer-valued) and a DataFrame with columns ``donor``, ``celltype``,
@@ -158,7 +159,7 @@ class CellWriter:
 
     def __init__(self, study, gene_names: Sequence[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                  covariates: Sequence[str] = (), source_keys: Mapping[str, str] | None = None,
-                 count_dtype="int32", field: str = "X", provenance: dict | None = None):
+                 count_dtype="int32", field: str = "X"):
         if int(chunk_cells) < 1:
             raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}", field="chunk_cells",
                              fix="use e.g. 10000")
@@ -176,7 +177,6 @@ class CellWriter:
             raise InputError(f"count_dtype must be an integer dtype, got {self.count_dtype}",
                              field="count_dtype", fix="use 'int32' or 'int64'")
         self.field = field
-        self.provenance = provenance
         self.n_cells = 0
         self.nnz = 0
         self._obs: list[dict] = []
@@ -286,9 +286,13 @@ class CellWriter:
             index = index.astype(str).astype(object)
         cols: dict[str, object] = {}
         for c in OBS_STANDARD:
-            if all(c in b for b in blocks):
+            present = sum(c in b for b in blocks)
+            if present == len(blocks):
                 cols[c] = _concat_categoricals([b.pop(c) for b in blocks])
-            elif c == layout.OBS_BATCH:
+            elif present:
+                raise InputError(f"obs column {c!r} is in {present} of {len(blocks)} blocks",
+                                 field=f"obs[{c!r}]", fix="pass it in every block or in none")
+            else:  # only batch can be absent (checked in append)
                 cols[c] = pd.Categorical.from_codes(np.zeros(len(index), "int8"), [DEFAULT_BATCH])
         for c in self.covariates:
             parts = [b.pop(c) for b in blocks]

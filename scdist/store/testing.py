@@ -14,11 +14,13 @@ import pandas as pd
 
 def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int, *,
                          n_donors: int = 20, n_celltypes: int = 4, density: float = 0.1,
-                         block_cells: int = 10_000, seed: int = 0) -> dict:
+                         block_cells: int = 10_000, seed: int = 0,
+                         compression: str | None = None) -> dict:
     """Write an .h5ad with CSR int32 counts streamed in blocks of ``block_cells`` rows.
 
     obs columns: ``individual`` (donor), ``cell_type``, ``lane`` (batch), ``age`` and
-    ``sex`` (donor-level). Memory is bounded by one block. Returns ``{"nnz", "bytes_x"}``.
+    ``sex`` (donor-level). ``compression``: h5py filter for X (e.g. ``"gzip"``, as most
+    published .h5ad files). Memory is bounded by one block. Returns ``{"nnz", "bytes_x"}``.
     """
     import h5py
     from anndata.io import write_elem
@@ -44,10 +46,11 @@ def write_synthetic_h5ad(path: str | os.PathLike, n_cells: int, n_genes: int, *,
         x.attrs["encoding-version"] = "0.1.0"
         x.attrs["shape"] = np.array([n_cells, n_genes])
         data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype="int32",
-                                chunks=(1 << 18,))
+                                chunks=(1 << 18,), compression=compression)
         indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32",
-                                   chunks=(1 << 18,))
-        indptr = x.create_dataset("indptr", shape=(n_cells + 1,), dtype="int64")
+                                   chunks=(1 << 18,), compression=compression)
+        indptr = x.create_dataset("indptr", shape=(n_cells + 1,), dtype="int64",
+                                  compression=compression)
         indptr[0] = 0
         for a in range(0, n_cells, block_cells):
             b = min(a + block_cells, n_cells)
