@@ -63,6 +63,8 @@ def test_same_seed_same_result_and_seed_matters():
     for v in a.data_vars:
         np.testing.assert_array_equal(a[v].values, b[v].values)
     assert not np.array_equal(a.A.values, c.A.values)
+    d = fit(s.Y, s.cell_types, s.X, seed=3, thin=2, **kw)
+    assert d.attrs["thin"] == 2 and not np.array_equal(a.A.values, d.A.values)
     for v in ("rhat_W", "rhat_kappa", "rhat_tau", "rhat_logjoint", "objective_chain"):
         assert v in a and np.isfinite(a[v].values).all()
 

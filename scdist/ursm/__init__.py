@@ -4,6 +4,6 @@ Gibbs-EM with a vectorised E-step (numpy + polyagamma), chains/blocks on Ray act
 """
 from .fit import fit
 from .params import Theta, naive_profile
-from .simulate import UrsmSimulation, simulate
+from .simulate import UrsmSimulation, simulate, write_study
 
-__all__ = ["fit", "simulate", "UrsmSimulation", "Theta", "naive_profile"]
+__all__ = ["fit", "simulate", "write_study", "UrsmSimulation", "Theta", "naive_profile"]

@@ -38,6 +38,7 @@ class EMSettings:
     update_alpha: bool = True
     bulk_burnin: int | None = None      # bulk chain: burn-in after the first EM iteration (default: as cells)
     bulk_samples: int | None = None     # bulk chain: kept sweeps (default: ``samples``)
+    thin: int = 1                       # keep every thin-th sweep after burn-in
 
     @property
     def samples_bulk(self) -> int:
@@ -81,10 +82,10 @@ def run_block(sampler, key, theta: Theta, s: EMSettings, em_iter: int, burnin: i
     chain, kind, block = key
     rng = block_rng(s.seed, chain, kind, block, em_iter)
     if kind == CELL:
-        return sampler.run(theta, rng, burnin, s.samples, cold=cold_sc, track=s.track)
+        return sampler.run(theta, rng, burnin, s.samples, cold=cold_sc, track=s.track, thin=s.thin)
     if s.bulk_burnin is not None and em_iter > 0:
         burnin = s.bulk_burnin
-    return sampler.run(theta, rng, burnin, s.samples_bulk, cold=False, track=s.track)
+    return sampler.run(theta, rng, burnin, s.samples_bulk, cold=False, track=s.track, thin=s.thin)
 
 
 class LocalExecutor:

@@ -19,12 +19,12 @@ def _check_int(name, v, lo):
 
 
 def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, burnin=50, samples=100,
-        chains=1, map_w=False, seed=0, engine="local", ray_address=None, markers=None, gene_names=None,
+        thin=1, chains=1, map_w=False, seed=0, engine="local", ray_address=None, markers=None, gene_names=None,
         celltype_names=None, warm_start=True, warm_burnin=None, s_update="gamma", rao_blackwell=True,
         init_dropout="wide", eps_A=1e-6, eps_alpha=None, map_w_steps=1, final_estep=True,
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
-        min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500, a_solver="scaled", theta0: Theta | None = None,
-        callback=None, progress=None) -> xr.Dataset:
+        min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500,
+        a_solver="scaled", theta0: Theta | None = None, callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
     Data (paper notation → arguments): Y (N × L single-cell counts) = ``sc_counts.T`` given as
@@ -34,7 +34,8 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     K = ``n_types`` (default: number of single-cell types; K = max(K_sc, K_bulk), bulk-only types
     need ``markers`` = {type: [genes]}, which set A⁰ to zero outside the marker's type, §4.5).
 
-    E-step (§3.1): ``burnin`` + ``samples`` Gibbs sweeps per EM iteration (B, T); ``chains``
+    E-step (§3.1): ``burnin`` + ``samples`` × ``thin`` Gibbs sweeps per EM iteration (B, T, keeping
+    every ``thin``-th); ``chains``
     independent chains pooled in the M-step (split R-hat per EM iteration when > 1);
     ``map_w``: the MAP-W variant of §4.5 (``map_w_steps`` steps per EM iteration) instead of bulk
     Gibbs. M-step (§3.2): closed forms for μκ, σκ², μτ, στ²; projected gradient ascent for A on
@@ -67,6 +68,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     _check_int("burnin", burnin, 0)
     _check_int("samples", samples, 1)
     _check_int("chains", chains, 1)
+    _check_int("thin", thin, 1)
     _check_int("seed", seed, 0)
     _check_int("map_w_steps", map_w_steps, 1)
     _check_int("cell_block_size", cell_block_size, 1)
@@ -109,7 +111,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
                           eps_alpha=eps_alpha, sc_warm_start=warm_start, s_update=s_update,
                           rao_blackwell=rao_blackwell, seed=int(seed), final_estep=final_estep,
                           a_max_iter=a_max_iter, a_solver=a_solver, bulk_burnin=bulk_burnin,
-                          bulk_samples=bulk_samples)
+                          bulk_samples=bulk_samples, thin=thin)
     theta = theta0.copy() if theta0 is not None else initial_theta(
         data.Y, data.G, data.X, data.K, data.markers, eps_A=eps_A, init_dropout=init_dropout,
         alpha0=max(1.0, eps_alpha))
@@ -130,6 +132,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         executor.close()
     ds = to_dataset(data, theta, pooled, trace, settings, impute_threshold)
     ds.attrs["engine"] = "ray" if use_ray else "local"
+    ds.attrs["thin"] = thin
     ds.attrs["n_blocks_cells"] = len(layout.cell_blocks)
     ds.attrs["n_blocks_bulk"] = len(layout.bulk_blocks)
     return ds

@@ -150,8 +150,9 @@ class CellBlockSampler:
                 U = Um + ai * new
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
-            cold: bool, track: bool = False) -> CellStats:
-        """Run ``burnin`` + ``samples`` sweeps at θ and return the kept-sweep averages."""
+            cold: bool, track: bool = False, thin: int = 1) -> CellStats:
+        """Run ``burnin`` + ``samples`` × ``thin`` sweeps at θ and return the averages over the
+        ``samples`` kept sweeps (every ``thin``-th after burn-in)."""
         Lb, N = self.Y.shape
         a = np.ascontiguousarray(theta.A[:, self.G].T)          # a_il = A_{i,G_l}
         if cold or self.S is None:
@@ -171,15 +172,15 @@ class CellBlockSampler:
         draw_S = self._draw_S_gamma if self.s_update == "gamma" else self._draw_S_sequential
         if track:
             ylna = np.einsum("ln,ln->l", self.Y, np.log(a)).sum()
-        for s in range(burnin + samples):
+        for s in range(burnin + samples * thin):
             random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)
             draw_S(S, psi, a, rng)
             kappa[:], tau[:] = draw_kappa_tau(omega, S, a, theta, rng)
             np.multiply(tau[:, None], a, out=psi)
             psi += kappa[:, None]
-            if s < burnin:
+            if s < burnin or (s - burnin + 1) % thin:
                 continue
-            t = s - burnin
+            t = (s - burnin) // thin
             ES += S
             w = pg_mean(psi) if self.rao_blackwell else omega
             # products are formed within the sweep (spec §2.4)
@@ -249,7 +250,7 @@ class BulkBlockSampler:
         return n, AW
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
-            cold: bool = False, track: bool = False) -> BulkStats:
+            cold: bool = False, track: bool = False, thin: int = 1) -> BulkStats:
         Mb, N = self.X.shape
         K = self.K
         A, alpha = theta.A, theta.alpha
@@ -263,14 +264,14 @@ class BulkBlockSampler:
         lps = np.zeros(samples) if track else None
         zsum = np.zeros((N, K)) if (track or not self.rao_blackwell) else None
         lnA = np.log(A)
-        for s in range(burnin + samples):
+        for s in range(burnin + samples * thin):
             g = rng.standard_gamma(alpha[None, :] + self.n)
             W = g / g.sum(axis=1, keepdims=True)              # (B1)
-            keep = s >= burnin
+            keep = s >= burnin and (s - burnin + 1) % thin == 0
             self.n, AW = self._draw_Z(W, A, rng, zsum if keep else None)   # (B2)
             if not keep:
                 continue
-            t = s - burnin
+            t = (s - burnin) // thin
             post = alpha[None, :] + self.n
             if self.rao_blackwell:
                 cZ += A * ((self.Xf / AW).T @ W)             # Σ_j E[Z̃_ijk | W]
