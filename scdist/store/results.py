@@ -46,7 +46,7 @@ def write_template(ds_template: xr.Dataset, url: str, chunks: Mapping[str, int],
     Returns ``url``.
     """
     ds = strings_to_object(ds_template)
-    full = {d: int(chunks.get(d, n)) or n for d, n in ds.sizes.items()}
+    full = {d: int(chunks.get(d, n)) or max(n, 1) for d, n in ds.sizes.items()}  # empty dims: chunk 1
     for d, c in full.items():
         if c <= 0:
             raise ValueError(f"chunk length for {d!r} must be positive, got {c}")
