@@ -118,6 +118,23 @@ def _matrix_elem(root, layer: str | None):
 
 
 # ---- the shared pipeline -------------------------------------------------------------------
+def _prefetched(matrix: _Matrix, n: int, chunk_cells: int) -> Iterator[tuple[int, int, Any]]:
+    """Blocks ``(start, stop, csr)`` in order, reading block k+1 while block k is written.
+
+    Reading (h5py decompression) and writing (zarr compression) overlap; at most two blocks
+    are in memory.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = [(a, min(a + chunk_cells, n)) for a in range(0, n, chunk_cells)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scdist-ingest-read") as pool:
+        nxt = pool.submit(matrix.block, *bounds[0]) if bounds else None
+        for i, (a, b) in enumerate(bounds):
+            block = nxt.result()
+            nxt = pool.submit(matrix.block, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            yield a, b, block
+
+
 def _resolve_study(study_or_url, storage_options, overwrite: bool) -> tuple[Study | str, bool]:
     """Existing study (checked) or the location of a new one (not created yet)."""
     if isinstance(study_or_url, Study):
@@ -178,9 +195,8 @@ def _ingest(study_or_url, matrix: _Matrix, obs: pd.DataFrame, gene_names, *, don
     try:
         with CellWriter(study, genes, chunk_cells=chunk_cells, covariates=list(covariates),
                         source_keys=source_keys, count_dtype=count_dtype, field=matrix.field) as w:
-            for start in range(0, n, chunk_cells):
-                stop = min(start + chunk_cells, n)
-                w.append(matrix.block(start, stop), std_obs.iloc[start:stop])
+            for start, stop, block in _prefetched(matrix, n, chunk_cells):
+                w.append(block, std_obs.iloc[start:stop])
                 if progress is not None:
                     progress(stop - start)
     except BaseException:
