@@ -86,6 +86,18 @@ def test_zarr_source(tmp_path, fmt):
     assert_same_cells(st, a)
 
 
+def test_zarr_source_from_fsspec_url():
+    import zarr
+    from anndata.io import write_elem
+
+    a = make_adata(n=120)
+    src = f"memory://{uuid.uuid4().hex}/a.zarr"
+    write_elem(zarr.open_group(src, mode="w", zarr_format=3), "/", a)
+    st = ingest_zarr(f"memory://{uuid.uuid4().hex}/s.zarr", src, layer="counts", chunk_cells=50,
+                     **KEYS)
+    assert_same_cells(st, a)
+
+
 @pytest.mark.parametrize("kind", ["dense", "csc"])
 def test_dense_and_csc_h5ad(tmp_path, kind):
     a = make_adata(n=200)
