@@ -310,3 +310,73 @@ def test_interrupted_stage_whose_input_changed_is_recomputed(stages, tmp_store, 
     scdist.run(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1}), client=dask_client, rich=False)
     assert WORK["t_b"] == 8
     np.testing.assert_array_equal(_data(tmp_store, "t_b"), 6 * np.arange(1, 9))
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_store_lock_held_by_a_live_run_fails_fast(stages, tmp_store, dask_client):
+    import json
+    import os
+    import socket
+
+    from scdist.errors import StoreLockedError
+    from scdist.plan.lock import lock_url
+
+    holder = {"run_id": "other-run", "host": socket.gethostname(), "pid": os.getpid(), "since": "now"}
+    with open(lock_url(tmp_store), "w") as f:
+        json.dump(holder, f)
+    with pytest.raises(StoreLockedError) as ei:
+        scdist.run(_spec(tmp_store, a={"n_chunks": 2}), client=dask_client, rich=False)
+    assert ei.value.field == "store" and "other-run" in str(ei.value) and ".lock" in str(ei.value)
+    assert sum(WORK.values()) == 0
+
+    holder["pid"] = _dead_pid()  # its driver died: the lock is taken over
+    with open(lock_url(tmp_store), "w") as f:
+        json.dump(holder, f)
+    res = scdist.run(_spec(tmp_store, a={"n_chunks": 2}), client=dask_client, rich=False)
+    assert res.ran == ["t_a"] and not os.path.exists(lock_url(tmp_store))
+
+
+@pytest.mark.resilience
+def test_concurrent_run_on_same_store_is_refused_and_first_completes(stages, tmp_store, dask_client):
+    import os
+    import subprocess
+    import sys
+
+    from scdist.errors import StoreLockedError
+    from scdist.plan.lock import lock_url
+
+    spec = _spec(tmp_store, a={"n_chunks": 20, "sleep": 0.2})
+    code = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})",
+        "from scdist.plan import registry",
+        f"registry.STAGES['t_a'] = '{__name__}:StageA'",
+        "import scdist",
+        f"scdist.run({spec!r}, dask_address={dask_client.scheduler.address!r}, rich=False)",
+    ])
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not done_set(f"{tmp_store}/t_a") - {"__started__"}:
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.05)
+        with pytest.raises(StoreLockedError):
+            scdist.run(spec, client=dask_client, rich=False)
+        assert WORK["t_a"] == 0
+    finally:
+        rc = first.wait(timeout=120)
+    assert rc == 0
+    assert not os.path.exists(lock_url(tmp_store))
+    np.testing.assert_array_equal(_data(tmp_store, "t_a"), np.arange(1, 21))
+    res = scdist.run(spec, client=dask_client, rich=False)
+    assert res.skipped == ["t_a"]

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 from .context import RunContext, new_run_id
 from .graph import DONE, PARTIAL, STALE, JobGraph, build_graph, product_url
+from .lock import StoreLock
 from .progress import ProgressFactory, configure_logging
 from .runlog import RunRecord
 from .spec import Spec, load_spec
@@ -62,12 +63,25 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
     reached at ``dask_address`` / ``SCDIST_DASK_ADDRESS`` / the spec's ``dask.address``, or
     an embedded LocalCluster is started for the run and stopped after it. Ray is started
     (or connected to) only if a stage with engine ``ray`` runs. All validation (spec keys,
-    stage inputs, requirements) happens before any stage starts.
+    stage inputs, requirements) happens before any stage starts. A run with work to do holds
+    ``<store>.lock`` (:mod:`scdist.plan.lock`); a second one fails fast with StoreLockedError.
     """
     configure_logging()
     spec = load_spec(spec, store=store, dask_address=dask_address, ray_address=ray_address)
+    run_id = run_id or new_run_id()
     graph = build_graph(spec)
-    result = RunResult(run_id=run_id or new_run_id(), store=spec.store, graph=graph)
+    lock = StoreLock(spec.store, run_id)
+    if any(n.will_run for n in graph):
+        lock.acquire()  # StoreLockedError if another run is writing this store
+        graph = build_graph(spec)  # plan again: that run may have finished stages meanwhile
+    try:
+        return _execute(spec, graph, run_id, client, rich)
+    finally:
+        lock.release()
+
+
+def _execute(spec: Spec, graph: JobGraph, run_id: str, client, rich: bool | None) -> RunResult:
+    result = RunResult(run_id=run_id, store=spec.store, graph=graph)
     record = RunRecord(spec.store, result.run_id, spec.source, [n.to_dict() for n in graph])
     log.info("run %s on %s: %s", result.run_id, spec.store,
              ", ".join(f"{n.name} [{n.status}]" for n in graph))
