@@ -69,6 +69,9 @@ def test_existing_store_needs_overwrite_or_exist_ok(tmp_store):
 def test_open_missing_and_non_study_raise_schema_error(tmp_path):
     with pytest.raises(SchemaError, match="no study store"):
         open_study(str(tmp_path / "nothing.zarr"))
+    zarr.open_group(str(tmp_path / "v2.zarr"), mode="w", zarr_format=2)
+    with pytest.raises(SchemaError, match="Zarr v2"):
+        open_study(str(tmp_path / "v2.zarr"))
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3)
     with pytest.raises(SchemaError) as e:
         open_study(str(tmp_path / "plain.zarr"))

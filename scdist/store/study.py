@@ -252,6 +252,11 @@ def open_study(url: str, *, mode: str = "r+", storage_options: dict | None = Non
     """Open the study store at ``url``; SchemaError if it is not one or has another schema."""
     loc = _fs.normalize(url)
     if not _exists(loc, storage_options):
+        fs, path = _fs.filesystem(loc, storage_options)
+        if fs.exists(f"{path}/.zgroup"):
+            raise errors.SchemaError(f"{loc} is a Zarr v2 group; study stores are Zarr v3",
+                                     field="store", fix="point at a study store created by scdist, "
+                                                        "or ingest your data into a new one")
         raise errors.SchemaError(f"no study store at {loc}", field="store",
                                  fix="check the path, or create one with `scdist ingest` / "
                                      "`scdist simulate` / create_study()")
