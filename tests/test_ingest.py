@@ -14,7 +14,6 @@ from conftest import shared_file
 from scdist.errors import InputError, SchemaError
 from scdist.store import (create_study, ingest_anndata, ingest_bulk, ingest_h5ad, ingest_zarr,
                           open_study)
-from scdist.store import _fs
 
 from test_store_cells import snapshot
 

@@ -5,7 +5,6 @@ import hashlib
 import uuid
 
 import anndata as ad
-import fsspec
 import numpy as np
 import pandas as pd
 import pytest
