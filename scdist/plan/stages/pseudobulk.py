@@ -34,13 +34,13 @@ class PseudobulkStage(Stage):
         if study is None or not study.has("cells"):
             return StagePlan(chunk_desc="cell chunks of cells/ -> gene blocks of pseudobulk/ "
                                         "(sizes known once cells/ exists)", resources=resources)
-        from ...pseudobulk.compute import DEFAULT_GENE_CHUNK, _gene_blocks
+        from ...pseudobulk.compute import DEFAULT_GENE_CHUNK, gene_blocks
 
         n_genes = study.n_genes
         gene_chunk = min(cfg.gene_chunk or DEFAULT_GENE_CHUNK, n_genes)
         obs = study.obs()
         n_pairs = obs["donor"].nunique() * obs["celltype"].nunique()
-        blocks = _gene_blocks(n_genes, gene_chunk, n_pairs)  # the units compute_pseudobulk marks
+        blocks = gene_blocks(n_genes, gene_chunk, n_pairs)  # the units compute_pseudobulk marks
         return StagePlan(
             chunks=len(blocks),
             chunk_desc=(f"{len(study.cell_chunks)} cell chunks ({study.n_cells:,} cells) mapped and "
