@@ -56,7 +56,7 @@ class StageNode:
 
     @property
     def engine(self) -> str:
-        return self.stage.engine
+        return self.stage.engine_for(self.config)
 
     @property
     def will_run(self) -> bool:

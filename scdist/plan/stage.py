@@ -59,6 +59,11 @@ class Stage:
         """Store groups this stage writes (relative to the store root)."""
         return self.provides or (self.name,)
 
+    def engine_for(self, cfg) -> str:
+        """Engine this config runs on (``scdist plan`` shows it); override when it depends on
+        the config, e.g. a stage that uses Ray only with several workers."""
+        return self.engine
+
     def needs(self, cfg) -> tuple[str, ...]:
         """Products this stage reads; override when they depend on the config."""
         return self.requires
