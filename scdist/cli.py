@@ -138,22 +138,21 @@ def _register_core_stage_verbs() -> None:
         "anything is written."))
 
 
+def _show(compute, render, store: str, as_json: bool) -> None:
+    try:
+        data = compute(store)
+    except ScdistError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(data, indent=1, default=str) if as_json else render(data))
+
+
 @app.command()
 def info(store: str = STORE_ARG,
          as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
     """Summarise a study store: donors, cells, genes, cell types, stages done, results."""
-    from .plan.storeinfo import store_info
+    from .plan.storeinfo import render_info, store_info
 
-    try:
-        data = store_info(store)
-    except ScdistError as exc:
-        _fail(exc)
-    if as_json:
-        typer.echo(json.dumps(data, indent=1, default=str))
-        return
-    from .plan.storeinfo import render_info
-
-    typer.echo(render_info(data))
+    _show(store_info, render_info, store, as_json)
 
 
 @app.command()
@@ -162,11 +161,7 @@ def status(store: str = STORE_ARG,
     """List the runs recorded in a store and, per stage, chunks done / total, timings and failures."""
     from .plan.storeinfo import render_status, store_status
 
-    try:
-        data = store_status(store)
-    except ScdistError as exc:
-        _fail(exc)
-    typer.echo(json.dumps(data, indent=1, default=str) if as_json else render_status(data))
+    _show(store_status, render_status, store, as_json)
 
 
 def _register_plugin_verbs() -> None:

@@ -172,27 +172,26 @@ def normalize_store(store: str) -> str:
     return os.path.abspath(os.path.expanduser(store))
 
 
-def load_spec(source: "str | os.PathLike | Mapping | Spec", *, store: str | None = None,
-              dask_address: str | None = None, ray_address: str | None = None) -> Spec:
-    """Validate a spec (path, dict or :class:`Spec`) into a :class:`Spec`.
-
-    ``store``, ``dask_address`` and ``ray_address`` override the spec (CLI flags); the
-    environment variables ``SCDIST_DASK_ADDRESS`` / ``SCDIST_RAY_ADDRESS`` override the file.
-    """
-    from .registry import STAGES, stage_class
-
-    if isinstance(source, Spec):
-        if store is None and dask_address is None and ray_address is None:
-            return source
-        raw, path = dict(source.raw), source.source
-    else:
-        raw, path = read_spec_source(source)
+def validate_model(raw: Mapping) -> SpecModel:
+    """Validate the top level of a raw spec (stage configs not yet checked)."""
     try:
-        top = SpecModel.model_validate(raw)
+        return SpecModel.model_validate(raw)
     except ValidationError as exc:
         raise _spec_error(exc, SpecModel) from None
 
-    stages: list[StageSpec] = []
+
+def validate_stages(top: SpecModel, *, allow_unavailable: bool = False
+                    ) -> list[tuple[str, type | None, BaseModel | None]]:
+    """``(name, stage class, validated config)`` for each stage of ``top``, in spec order.
+
+    Unknown stage names and bad config keys raise SpecError naming ``stages.<name>[.key]``.
+    A registered stage whose module is missing from this install is an error too, unless
+    ``allow_unavailable`` (e.g. checking a spec that will run elsewhere): then its class
+    and config are None.
+    """
+    from .registry import STAGES, stage_class
+
+    out: list[tuple[str, type | None, BaseModel | None]] = []
     for name, cfg in top.stages.items():
         if name not in STAGES:
             raise SpecError(f"unknown stage {name!r}; registered stages: {', '.join(STAGES)}",
@@ -200,13 +199,34 @@ def load_spec(source: "str | os.PathLike | Mapping | Spec", *, store: str | None
         try:
             cls = stage_class(name)
         except ImportError as exc:
+            if allow_unavailable:
+                out.append((name, None, None))
+                continue
             raise SpecError(f"stage {name!r} is registered but not available in this install ({exc})",
                             field=f"stages.{name}", fix="install the scdist version that provides it") from exc
         try:
             config = cls.Config.model_validate(cfg or {})
         except ValidationError as exc:
             raise _spec_error(exc, cls.Config, prefix=f"stages.{name}") from None
-        stages.append(StageSpec(name, config))
+        out.append((name, cls, config))
+    return out
+
+
+def load_spec(source: "str | os.PathLike | Mapping | Spec", *, store: str | None = None,
+              dask_address: str | None = None, ray_address: str | None = None) -> Spec:
+    """Validate a spec (path, dict or :class:`Spec`) into a :class:`Spec`.
+
+    ``store``, ``dask_address`` and ``ray_address`` override the spec (CLI flags); the
+    environment variables ``SCDIST_DASK_ADDRESS`` / ``SCDIST_RAY_ADDRESS`` override the file.
+    """
+    if isinstance(source, Spec):
+        if store is None and dask_address is None and ray_address is None:
+            return source
+        raw, path = dict(source.raw), source.source
+    else:
+        raw, path = read_spec_source(source)
+    top = validate_model(raw)
+    stages = [StageSpec(name, config) for name, _, config in validate_stages(top)]
 
     dask, ray = top.dask, top.ray
     dask_address = dask_address or os.environ.get(ENV_DASK_ADDRESS) or dask.address
