@@ -1,0 +1,235 @@
+"""Counterfactual sample distances (MrVI, "Estimating sample distances at the cellular level";
+preprint Sections 3.1-3.2) and hierarchical clustering of samples.
+
+Notation -> arguments: z_n^{s} counterfactual state of cell n for sample s (Eq. 2), from the
+posterior mean of u_n; D(n)_{s,s'} = ||z_n^s - z_n^{s'}||_2 the local sample distance
+matrix; with ``normalize=True`` the Monte Carlo z-scores (D(n) - mu_n) / sigma_n, where
+mu_n, sigma_n are the mean and s.d. of ||z_n^{s_n}(u^1) - z_n^{s_n}(u^2)||, u^1, u^2 ~ q(u | x_n)
+(``mc_samples`` pairs); D(C) = mean of D(n) over the cells n of a group C (``groupby``),
+samples with fewer than k = ``min_cells`` cells in C are left out (NaN), as in the preprint.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from ...errors import InputError
+from .counterfactual import counterfactual_states
+from .kernels import group_sums, pairwise_distances, same_sample_distance_stats
+from .stream import group_codes, map_chunks, resolve_cells
+
+MAX_LOCAL_ELEMENTS = 200_000_000  # cells x S x S floats returned by local_sample_distances
+
+
+def _generator(seed: int, chunk_id: int) -> torch.Generator:
+    # one stream per (seed, chunk): the same numbers on any engine and chunk order
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk_id]).generate_state(1)[0]))
+
+
+def _local_distances(module, b: dict, sidx: torch.Tensor, normalize: bool, mc_samples: int,
+                     gen: torch.Generator | None) -> torch.Tensor:
+    """D(n) (B x S x S) for one encoded minibatch, optionally z-scored."""
+    D = pairwise_distances(counterfactual_states(module, b["u_mean"], sidx))
+    if normalize:
+        qm, qs = b["u_mean"], b["u_std"]
+        eps = torch.randn((2 * mc_samples,) + tuple(qm.shape), generator=gen)
+        u = qm + qs * eps
+        z_own = module.z_from_u(u, b["sample"].expand(2 * mc_samples, -1))
+        mu, sd = same_sample_distance_stats(z_own)
+        D = (D - mu[:, None, None]) / sd[:, None, None]
+    return D
+
+
+@torch.no_grad()
+def _aggregate_kernel(model, batches, *, chunk, local, sidx, n_groups, normalize, mc_samples, seed):
+    gen = _generator(seed, chunk[0]) if normalize else None
+    S = len(sidx)
+    sums = torch.zeros((n_groups, S, S), dtype=torch.float64)
+    for b in batches:
+        codes = torch.from_numpy(local["group"][b["index"].numpy() - chunk[1]])
+        D = _local_distances(model.module, b, sidx, normalize, mc_samples, gen)
+        sums += group_sums(D.double(), codes, n_groups)
+    return sums.numpy()
+
+
+@torch.no_grad()
+def _local_kernel(model, batches, *, chunk, local, sidx, normalize, mc_samples, seed):
+    gen = _generator(seed, chunk[0]) if normalize else None
+    idx, out = [], []
+    for b in batches:
+        out.append(_local_distances(model.module, b, sidx, normalize, mc_samples, gen).numpy())
+        idx.append(b["index"].numpy())
+    return np.concatenate(idx), np.concatenate(out)
+
+
+def _samples(model, samples) -> tuple[torch.Tensor, np.ndarray]:
+    sidx = model.sample_index(samples)
+    return sidx, np.asarray(model.samples, dtype=object)[sidx.numpy()]
+
+
+def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Sequence[str] | None = None,
+                     normalize: bool = False, mc_samples: int = 20, min_cells: int = 5, seed: int = 0,
+                     client=None, batch_size: int = 512, progress=None) -> xr.DataArray:
+    """Aggregated counterfactual sample distance matrices D(C) per cell group.
+
+    ``groupby``: obs column name, one label per cell (e.g. :func:`cluster_cells` output), or
+    None (one group ``"all"``). ``cells``: positions or mask of the cells to use (all when
+    None). ``samples``: the sample labels to compare (all when None). ``normalize``: Monte
+    Carlo z-scores with ``mc_samples`` pairs of posterior draws (seeded by ``seed``).
+    ``min_cells``: samples with fewer cells in a group get NaN rows / columns there.
+    ``client``: a ``distributed.Client`` to map the cell chunks on (in-process when None).
+
+    Returns DataArray ``distance`` with dims (group, sample, sample_b) and the non-index
+    coordinate ``n_cells`` (group, sample): the number of the group's cells from each sample.
+    Memory: one minibatch of S x S matrices at a time; nothing per cell is kept.
+    """
+    _check_common(normalize, mc_samples, min_cells)
+    sidx, labels = _samples(model, samples)
+    source, cats = model._resolve(data)
+    n = source.n_cells
+    codes, groups = group_codes(model, data, groupby, n)
+    keep = resolve_cells(n, cells)
+    sel = np.ones(n, bool) if keep is None else np.isin(np.arange(n), keep)
+    codes = np.where(sel, codes, -1)
+    G, S = len(groups), len(sidx)
+    total = np.zeros((G, S, S))
+    for _, part in map_chunks(model, data, _aggregate_kernel, cells=keep, client=client, batch_size=batch_size,
+                              progress=progress, cell_params={"group": codes}, sidx=sidx, n_groups=G,
+                              normalize=normalize, mc_samples=mc_samples, seed=seed):
+        total += part
+    n_group = np.bincount(codes[codes >= 0], minlength=G).astype(float)
+    # cells of each group from each compared sample
+    scode = cats["sample"].codes
+    pos = {int(s): i for i, s in enumerate(sidx.numpy())}
+    counts = np.zeros((G, S), np.int64)
+    ok = (codes >= 0) & np.isin(scode, sidx.numpy())
+    np.add.at(counts, (codes[ok], np.array([pos[int(s)] for s in scode[ok]], dtype=np.int64)), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n_group[:, None, None]
+    low = counts < min_cells
+    mean[low[:, :, None] | low[:, None, :]] = np.nan
+    mean[n_group == 0] = np.nan
+    da = xr.DataArray(mean, dims=("group", "sample", "sample_b"), name="distance",
+                      coords={"group": np.asarray(groups, dtype=object), "sample": labels, "sample_b": labels.copy(),
+                              "n_cells": (("group", "sample"), counts)},
+                      attrs={"normalized": int(normalize), "mc_samples": int(mc_samples) if normalize else 0,
+                             "min_cells": int(min_cells), "groupby": groupby if isinstance(groupby, str) else "",
+                             "description": "mean over the group's cells of ||z_n^s - z_n^s'||_2"
+                                            + (" z-scored against same-sample distances" if normalize else "")})
+    return da
+
+
+def local_sample_distances(model, cells, *, data=None, samples: Sequence[str] | None = None, normalize: bool = False,
+                           mc_samples: int = 20, seed: int = 0, client=None, batch_size: int = 512) -> xr.DataArray:
+    """Per-cell sample distance matrices D(n) for the cells in ``cells`` (positions or mask):
+    DataArray (cell, sample, sample_b). For a subset of cells: the full set is cells x S x S."""
+    _check_common(normalize, mc_samples, 5)
+    sidx, labels = _samples(model, samples)
+    source, _ = model._resolve(data)
+    keep = resolve_cells(source.n_cells, cells)
+    if keep is None:
+        keep = np.arange(source.n_cells)
+    if keep.size * len(sidx) ** 2 > MAX_LOCAL_ELEMENTS:
+        raise InputError(f"{keep.size} cells x {len(sidx)}^2 samples is too large to return", field="cells",
+                         fix="pass fewer cells, or use sample_distances(groupby=...) for aggregates")
+    parts = sorted(map_chunks(model, data, _local_kernel, cells=keep, client=client, batch_size=batch_size,
+                              sidx=sidx, normalize=normalize, mc_samples=mc_samples, seed=seed),
+                   key=lambda t: t[0])
+    idx = np.concatenate([p[1][0] for p in parts])
+    D = np.concatenate([p[1][1] for p in parts])
+    order = np.argsort(idx, kind="stable")
+    names = model._cells(data)[idx[order]]
+    return xr.DataArray(D[order], dims=("cell", "sample", "sample_b"), name="distance",
+                        coords={"cell": names, "sample": labels, "sample_b": labels.copy(),
+                                "cell_index": ("cell", idx[order])},
+                        attrs={"normalized": int(normalize)})
+
+
+def counterfactual_z(model, cells, *, data=None, samples: Sequence[str] | None = None,
+                     batch_size: int = 512) -> xr.DataArray:
+    """Counterfactual states z_n^{s} (Eq. 2) from the posterior mean of u_n, for the cells in
+    ``cells`` and the samples in ``samples`` (all when None): DataArray (cell, sample, latent_z)."""
+    sidx, labels = _samples(model, samples)
+    source, _ = model._resolve(data)
+    keep = resolve_cells(source.n_cells, cells)
+
+    @torch.no_grad()
+    def kernel(m, batches, *, chunk, local):
+        out = [(b["index"].numpy(), counterfactual_states(m.module, b["u_mean"], sidx).numpy()) for b in batches]
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+    parts = [p for _, p in sorted(map_chunks(model, data, kernel, cells=keep, batch_size=batch_size),
+                                  key=lambda t: t[0])]
+    idx = np.concatenate([p[0] for p in parts])
+    Z = np.concatenate([p[1] for p in parts])
+    return xr.DataArray(Z, dims=("cell", "sample", "latent_z"), name="z",
+                        coords={"cell": model._cells(data)[idx], "sample": labels,
+                                "latent_z": np.arange(Z.shape[-1]), "cell_index": ("cell", idx)})
+
+
+def _check_common(normalize, mc_samples, min_cells):
+    if normalize and int(mc_samples) < 2:
+        raise InputError(f"mc_samples={mc_samples} is too few for the normalisation", field="mc_samples",
+                         fix="use at least 2 (default 20)")
+    if int(min_cells) < 1:
+        raise InputError(f"min_cells={min_cells}", field="min_cells", fix="use a positive count (default 5)")
+
+
+# ----------------------------------------------------------------------------- sample clustering
+def cluster_samples(distances: xr.DataArray, *, method: str = "average", n_clusters: int | None = None
+                    ) -> xr.Dataset:
+    """Hierarchical clustering of samples on each group's aggregated distance matrix D(C).
+
+    ``method``: scipy linkage method ("average", "complete", "ward", ...). Samples with NaN
+    rows (too few cells in the group) are left out. Returns a Dataset with
+    ``linkage(group, merge, linkage_field)`` (scipy's Z: the two merged clusters, their
+    distance, the new cluster's size; leaf i = i-th sample with ``clustered``), ``clustered(group,
+    sample)``, ``order(group, rank)`` (sample labels in dendrogram leaf order, "" padding)
+    and, with ``n_clusters``, ``cluster(group, sample)`` (1..n_clusters, 0 = left out).
+    """
+    from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if distances.dims != ("group", "sample", "sample_b"):
+        raise InputError(f"distances has dims {distances.dims}", field="distances",
+                         fix="pass the DataArray returned by sample_distances")
+    groups = distances["group"].values
+    samples = distances["sample"].values
+    S = len(samples)
+    Z = np.full((len(groups), max(S - 1, 0), 4), np.nan)
+    used = np.zeros((len(groups), S), bool)
+    order = np.full((len(groups), S), "", dtype=object)
+    clusters = np.zeros((len(groups), S), np.int64)
+    for g in range(len(groups)):
+        D = np.asarray(distances.values[g], float)
+        ok = ~np.isnan(D).all(1) & ~np.isnan(D).any(0)
+        k = int(ok.sum())
+        if k < 2:
+            continue
+        sub = D[np.ix_(ok, ok)]
+        sub = 0.5 * (sub + sub.T)
+        sub = sub - np.diag(np.diag(sub))
+        if sub.min() < 0:  # z-scored distances: shift to non-negative dissimilarities
+            sub = sub - sub.min()
+            np.fill_diagonal(sub, 0.0)
+        L = linkage(squareform(sub, checks=False), method=method)
+        Z[g, :k - 1] = L
+        used[g] = ok
+        order[g, :k] = samples[ok][leaves_list(L)]
+        if n_clusters:
+            clusters[g, ok] = fcluster(L, t=min(n_clusters, k), criterion="maxclust")
+    ds = xr.Dataset({"linkage": (("group", "merge", "linkage_field"), Z),
+                     "clustered": (("group", "sample"), used),
+                     "order": (("group", "rank"), order)},
+                    coords={"group": groups, "sample": samples, "merge": np.arange(max(S - 1, 0)),
+                            "linkage_field": np.array(["left", "right", "distance", "size"], dtype=object),
+                            "rank": np.arange(S)},
+                    attrs={"method": method})
+    if n_clusters:
+        ds["cluster"] = (("group", "sample"), clusters)
+        ds.attrs["n_clusters"] = int(n_clusters)
+    return ds

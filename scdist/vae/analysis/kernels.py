@@ -1,0 +1,161 @@
+"""Batched kernels of the MrVI analyses: pure torch / numpy functions of one block of cells
+(cells are the leading batch axis), no model, no engine. Each is tested on plain arrays.
+
+Notation: B cells in the block, S samples, L latent dimensions, K mixture components,
+P regression columns, G genes.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+
+
+# ----------------------------------------------------------------------------- distances
+def pairwise_distances(Z: torch.Tensor) -> torch.Tensor:
+    """D(n)_{s,s'} = ||z_n^s - z_n^{s'}||_2 for counterfactuals Z (B x S x L): B x S x S.
+
+    Each cell's states are centred on their mean over samples before the Gram-matrix form of
+    the distance, so the float32 cancellation error scales with the sample effects, not with
+    |z| (distances in null cell types are small).
+    """
+    Zc = Z - Z.mean(dim=1, keepdim=True)
+    sq = (Zc * Zc).sum(-1)
+    D2 = sq[:, :, None] + sq[:, None, :] - 2.0 * torch.bmm(Zc, Zc.transpose(1, 2))
+    D = D2.clamp_min_(0.0).sqrt_()
+    D.diagonal(dim1=1, dim2=2).zero_()
+    return D
+
+
+def same_sample_distance_stats(z_own_draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte Carlo mean and s.d. (per cell) of ||z_n^{s_n}(u^1) - z_n^{s_n}(u^2)||, u^1, u^2 ~ q(u | x_n).
+
+    ``z_own_draws``: 2M x B x L counterfactual states at the cell's own sample from 2M
+    independent draws of u; the first M are paired with the last M. Returns (mu, sigma), each (B,).
+    """
+    M = z_own_draws.shape[0] // 2
+    d = (z_own_draws[:M] - z_own_draws[M:2 * M]).pow(2).sum(-1).sqrt()   # M x B
+    return d.mean(0), d.std(0).clamp_min(1e-8)
+
+
+def group_sums(values: torch.Tensor, codes: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sum of ``values`` (B x ...) over the cells of each group (codes in [0, n_groups); -1 = none)."""
+    keep = codes >= 0
+    out = values.new_zeros((n_groups,) + tuple(values.shape[1:]))
+    return out.index_add_(0, codes[keep], values[keep])
+
+
+# ----------------------------------------------------------------------------- densities
+def gaussian_log_density(u: torch.Tensor, means: torch.Tensor, stds: torch.Tensor) -> torch.Tensor:
+    """log N(u_b; m_k, diag s_k^2) for every cell b and component k: B x K (float64).
+
+    Expanded as a matrix product, [u^2, u] @ [-1/(2 s^2), m/s^2]^T + c_k, so cost is one GEMM
+    of B x 2L x K; float64 keeps the expansion's cancellation harmless.
+    """
+    u = u.double()
+    a = stds.double().pow(-2)                                    # K x L
+    m = means.double()
+    lhs = torch.cat([u * u, u], dim=1)                           # B x 2L
+    rhs = torch.cat([-0.5 * a, m * a], dim=1)                    # K x 2L
+    c = (-0.5 * (m * m * a).sum(1) - torch.log(stds.double()).sum(1)
+         - 0.5 * m.shape[1] * math.log(2 * math.pi))
+    return lhs @ rhs.T + c
+
+
+def per_sample_log_density(u: torch.Tensor, index: torch.Tensor, comp_mean: torch.Tensor,
+                           comp_std: torch.Tensor, comp_index: torch.Tensor, comp_valid: torch.Tensor,
+                           reduce: str) -> torch.Tensor:
+    """Per cell and sample, the log density of u_n under sample s's components, B x S (float64).
+
+    Components are posteriors q(u | x_m) of (sub-sampled) cells m of each sample, padded to
+    S x M: ``comp_mean`` / ``comp_std`` (S x M x L), ``comp_index`` (S x M global cell index,
+    -1 for padding), ``comp_valid`` (S x M). A cell's own posterior is left out (leave-one-out:
+    its own component would measure the cell, not its sample's density).
+    ``reduce="max"``: max_m log q(u_n | x_m) (admissibility score A_s); ``"mean"``:
+    log (1/M_s) sum_m q(u_n | x_m) (log of the aggregated posterior q_s, MrVI's DA).
+    """
+    S, M, L = comp_mean.shape
+    ld = gaussian_log_density(u, comp_mean.reshape(S * M, L), comp_std.reshape(S * M, L)).view(-1, S, M)
+    mask = comp_valid[None] & (comp_index[None] != index[:, None, None])          # B x S x M
+    ld = ld.masked_fill(~mask, -math.inf)
+    if reduce == "max":
+        return ld.amax(-1)
+    if reduce == "mean":
+        return torch.logsumexp(ld, -1) - torch.log(mask.sum(-1).double())
+    raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+
+
+# ----------------------------------------------------------------------------- regression
+def weighted_least_squares(Z: torch.Tensor, X: torch.Tensor, W: torch.Tensor) -> dict:
+    """Per-cell least squares Z_n (S x L) ~ X (S x P) beta_n (P x L) over admissible samples.
+
+    ``W`` (B x S) 0/1 weights (admissible cell-sample pairs). Returns ``beta`` (B x P x L),
+    ``sigma2`` (B, residual variance pooled over the L dimensions), ``cov_diag`` (B x P,
+    diagonal of (X^T W_n X)^{-1}), ``dof`` (B, admissible samples minus P) and
+    ``identified`` (B x P, the column varies over the cell's admissible samples).
+    Unidentified columns get beta 0 (pseudo-inverse) and are reported as such.
+    """
+    Z, X, W = Z.double(), X.double(), W.double()
+    XtWX = torch.einsum("sp,bs,sq->bpq", X, W, X)
+    XtWZ = torch.einsum("sp,bs,bsl->bpl", X, W, Z)
+    inv = torch.linalg.pinv(XtWX, hermitian=True)
+    beta = inv @ XtWZ
+    R = Z - torch.einsum("sp,bpl->bsl", X, beta)
+    rss = (W[:, :, None] * R * R).sum((1, 2))
+    n = W.sum(1)
+    P, L = X.shape[1], Z.shape[2]
+    dof = n - P
+    sigma2 = rss / (dof.clamp_min(1) * L)
+    # a column is identified when it is not constant over the admissible samples
+    wmean = (W @ X) / n.clamp_min(1)[:, None]
+    wvar = (W @ (X * X)) / n.clamp_min(1)[:, None] - wmean ** 2
+    identified = wvar > 1e-10
+    identified[:, 0] = n > 0  # intercept
+    return {"beta": beta, "sigma2": sigma2, "cov_diag": torch.diagonal(inv, dim1=1, dim2=2),
+            "dof": dof, "identified": identified}
+
+
+def covariate_statistics(fit: dict) -> dict:
+    """Per-cell, per-covariate effect statistics from :func:`weighted_least_squares`.
+
+    chi2_nj = ||beta_nj||^2 / (sigma_n^2 [(X^T W_n X)^{-1}]_jj) (MrVI's chi-squared statistic of
+    beta_n^j, L degrees of freedom); with sigma^2 estimated from (S_n - P) L residual degrees
+    of freedom, chi2 / L ~ F(L, (S_n - P) L) under no effect, which gives ``pvalue``.
+    ``beta_norm`` = ||beta_nj||_2 (effect strength in z). NaN where not identified.
+    """
+    beta = fit["beta"]
+    L = beta.shape[-1]
+    norm2 = beta.pow(2).sum(-1)                                  # B x P
+    chi2 = norm2 / (fit["sigma2"][:, None] * fit["cov_diag"]).clamp_min(1e-300)
+    dof = fit["dof"]
+    ok = fit["identified"] & (dof[:, None] > 0)
+    chi2 = torch.where(ok, chi2, torch.full_like(chi2, math.nan))
+    d2 = (dof.clamp_min(1) * L).numpy()[:, None]
+    pval = stats.f.sf(chi2.numpy() / L, L, d2)
+    return {"chi2": chi2.numpy(), "pvalue": pval, "beta_norm": torch.where(ok, norm2.sqrt(), torch.nan).numpy()}
+
+
+# ----------------------------------------------------------------------------- tests
+def composite_null_ttest(a: np.ndarray, b: np.ndarray, delta: float = 0.1) -> dict:
+    """Welch two-sample t-test of H0: |mean(a) - mean(b)| <= delta against |difference| > delta.
+
+    The p-value is the supremum over the composite null, reached at its boundary:
+    p = P(T >= (|d| - delta)/se) + P(T <= (-|d| - delta)/se) with T ~ t(Welch df)
+    (MrVI's cluster-level DA test, delta = 0.1). Returns diff, se, t = (|d| - delta)/se, df, pvalue.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    na, nb = a.size, b.size
+    if na < 2 or nb < 2:
+        return {"diff": np.nan, "se": np.nan, "t": np.nan, "df": np.nan, "pvalue": np.nan}
+    va, vb = a.var(ddof=1) / na, b.var(ddof=1) / nb
+    se = math.sqrt(va + vb)
+    d = a.mean() - b.mean()
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else np.inf
+    if se == 0:
+        p = 0.0 if abs(d) > delta else 1.0
+        return {"diff": d, "se": 0.0, "t": np.inf if abs(d) > delta else -np.inf, "df": df, "pvalue": p}
+    p = stats.t.sf((abs(d) - delta) / se, df) + stats.t.cdf((-abs(d) - delta) / se, df)
+    return {"diff": d, "se": se, "t": (abs(d) - delta) / se, "df": df, "pvalue": float(min(1.0, p))}

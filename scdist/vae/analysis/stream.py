@@ -1,0 +1,135 @@
+"""Streaming a trained MrVI model over the cells of a count source, one cell chunk at a time.
+
+Every analysis is a *chunk kernel*: a pure function ``kernel(model, batches, **params)`` of
+one cell chunk's encoded minibatches that returns a small result (per-cell rows of that
+chunk, or partial sums). :func:`map_chunks` runs it over the source's chunks in-process, or
+on a Dask cluster when a ``distributed.Client`` is given (``scdist.engines.dask.map_blocks``
+does the placement; this module never imports Dask). Each cell is encoded once, in its
+chunk; per-cell S x S matrices live only inside one minibatch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ...errors import InputError
+from ..data import CellLoader
+
+Kernel = Callable[..., Any]
+CELL_KEYS = ("x", "library", "index", "batch", "sample", "label")
+
+
+def resolve_cells(n_cells: int, cells) -> np.ndarray | None:
+    """Sorted global indices of ``cells`` (index array or boolean mask); None for all cells."""
+    if cells is None:
+        return None
+    c = np.asarray(cells)
+    if c.dtype == bool:
+        if c.shape != (n_cells,):
+            raise InputError(f"boolean cells mask has shape {c.shape}, expected ({n_cells},)", field="cells",
+                             fix="pass a mask with one entry per cell, or integer cell positions")
+        return np.flatnonzero(c)
+    if c.size and (not np.issubdtype(c.dtype, np.integer) or c.min() < 0 or c.max() >= n_cells):
+        raise InputError("cells must be integer positions in [0, n_cells) or a boolean mask", field="cells",
+                         fix=f"use positions below {n_cells}")
+    return np.unique(c.astype(np.int64))
+
+
+def light_copy(model):
+    """The model without its training data (what travels to workers)."""
+    return type(model)(model.module, model.module_kwargs, gene_names=model.gene_names,
+                       categories=model.categories, keys=model.keys, train_config=model.train_config,
+                       history=model.history, source=None)
+
+
+@torch.no_grad()
+def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None = None,
+                    batch_size: int = 1024) -> Iterator[dict]:
+    """Minibatches of one chunk with q(u | x) attached: the loader's batch dict plus ``u_mean``,
+    ``u_std`` (B x L). ``keep``: sorted global indices to restrict to (None: all)."""
+    module = model.module.eval()
+    loader = CellLoader(source, cats, batch_size=batch_size, split="all", shuffle=False, chunk_ids=[chunk_id])
+    for b in loader:
+        b = {k: b[k] for k in CELL_KEYS if k in b}  # per-cell fields only (the loader may add others)
+        if keep is not None:
+            m = np.isin(b["index"].numpy(), keep, assume_unique=True)
+            if not m.any():
+                continue
+            b = {k: v[torch.from_numpy(m)] for k, v in b.items()}
+        qm, qs = module.encode(b["x"], b["sample"])
+        b["u_mean"], b["u_std"] = qm, qs
+        yield b
+
+
+def _chunk_task(block, *, payload, kernel: Kernel, batch_size: int, params: dict):
+    chunk_id, keep, local = block
+    model, source, cats = payload
+    torch.set_num_threads(1)
+    a, b = source.chunks[chunk_id]
+    return kernel(model, encoded_batches(model, source, cats, chunk_id, keep, batch_size),
+                  chunk=(chunk_id, a, b), local=local, **params)
+
+
+def map_chunks(model, data, kernel: Kernel, *, cells=None, client=None, batch_size: int = 1024,
+               progress=None, cell_params: dict | None = None, **params) -> Iterator[tuple[int, Any]]:
+    """Yield ``(chunk_id, kernel(model, batches, chunk=(id, start, stop), local=..., **params))``
+    for every cell chunk holding selected cells (in chunk order locally, in completion order
+    on a Dask cluster).
+
+    ``cells``: index array or boolean mask of the cells to use (all when None). ``params`` are
+    broadcast to every task (keep them small: model-sized, not cell-sized). ``cell_params``:
+    per-cell arrays (length n_cells); each task gets only its chunk's rows as ``local``
+    (row ``index - start`` belongs to global cell ``index``).
+    """
+    source, cats = model._resolve(data)
+    keep = resolve_cells(source.n_cells, cells)
+    cell_params = cell_params or {}
+    blocks = []
+    for c, (a, b) in enumerate(source.chunks):
+        k = None if keep is None else keep[(keep >= a) & (keep < b)]
+        if k is not None and not k.size:
+            continue
+        blocks.append((c, k, {name: np.asarray(v)[a:b] for name, v in cell_params.items()}))
+    if client is None:
+        for c, k, local in blocks:
+            a, b = source.chunks[c]
+            yield c, kernel(model, encoded_batches(model, source, cats, c, k, batch_size),
+                            chunk=(c, a, b), local=local, **params)
+            if progress is not None:
+                progress.update(1)
+        return
+    from ...engines.dask import map_blocks
+
+    payload = client.scatter((light_copy(model), source, cats), broadcast=True)
+    for (c, _, _), res in map_blocks(client, _chunk_task, blocks, progress=progress, payload=payload,
+                                  kernel=kernel, batch_size=batch_size, params=params):
+        yield c, res
+
+
+def cell_sample_codes(model, data) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(sample codes, batch codes) of every cell, and the source (no counts are read)."""
+    source, cats = model._resolve(data)
+    return cats["sample"].codes, cats["batch"].codes, source
+
+
+def group_codes(model, data, groupby, n_cells: int) -> tuple[np.ndarray, list[str]]:
+    """Per-cell group codes and labels from an obs column name, a per-cell label array, or None ("all")."""
+    if groupby is None:
+        return np.zeros(n_cells, np.int64), ["all"]
+    if isinstance(groupby, str):
+        source, _ = model._resolve(data)
+        if groupby not in source.obs_columns():
+            raise InputError(f"obs has no column {groupby!r}", field="groupby", fix=f"use one of {source.obs_columns()}")
+        values = source.obs_column(groupby)
+    else:
+        values = np.asarray(groupby)
+        if values.shape != (n_cells,):
+            raise InputError(f"groupby labels have shape {values.shape}, expected ({n_cells},)", field="groupby",
+                             fix="pass an obs column name or one label per cell")
+    import pandas as pd
+    s = pd.Series(np.asarray(values)).astype(str)
+    labels = sorted(s.unique().tolist())
+    codes = pd.Categorical(s, categories=labels).codes.astype(np.int64)
+    return codes, labels

@@ -1,0 +1,174 @@
+"""MrVI analysis kernels on plain arrays: distances, densities, per-cell regression, the
+composite-null t-test, the exact fast counterfactual path and the DE design."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from scdist.errors import InputError
+from scdist.vae.analysis.counterfactual import counterfactual_states
+from scdist.vae.analysis.design import design_matrix
+from scdist.vae.analysis.kernels import (composite_null_ttest, covariate_statistics, gaussian_log_density,
+                                         group_sums, pairwise_distances, per_sample_log_density,
+                                         same_sample_distance_stats, weighted_least_squares)
+from scdist.vae.mrvi import MrVIModule
+
+
+def test_pairwise_distances_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(7, 9, 5, generator=g) * 3 + 10.0  # far from the origin: the centring matters
+    D = pairwise_distances(Z)
+    ref = torch.linalg.norm(Z[:, :, None, :] - Z[:, None, :, :], dim=-1)
+    assert D.shape == (7, 9, 9)
+    torch.testing.assert_close(D, ref, atol=2e-5, rtol=1e-5)
+    assert torch.all(D.diagonal(dim1=1, dim2=2) == 0)
+    # tiny distances stay accurate despite |z| ~ 10
+    Zs = Z[:, :1].expand(-1, 9, -1) + 1e-3 * torch.randn(7, 9, 5, generator=g)
+    ref = torch.linalg.norm(Zs[:, :, None] - Zs[:, None], dim=-1)
+    torch.testing.assert_close(pairwise_distances(Zs), ref, atol=1e-5, rtol=1e-3)
+
+
+def test_same_sample_stats_and_group_sums():
+    z = torch.zeros(8, 3, 2)
+    z[4:, :, 0] = torch.tensor([1.0, 2.0, 3.0])
+    mu, sd = same_sample_distance_stats(z)
+    torch.testing.assert_close(mu, torch.tensor([1.0, 2.0, 3.0]))
+    v = torch.arange(12.0).view(4, 3)
+    s = group_sums(v, torch.tensor([1, 0, 1, -1]), 3)
+    torch.testing.assert_close(s, torch.tensor([[3.0, 4, 5], [6, 8, 10], [0, 0, 0]]))
+
+
+def test_gaussian_log_density_and_per_sample_reductions():
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(6, 4, generator=g) * 2
+    m = torch.randn(5, 4, generator=g) * 2
+    s = torch.rand(5, 4, generator=g) * 0.1 + 0.05   # narrow posteriors: large quadratic terms
+    ld = gaussian_log_density(u, m, s)
+    ref = torch.distributions.Normal(m.double()[None], s.double()[None]).log_prob(u.double()[:, None]).sum(-1)
+    torch.testing.assert_close(ld, ref, rtol=1e-9, atol=1e-7)
+    # 2 samples x 3 components, the second sample has one padding slot; cell 11 is component (0, 1)
+    cm = torch.randn(2, 3, 4, generator=g)
+    cs = torch.rand(2, 3, 4, generator=g) + 0.5
+    ci = torch.tensor([[10, 11, 12], [20, 21, -1]])
+    cv = ci >= 0
+    uu = torch.randn(2, 4, generator=g)
+    idx = torch.tensor([11, 99])
+    full = gaussian_log_density(uu, cm.view(6, 4), cs.view(6, 4)).view(2, 2, 3)
+    mx = per_sample_log_density(uu, idx, cm, cs, ci, cv, "max")
+    mean = per_sample_log_density(uu, idx, cm, cs, ci, cv, "mean")
+    # cell 11 leaves its own component out of sample 0; padding never counts
+    assert mx[0, 0] == max(full[0, 0, 0], full[0, 0, 2])
+    assert mx[1, 1] == full[1, 1, :2].max()
+    torch.testing.assert_close(mean[0, 0], torch.logsumexp(full[0, 0, [0, 2]], 0) - math.log(2))
+    torch.testing.assert_close(mean[1, 0], torch.logsumexp(full[1, 0], 0) - math.log(3))
+    torch.testing.assert_close(mean[1, 1], torch.logsumexp(full[1, 1, :2], 0) - math.log(2))
+    with pytest.raises(ValueError):
+        per_sample_log_density(uu, idx, cm, cs, ci, cv, "median")
+
+
+def _design(S, rng):
+    x1 = np.repeat([0.0, 1.0], S // 2)
+    x2 = rng.normal(size=S)
+    X = np.column_stack([np.ones(S), x1 - x1.mean(), (x2 - x2.mean()) / x2.std()])
+    return X
+
+
+def test_least_squares_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    S, L, B = 40, 6, 50
+    X = _design(S, rng)
+    beta = rng.normal(size=(B, 3, L))
+    Z = np.einsum("sp,bpl->bsl", X, beta) + 0.05 * rng.normal(size=(B, S, L))
+    W = np.ones((B, S))
+    fit = weighted_least_squares(torch.from_numpy(Z), torch.from_numpy(X), torch.from_numpy(W))
+    np.testing.assert_allclose(fit["beta"].numpy(), beta, atol=0.05)
+    np.testing.assert_allclose(fit["sigma2"].numpy(), 0.05 ** 2, rtol=0.3)
+    assert torch.all(fit["dof"] == S - 3)
+    # zero weights are the same as dropping those samples
+    W2 = W.copy()
+    W2[:, :7] = 0
+    f2 = weighted_least_squares(torch.from_numpy(Z), torch.from_numpy(X), torch.from_numpy(W2))
+    f3 = weighted_least_squares(torch.from_numpy(Z[:, 7:]), torch.from_numpy(X[7:]), torch.ones(B, S - 7,
+                                                                                                  dtype=torch.float64))
+    np.testing.assert_allclose(f2["beta"].numpy(), f3["beta"].numpy(), atol=1e-10)
+    np.testing.assert_allclose(f2["sigma2"].numpy(), f3["sigma2"].numpy(), rtol=1e-10)
+    # a binary covariate seen at one level only is not identified: NaN statistics
+    W4 = W.copy()
+    W4[:, S // 2:] = 0
+    st = covariate_statistics(weighted_least_squares(torch.from_numpy(Z), torch.from_numpy(X), torch.from_numpy(W4)))
+    assert np.isnan(st["chi2"][:, 1]).all() and np.isfinite(st["chi2"][:, 2]).all()
+
+
+def test_chi2_statistic_null_calibration_and_power():
+    rng = np.random.default_rng(2)
+    S, L, B = 24, 5, 4000
+    X = _design(S, rng)
+    Z = rng.normal(size=(B, S, L))                 # no covariate effect
+    Z[:, :, :] += rng.normal(size=(B, 1, L))       # a per-cell intercept
+    st = covariate_statistics(weighted_least_squares(torch.from_numpy(Z), torch.from_numpy(X),
+                                                     torch.ones(B, S, dtype=torch.float64)))
+    for j in (1, 2):
+        p = st["pvalue"][:, j]
+        assert stats.kstest(p, "uniform").pvalue > 0.01
+        assert abs((p < 0.05).mean() - 0.05) < 0.015
+    Z1 = Z + 0.8 * X[None, :, 1, None]             # effect of covariate 1 on every dimension
+    st1 = covariate_statistics(weighted_least_squares(torch.from_numpy(Z1), torch.from_numpy(X),
+                                                      torch.ones(B, S, dtype=torch.float64)))
+    assert (st1["pvalue"][:, 1] < 0.05).mean() > 0.9
+    # ||beta_n1|| estimates the true 0.8 sqrt(L) (X[:, 1] is the centred 0/1 column)
+    assert abs(np.median(st1["beta_norm"][:, 1]) / (0.8 * math.sqrt(L)) - 1) < 0.15
+
+
+def test_composite_null_ttest_size_and_power():
+    rng = np.random.default_rng(3)
+    delta = 0.1
+    # at the boundary of the null (true difference = delta) the test rejects at most ~alpha
+    rej = [composite_null_ttest(rng.normal(delta, 1, 400), rng.normal(0, 1, 600), delta)["pvalue"] < 0.05
+           for _ in range(600)]
+    assert np.mean(rej) < 0.05 + 0.025
+    # inside the null (difference 0) with huge n: never significant (the point of delta)
+    r0 = composite_null_ttest(rng.normal(0.02, 1, 200_000), rng.normal(0, 1, 200_000), delta)
+    assert r0["pvalue"] > 0.5
+    # a real difference well beyond delta is found, with the sign kept
+    r1 = composite_null_ttest(rng.normal(-0.6, 1, 300), rng.normal(0, 1, 300), delta)
+    assert r1["pvalue"] < 1e-4 and r1["diff"] < 0
+    assert np.isnan(composite_null_ttest([1.0], [1.0, 2.0])["pvalue"])
+
+
+@pytest.mark.parametrize("variant,n_latent,n_batch", [("attention", 12, 1), ("attention", 6, 3), ("linear", 12, 2)])
+def test_fast_counterfactuals_equal_module(variant, n_latent, n_batch):
+    torch.manual_seed(0)
+    m = MrVIModule(50, n_sample=11, n_batch=n_batch, n_latent=n_latent, n_latent_u=6, variant=variant).eval()
+    if variant == "linear":
+        with torch.no_grad():
+            m.A_s.normal_(0, 0.2)
+            m.a_s.normal_()
+    u = torch.randn(37, 6)
+    s = torch.tensor([3, 0, 10, 5])
+    with torch.no_grad():
+        ref = m.counterfactual_z(u, s).permute(1, 0, 2)
+        fast = counterfactual_states(m, u, s)
+        slow = counterfactual_states(m, u, s, fast=False)
+    assert fast.shape == (37, 4, n_latent)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slow, ref)
+
+
+def test_design_matrix_columns_and_errors():
+    t = pd.DataFrame({"disease": ["a", "b", "b", "c"], "age": [20.0, 30.0, 50.0, 60.0], "sex": [0, 1, 1, 0]},
+                     index=["s0", "s1", "s2", "s3"])
+    d = design_matrix(t, ["disease", "age", "sex"])
+    assert d.names == ["intercept", "disease[b]", "disease[c]", "age", "sex[1]"]
+    assert d.kind == ["intercept", "binary", "binary", "continuous", "binary"]
+    np.testing.assert_allclose(d.X[:, 1:].mean(0), 0, atol=1e-12)       # centred
+    np.testing.assert_allclose(d.X[:, 3].std(), 1)
+    np.testing.assert_allclose(d.lfc_high - d.lfc_low, [0, 1, 1, 1, 1])
+    with pytest.raises(InputError, match=r"\[age\]"):
+        design_matrix(t.assign(age=1.0), ["age"])
+    with pytest.raises(InputError, match=r"\[covariates\]"):
+        design_matrix(t.assign(age2=t["sex"] * 2.0), ["sex", "age2"])
