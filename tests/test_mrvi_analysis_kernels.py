@@ -160,8 +160,8 @@ def test_fast_counterfactuals_equal_module(variant, n_latent, n_batch):
 
 
 def test_design_matrix_columns_and_errors():
-    t = pd.DataFrame({"disease": ["a", "b", "b", "c"], "age": [20.0, 30.0, 50.0, 60.0], "sex": [0, 1, 1, 0]},
-                     index=["s0", "s1", "s2", "s3"])
+    t = pd.DataFrame({"disease": ["a", "b", "b", "c", "a", "c"], "age": [20.0, 30.0, 50.0, 60.0, 41.0, 35.0],
+                      "sex": [0, 1, 1, 0, 1, 0]}, index=[f"s{i}" for i in range(6)])
     d = design_matrix(t, ["disease", "age", "sex"])
     assert d.names == ["intercept", "disease[b]", "disease[c]", "age", "sex[1]"]
     assert d.kind == ["intercept", "binary", "binary", "continuous", "binary"]
