@@ -92,10 +92,12 @@ def test_negative_nu_rules_ctp_and_op():
 
 
 def test_soft_impute_ctp_applies_rules_to_imputed_nu():
-    """nu close to zero with large relative noise: some imputed values come out negative."""
+    """nu = |rank-1 signal| near zero: the linear low-rank fit extrapolates some missing pairs
+    below zero (what the paper's rules are for)."""
     rng = np.random.default_rng(5)
     N, C, G = 40, 3, 25
-    nu = np.abs(rng.normal(0.0, 0.01, size=(N, C, G)))
+    z, w = rng.normal(size=(N, 1, G)), rng.normal(size=(1, C, G))
+    nu = 0.01 * np.abs(1 + 1.5 * z * w) + 1e-4
     mean = rng.normal(size=(N, C, G))
     miss = _pair_mask(rng, N, C, G, frac=0.15)
     nu_raw = np.where(miss, np.nan, nu)
