@@ -85,7 +85,6 @@ def _execute(spec: Spec, graph: JobGraph, run_id: str, client, rich: bool | None
     record = RunRecord(spec.store, result.run_id, spec.source, [n.to_dict() for n in graph])
     log.info("run %s on %s: %s", result.run_id, spec.store,
              ", ".join(f"{n.name} [{n.status}]" for n in graph))
-
     with RunContext(spec, client=client, run_id=result.run_id,
                     progress=ProgressFactory(rich=rich), log=log) as ctx:
         record.write()
@@ -95,48 +94,53 @@ def _execute(spec: Spec, graph: JobGraph, run_id: str, client, rich: bool | None
                 result.skipped.append(node.name)
                 record.stage(node.name, action="skipped")
                 continue
-            if node.status == STALE:
-                log.info("stage %s: recomputing (%s)", node.name, node.reason)
-                node.stage.reset(spec.store, node.config)
-            elif node.status == PARTIAL:
-                log.info("stage %s: resuming (%d/%s chunks already done)", node.name,
-                         node.done_chunks, node.plan.chunks)
-            started_meta = {"stage": node.name, "config_hash": node.spec.config_hash(),
-                            "inputs": node.input_hashes, "run_id": result.run_id}
-            if record.store_exists():
-                _mark(spec.store, node.products, STARTED_MARKER, started_meta)
-            if node.plan.chunks is None and record.store_exists():
-                # planned before an earlier stage of this run created its input: plan again
-                replanned = node.stage.plan(ctx.study, node.config)
-                replanned.output_url = replanned.output_url or node.plan.output_url
-                node.plan = replanned
-                record.stage(node.name, chunks=replanned.chunks)
-            ctx.stage, ctx.plan = node.name, node.plan
-            ctx.done_chunks = node.done_chunks
-            t0 = time.perf_counter()
-            try:
-                node.stage.run(ctx, node.config)
-            except BaseException as exc:
-                if record.store_exists():  # the stage may have created the store: say whose chunks these are
-                    _mark(spec.store, node.products, STARTED_MARKER, started_meta)
-                record.stage(node.name, action="failed", seconds=time.perf_counter() - t0,
-                             error=f"{type(exc).__name__}: {exc}")
-                record.finish("failed", error=f"stage {node.name}: {type(exc).__name__}: {exc}")
-                raise
-            seconds = time.perf_counter() - t0
-            ctx.refresh()
-            meta = {**started_meta, "seconds": round(seconds, 3),
-                    "chunks": node.plan.chunks}
-            # again: a stage creating its group may have wiped the first one
-            _mark(spec.store, node.products, STARTED_MARKER, started_meta)
-            _mark(spec.store, node.products, STAGE_MARKER, meta)
-            _provenance(ctx, node)
+            seconds = _run_stage(ctx, node, record)
             result.ran.append(node.name)
             result.seconds[node.name] = seconds
-            record.stage(node.name, action="ran", seconds=round(seconds, 3))
-            log.info("stage %s: done in %.1fs", node.name, seconds)
         record.finish("succeeded")
     return result
+
+
+def _run_stage(ctx: RunContext, node, record: RunRecord) -> float:
+    """Run one stage that is not done; write its markers and provenance; return seconds."""
+    store = ctx.store_url
+    if node.status == STALE:
+        log.info("stage %s: recomputing (%s)", node.name, node.reason)
+        node.stage.reset(store, node.config)
+    elif node.status == PARTIAL:
+        log.info("stage %s: resuming (%d/%s chunks already done)", node.name,
+                 node.done_chunks, node.plan.chunks)
+    started_meta = {"stage": node.name, "config_hash": node.spec.config_hash(),
+                    "inputs": node.input_hashes, "run_id": ctx.run_id}
+    if record.store_exists():
+        _mark(store, node.products, STARTED_MARKER, started_meta)
+        if node.plan.chunks is None:
+            # planned before an earlier stage of this run created its input: plan again
+            replanned = node.stage.plan(ctx.study, node.config)
+            replanned.output_url = replanned.output_url or node.plan.output_url
+            node.plan = replanned
+            record.stage(node.name, chunks=replanned.chunks)
+    ctx.stage, ctx.plan, ctx.done_chunks = node.name, node.plan, node.done_chunks
+    t0 = time.perf_counter()
+    try:
+        node.stage.run(ctx, node.config)
+    except BaseException as exc:
+        if record.store_exists():  # the stage may have created the store: say whose chunks these are
+            _mark(store, node.products, STARTED_MARKER, started_meta)
+        error = f"{type(exc).__name__}: {exc}"
+        record.stage(node.name, action="failed", seconds=round(time.perf_counter() - t0, 3), error=error)
+        record.finish("failed", error=f"stage {node.name}: {error}")
+        raise
+    seconds = time.perf_counter() - t0
+    ctx.refresh()
+    # __started__ again: a stage creating its group may have wiped the first one
+    _mark(store, node.products, STARTED_MARKER, started_meta)
+    _mark(store, node.products, STAGE_MARKER,
+          {**started_meta, "seconds": round(seconds, 3), "chunks": node.plan.chunks})
+    _provenance(ctx, node)
+    record.stage(node.name, action="ran", seconds=round(seconds, 3))
+    log.info("stage %s: done in %.1fs", node.name, seconds)
+    return seconds
 
 
 def _mark(store: str, products, chunk_id: str, meta: dict) -> None:
