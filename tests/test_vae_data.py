@@ -83,7 +83,8 @@ def test_batch_contents():
     assert np.array_equal(b["x"].numpy(), dense) and b["x"].dtype == torch.float32
     assert np.allclose(b["library"].numpy()[:, 0], np.log(np.maximum(dense.sum(1), 1)), atol=1e-5)
     assert np.array_equal(b["sample"].numpy(), _cats(src)["sample"].codes[idx])
-    assert set(b) == {"x", "library", "index", "batch", "sample", "label"}
+    assert set(b) == {"x", "library", "index", "batch", "sample", "label", "nz_rows", "nz_cols", "nz_flat", "nz_vals", "nz_nsmall", "log_xfact"}
+    assert torch.equal(b["x"][b["nz_rows"], b["nz_cols"]], b["nz_vals"]) and int((b["x"] > 0).sum()) == len(b["nz_vals"])
 
 
 class _CountingSource(MatrixSource):

@@ -135,18 +135,13 @@ class VAEModel:
         """Minibatches over all cells in index order (``cells``: optional index array to keep)."""
         source, cats = self._resolve(data)
         loader = CellLoader(source, cats, batch_size=batch_size, split="all", shuffle=False)
-        keep = None if cells is None else np.zeros(source.n_cells, bool)
-        if keep is not None:
+        if cells is not None:
+            keep = np.zeros(source.n_cells, bool)
             keep[np.asarray(cells)] = True
             starts = np.array([a for a, _ in source.chunks])
+            loader.cell_mask = keep
             loader.chunk_ids = np.unique(np.searchsorted(starts, np.flatnonzero(keep), side="right") - 1).tolist()
-        for b in loader:
-            if keep is not None:
-                m = torch.from_numpy(keep[b["index"].numpy()])
-                if not bool(m.any()):
-                    continue
-                b = {k: v[m] for k, v in b.items()}
-            yield b
+        yield from loader
 
     def _cells(self, data, cells=None) -> np.ndarray:
         source, _ = self._resolve(data)

@@ -14,7 +14,10 @@ and epochs, and needing no stored mask.
 
 A batch is a dict of torch tensors:
 ``x`` (float32 counts, B x G), ``library`` (log total count, B x 1), ``batch``, ``sample``,
-``label`` (int64 category codes, B), ``index`` (int64 global cell index, B).
+``label`` (int64 category codes, B), ``index`` (int64 global cell index, B), and the
+nonzero counts as a list -- ``nz_rows``, ``nz_cols``, ``nz_flat`` (= row * G + col, int64),
+``nz_vals`` (float32), counts <= SMALL_COUNT first (``nz_nsmall`` of them) -- with
+``log_xfact`` (sum_g log x_ng!, B) for likelihood terms that vanish at zero counts.
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
 
 from ..errors import InputError
 
 DEFAULT_CHUNK = 4096
+SMALL_COUNT = 16  # counts up to this use a per-gene table in the likelihood
 COVARIATES = ("batch", "sample", "label")
 
 
@@ -250,6 +255,7 @@ class CellLoader:
     n_steps: int | None = None
     epoch: int = 0
     chunk_ids: Sequence[int] | None = None  # restrict to these chunks of the source
+    cell_mask: np.ndarray | None = None     # restrict to these cells (bool over all cells)
     _split_counts: np.ndarray | None = field(default=None, repr=False)
 
     def set_epoch(self, epoch: int) -> None:
@@ -258,6 +264,8 @@ class CellLoader:
     # --- split bookkeeping (hash of indices only: no count data is read) ---
     def _keep(self, start: int, stop: int) -> np.ndarray:
         idx = np.arange(start, stop)
+        if self.cell_mask is not None:
+            idx = idx[self.cell_mask[start:stop]]
         if self.split == "all":
             return idx
         val = validation_mask(idx, self.val_fraction, self.split_seed)
@@ -284,9 +292,24 @@ class CellLoader:
         return [int(c) for c in order[self.rank::self.world_size] if self.split_counts()[c] > 0]
 
     def _batch(self, X: sp.csr_matrix, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        X = X.tocsr()
         x = torch.from_numpy(X.toarray().astype(np.float32, copy=False))
         lib = torch.log(x.sum(1, keepdim=True).clamp_min(1.0))
-        out = {"x": x, "library": lib, "index": torch.from_numpy(idx.astype(np.int64))}
+        # Nonzero list and per-cell log x! straight from the CSR block (for the sparse
+        # likelihood), small counts (<= SMALL_COUNT) first so the likelihood can use a table.
+        X.sum_duplicates()
+        X.eliminate_zeros()
+        rows = np.repeat(np.arange(X.shape[0], dtype=np.int64), np.diff(X.indptr))
+        cols = X.indices.astype(np.int64)
+        vals = X.data.astype(np.float32)
+        log_xfact = np.bincount(rows, gammaln(vals.astype(np.float64) + 1.0), minlength=X.shape[0])
+        order = np.argsort(vals > SMALL_COUNT, kind="stable")
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        out = {"x": x, "library": lib, "index": torch.from_numpy(idx.astype(np.int64)),
+               "nz_rows": torch.from_numpy(rows), "nz_cols": torch.from_numpy(cols),
+               "nz_flat": torch.from_numpy(rows * X.shape[1] + cols), "nz_vals": torch.from_numpy(vals),
+               "nz_nsmall": torch.tensor([int((vals <= SMALL_COUNT).sum())]),
+               "log_xfact": torch.from_numpy(log_xfact.astype(np.float32))}
         for name in COVARIATES:
             cat = self.covariates.get(name)
             codes = cat.codes[idx] if cat is not None else np.zeros(len(idx), dtype=np.int64)

@@ -27,7 +27,7 @@ import xarray as xr
 from ..errors import InputError
 from .base import VAEModel, latent_dataarray, split_options
 from .components import GaussianEncoder, kl_normal_normal, kl_normal_standard
-from .likelihoods import log_count_likelihood
+from .likelihoods import log_count_likelihood, log_nb_cells
 
 MODULE_KEYS = ("n_hidden", "n_layers", "dropout", "likelihood", "dispersion", "latent_distribution",
                "decoder_batch_norm", "decoder_bias", "library", "encoder_batch_norm")
@@ -81,16 +81,15 @@ class LDVAEModule(nn.Module):
         return self.encoder.transform(pre), qm, qs
 
     def decode(self, z, batch, log_library):
-        """Returns (mu, theta, pi_logits) of the count likelihood; rho = softmax(W z [+ B s])."""
+        """Returns (log mu, theta, pi_logits) of the count likelihood; rho = softmax(W z [+ B s])."""
         h = self._with_batch(z, batch)
         logits = self.decoder(h)
         if self.decoder_bn is not None:
             logits = self.decoder_bn(logits)
-        rho = torch.softmax(logits, dim=-1)
-        mu = torch.exp(log_library) * rho
+        log_mu = log_library + torch.log_softmax(logits, dim=-1)
         theta = torch.exp(self.log_theta[batch] if self.dispersion == "gene-batch" else self.log_theta[0])
         pi = self.dropout_decoder(h) if self.likelihood == "zinb" else None
-        return mu, theta, pi
+        return log_mu, theta, pi
 
     def forward(self, batch: dict, kl_weight: float = 1.0) -> dict:
         x, b = batch["x"], batch["batch"]
@@ -103,8 +102,11 @@ class LDVAEModule(nn.Module):
             kl_l = kl_normal_normal(lm, ls, self.lib_mean[b].unsqueeze(-1), torch.sqrt(self.lib_var[b]).unsqueeze(-1))
         else:
             log_lib = batch["library"]
-        mu, theta, pi = self.decode(z, b, log_lib)
-        recon = -log_count_likelihood(self.likelihood, x, mu, theta, pi).sum(-1)
+        log_mu, theta, pi = self.decode(z, b, log_lib)
+        if self.likelihood == "nb":
+            recon = -log_nb_cells(batch, log_mu, theta)
+        else:
+            recon = -log_count_likelihood(self.likelihood, x, torch.exp(log_mu), theta, pi).sum(-1)
         loss = (recon + kl_weight * kl_z + kl_l).mean()
         return {"loss": loss, "nelbo": (recon + kl_z + kl_l).sum().detach(), "recon": recon.sum().detach(),
                 "kl": (kl_z + kl_l).sum().detach()}

@@ -12,32 +12,45 @@ import torch.nn.functional as F
 EPS = 1e-8
 
 
-def _gamma_terms(x: torch.Tensor, theta: torch.Tensor, with_constant: bool) -> torch.Tensor:
-    """lgamma(x + theta) - lgamma(theta) [- lgamma(x + 1)], evaluated at the nonzero counts only.
-
-    Every term is 0 where x = 0, and count matrices are mostly zeros, so the lgamma / digamma
-    work (the bulk of a training step) shrinks by the density. ``theta`` broadcasts against x.
-    """
-    th = theta.expand_as(x)
-    nz = x > 0
-    xv, tv = x[nz], th[nz]
-    vals = torch.lgamma(xv + tv) - torch.lgamma(tv)
-    if with_constant:
-        vals = vals - torch.lgamma(xv + 1.0)
-    out = torch.zeros(x.shape, dtype=vals.dtype, device=x.device)
-    return out.masked_scatter(nz, vals)
-
-
-def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, *, with_constant: bool = True) -> torch.Tensor:
-    """log NB(x; mean mu, inverse dispersion theta).
-
-    ``with_constant=False`` drops -log x! (no parameter in it): the training objective does
-    not need it, reported log-likelihoods do.
-    """
+def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """log NB(x; mean mu, inverse dispersion theta), elementwise (dense)."""
     log_theta_mu = torch.log(theta + mu + EPS)
     return (theta * (torch.log(theta + EPS) - log_theta_mu)
             + x * (torch.log(mu + EPS) - log_theta_mu)
-            + _gamma_terms(x, theta, with_constant))
+            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0))
+
+
+def log_nb_cells(batch: dict, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """sum_g log NB(x_ng; mu_ng, theta_g) per cell (B,), using the batch's nonzero list.
+
+    Terms that vanish at x = 0 (x log(mu / (theta + mu)), lgamma(x + theta) - lgamma(theta),
+    log x!) are evaluated only at the nonzero counts (``nz_*`` and the per-cell ``log_xfact``
+    the loader derives from the CSR block); only theta log(theta / (theta + mu)) needs the
+    dense cells x genes grid. For per-gene theta, lgamma(x + theta) - lgamma(theta) =
+    sum_{k<x} log(theta + k) is read from a genes x 16 table for the (usual) small counts, so
+    lgamma / digamma -- which dominate a dense evaluation -- run only on the large counts.
+    ``log_mu`` is log mu (B x G); ``theta`` is (G,) or (B, G). Equals ``log_nb(...).sum(-1)``.
+    """
+    rows, cols, flat, xv = batch["nz_rows"], batch["nz_cols"], batch["nz_flat"], batch["nz_vals"]
+    mu = torch.exp(log_mu)
+    log_theta_mu = torch.log(theta + mu + EPS)
+    dense = (theta * (torch.log(theta + EPS) - log_theta_mu)).sum(-1)
+    sparse = xv * (log_mu - log_theta_mu).reshape(-1).index_select(0, flat)
+    if theta.dim() == 1:
+        ns = int(batch["nz_nsmall"][0]) if "nz_nsmall" in batch else 0
+        K = 16
+        table = torch.cumsum(torch.log(theta.unsqueeze(1) + torch.arange(K, dtype=theta.dtype,
+                                                                           device=theta.device)), dim=1)
+        xs = xv[:ns].long()
+        small = table.reshape(-1).index_select(0, cols[:ns] * K + (xs - 1))
+        tb = theta.index_select(0, cols[ns:])
+        big = torch.lgamma(xv[ns:] + tb) - torch.lgamma(tb)
+        gam = torch.cat([small, big])
+    else:
+        tv = theta.reshape(-1).index_select(0, flat)
+        gam = torch.lgamma(xv + tv) - torch.lgamma(tv)
+    per_cell = torch.zeros_like(dense).index_add(0, rows, sparse + gam)
+    return dense + per_cell - batch["log_xfact"]
 
 
 def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor) -> torch.Tensor:
@@ -48,7 +61,7 @@ def log_zinb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: 
     pi_theta_log = -pi_logits + theta * (log_theta_eps - log_theta_mu)
     zero = F.softplus(pi_theta_log) - softplus_pi
     nonzero = (-softplus_pi + pi_theta_log + x * (torch.log(mu + EPS) - log_theta_mu)
-               + _gamma_terms(x, theta, True))
+               + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0))
     return torch.where(x < EPS, zero, nonzero)
 
 

@@ -38,7 +38,7 @@ import xarray as xr
 from ..errors import InputError
 from .base import VAEModel, latent_dataarray, split_options
 from .components import CovariateAttention, GaussianEncoder, MixtureOfGaussians, normal_log_prob
-from .likelihoods import log_nb
+from .likelihoods import log_nb_cells
 
 MODULE_KEYS = ("n_latent", "n_latent_u", "n_hidden", "encoder_n_layers", "n_components", "label_epsilon",
                "n_emb", "n_heads", "attention_hidden", "dropout", "variant", "l2_scale", "encoder_sample")
@@ -128,8 +128,7 @@ class MrVIModule(nn.Module):
         u = qm + qs * torch.randn_like(qs)
         z = self.z_from_u(u, s)
         log_h = torch.log_softmax(self.h_logits(z, b), dim=-1)
-        mu = torch.exp(batch["library"] + log_h)
-        recon = -log_nb(x, mu, torch.exp(self.log_theta)).sum(-1)
+        recon = -log_nb_cells(batch, batch["library"] + log_h, torch.exp(self.log_theta))
         labels = batch["label"] if self.use_labels else None
         kl_u = normal_log_prob(u, qm, qs).sum(-1) - self.prior.log_prob(u, labels)
         # scaled L2 penalty = -log N(z; A_uz u + gamma, l2_scale^2 I)

@@ -1,0 +1,97 @@
+"""Peak memory of streaming training data from the study store, as the cell count grows.
+
+For each N, a simulated study with N cells x G genes is ingested into a store (chunks of
+``--chunk`` cells), then a fresh process opens the store, streams one full shuffled epoch of
+minibatches through the loader (every chunk is read) and runs ``--steps`` LDVAE training steps,
+and reports its peak RSS. Bounded memory means the peak does not grow with N.
+
+    .venv/bin/python benchmarks/vae_memory.py --cells 50000,200000 --genes 2000
+
+Writes benchmarks/out/vae_memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+CHILD = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads(1)
+from scdist.store import open_study
+from scdist.vae.data import as_source, CellLoader
+from scdist.vae.ldvae import LDVAEModule
+url, steps = sys.argv[1], int(sys.argv[2])
+src = as_source(open_study(url))
+loader = CellLoader(src, {}, batch_size=256, buffer_chunks=4, seed=0)
+module = LDVAEModule(src.n_genes, 10)
+opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+t0 = time.perf_counter(); n = 0
+for i, b in enumerate(loader):
+    if i < steps:
+        out = module(b); opt.zero_grad(); out["loss"].backward(); opt.step()
+    n += b["x"].shape[0]
+dt = time.perf_counter() - t0
+print(json.dumps({"cells_streamed": n, "seconds": dt,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_study(url: str, n_cells: int, n_genes: int, chunk: int) -> None:
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from scdist.store.ingest import ingest_anndata
+    rng = np.random.default_rng(0)
+    base = np.exp(rng.normal(0, 1, n_genes))
+    base /= base.sum()
+    blocks = []
+    for s in range(0, n_cells, 20000):  # build the CSR block-wise (dense only per block)
+        m = min(20000, n_cells - s)
+        blocks.append(sp.csr_matrix(rng.poisson(base * 1500, (m, n_genes)).astype(np.int32)))
+    X = sp.vstack(blocks, format="csr")
+    obs = pd.DataFrame({"donor": rng.choice([f"d{i}" for i in range(20)], n_cells),
+                        "ct": rng.choice(["A", "B", "C"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
+    a = ad.AnnData(X, obs=obs)
+    a.var_names = [f"g{i}" for i in range(n_genes)]
+    ingest_anndata(url, a, donor_key="donor", celltype_key="ct", chunk_cells=chunk, overwrite=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cells", default="50000,200000")
+    ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    rows = []
+    for n in [int(c) for c in args.cells.split(",")]:
+        url = str(OUT / f"vae_mem_{n}.zarr")
+        t0 = time.perf_counter()
+        if not Path(url).exists():
+            make_study(url, n, args.genes, args.chunk)
+        built = time.perf_counter() - t0
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, "-c", CHILD, url, str(args.steps)], capture_output=True, text=True,
+                             env=env, check=True)
+        row = {"cells": n, "genes": args.genes, "chunk": args.chunk, "build_s": built,
+               **json.loads(res.stdout.strip().splitlines()[-1])}
+        rows.append(row)
+        print(f"{n:>9,} cells: peak RSS {row['peak_rss_mib']:.0f} MiB, streamed {row['cells_streamed']:,} cells "
+              f"in {row['seconds']:.1f} s ({row['cells_streamed'] / row['seconds']:.0f} cells/s incl. {args.steps} "
+              f"train steps)")
+    (OUT / "vae_memory.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
