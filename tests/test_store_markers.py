@@ -24,7 +24,7 @@ def group_url(request, tmp_path):
 
 def test_mark_query_clear(group_url):
     assert done_set(group_url) == set() and not is_done(group_url, "a")
-    ids = ["genes-0-100", "genes-100-200", STAGE, "odd/id with space", "ü"]
+    ids = ["genes-0-100", "genes-100-200", STAGE, "odd/id with space", "a.tmp-1@tmp-2", "ü"]
     for i in ids[:-1]:
         mark_done(group_url, i, {"rows": 5, "arr": np.int64(3)})
     assert done_set(group_url) == set(ids[:-1])

@@ -31,6 +31,7 @@ def _key(chunk_id: str) -> str:
 # (with a ZarrUserWarning, which scdist's readers silence), so anndata.read_zarr still reads
 # a marked cells/ group. As a Zarr child group it would be passed to AnnData() and fail.
 _GROUP_FILE = "zarr.json"
+_TMP_MARK = "@tmp-"  # '@' is always percent-encoded in keys, so no chunk id can contain this
 NOT_ZARR_WARNING = f"Object at {MARKER_DIR} is not recognized"
 
 
@@ -53,7 +54,7 @@ def mark_done(group_url: str, chunk_id: str, meta: dict[str, Any] | None = None,
     target = f"{d}/{_key(chunk_id)}"
     if not _fs.is_url(_fs.normalize(group_url)):
         # Local disk: write beside and rename, so a reader never sees half a marker.
-        tmp = f"{target}.tmp-{time.monotonic_ns()}"
+        tmp = f"{target}{_TMP_MARK}{time.monotonic_ns()}"
         fs.pipe_file(tmp, payload)
         fs.mv(tmp, target)
     else:
@@ -76,7 +77,7 @@ def done_set(group_url: str, *, storage_options: dict | None = None) -> set[str]
     out = set()
     for n in names:
         base = n.rstrip("/").rsplit("/", 1)[-1]
-        if ".tmp-" in base or base == _GROUP_FILE:
+        if _TMP_MARK in base or base == _GROUP_FILE:
             continue
         out.add(urllib.parse.unquote(base))
     return out
