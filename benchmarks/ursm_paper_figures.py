@@ -5,6 +5,8 @@ Usage:
   .venv/bin/python benchmarks/ursm_paper_figures.py convergence --seeds 3   # EM iterations to L1(A) <= 0.17, options
   .venv/bin/python benchmarks/ursm_paper_figures.py fig5a --seeds 3     # K_sc != K_bulk (markers, MAP-W)
   .venv/bin/python benchmarks/ursm_paper_figures.py fig5b --seeds 3     # N = 200, 500, 1000
+  .venv/bin/python benchmarks/ursm_paper_figures.py summary             # Markdown tables of the above
+(--seed-list 3 runs one seed, so seeds can run as parallel processes.)
 
 Writes JSON to benchmarks/results/ursm_<section>.json and prints a Markdown table.
 """
@@ -40,7 +42,7 @@ def first_below(tr, level=0.17):
 
 def fig2(seeds, em_iters):
     rows = []
-    for seed in range(1, seeds + 1):
+    for seed in seeds:
         sim = simulate(seed=seed)
         zero = sim.Y == 0
         drop = sim.S[zero] == 0
@@ -70,6 +72,7 @@ CONFIGS = {
     "defaults but cold SC chain": dict(warm_start=False),
     "defaults but pinned tau init": dict(init_dropout="pinned"),
     "defaults but Euclidean A steps": dict(a_solver="euclidean"),
+    "defaults, shorter bulk chain (10 + 30 sweeps)": dict(bulk_burnin=10, bulk_samples=30),
     "MAP-W, 1 step / iteration": dict(map_w=True),
     "MAP-W, 20 steps / iteration": dict(map_w=True, map_w_steps=20),
 }
@@ -80,7 +83,7 @@ def convergence(seeds, em_iters, configs=None):
     for name, kw in CONFIGS.items():
         if configs and name not in configs:
             continue
-        for seed in range(1, seeds + 1):
+        for seed in seeds:
             sim = simulate(seed=seed)
             tr, cb = l1_trace(sim)
             t0 = time.process_time()
@@ -111,7 +114,7 @@ def marker_sets(sim, n_true=5, n_imperfect=3):
 def fig5(seeds, em_iters, settings):
     rows = []
     for (k_sc, k_bk, N) in settings:
-        for seed in range(1, seeds + 1):
+        for seed in seeds:
             sim = simulate(n_genes=N, n_types_sc=k_sc, n_types_bulk=k_bk, seed=seed)
             K = max(k_sc, k_bk)
             t0 = time.process_time()
@@ -127,14 +130,71 @@ def fig5(seeds, em_iters, settings):
     return rows
 
 
+def _load(prefix):
+    rows = []
+    for f in sorted(OUT.glob(f"ursm_{prefix}*.json")):
+        rows += json.loads(f.read_text())
+    return rows
+
+
+def _ms(x):
+    x = np.asarray([v for v in x if v is not None], float)
+    return f"{x.mean():.3f} ± {x.std(ddof=1) if len(x) > 1 else 0:.3f}" if len(x) else "-"
+
+
+def summary():
+    """Markdown tables from the JSON files written by the other sections."""
+    f2 = _load("fig2")
+    if f2:
+        print(f"Figures 2–4 (N = 200, L = 100, M = 150, K = 3; {len(f2)} seeds: {[r['seed'] for r in f2]}), mean ± sd:\n")
+        print("| quantity | naive | single-cell only | joint URSM | paper (naive / sc / joint) |")
+        print("|---|---|---|---|---|")
+        print(f"| L1(A) | {_ms([r['naive'] for r in f2])} | {_ms([r['sc_only'] for r in f2])} | "
+              f"{_ms([r['joint'] for r in f2])} | 0.81 / 0.27 / 0.17 |")
+        print(f"| L1(W) (sum over 150 × 3 entries) | - | - | {_ms([r['joint_W'] for r in f2])} | - |")
+        print(f"| dropout AUC (zeros; label S = 0) | NMF rank 3: {_ms([r['nmf_auc'] for r in f2])} | "
+              f"{_ms([r['sc_only_auc'] for r in f2])} | {_ms([r['joint_auc'] for r in f2])} | URSM > NMF (Fig. 4a) |")
+        print(f"| first EM iteration with L1(A) ≤ 0.17 | - | - | {_ms([first_below(r['joint_trace']) for r in f2])} | - |")
+        print()
+    cv = _load("convergence")
+    if cv:
+        print("Convergence of the joint model (N = 200), L1(A) after EM iteration t, mean over seeds:\n")
+        print("| configuration | seeds | t = 10 | t = 20 | t = 30 | t = 60 | first t with L1(A) ≤ 0.17 | CPU s / iteration |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in dict.fromkeys(r["config"] for r in cv):
+            rs = [r for r in cv if r["config"] == name]
+            at = lambda t: _ms([r["trace"][t - 1] for r in rs if len(r["trace"]) >= t])  # noqa: E731
+            firsts = [r["first_le_0.17"] for r in rs]
+            fs = ", ".join("never" if v is None else str(v) for v in firsts)
+            print(f"| {name} | {len(rs)} | {at(10)} | {at(20)} | {at(30)} | {at(60)} | {fs} | "
+                  f"{np.mean([r['cpu_s_per_iter'] for r in rs]):.2f} |")
+        print()
+    f5 = _load("fig5")
+    if f5:
+        print("Figure 5 (MAP-W with 20 steps per EM iteration, 5 true + 3 imperfect markers per type, "
+              "average per-type L1; W summed over the 150 samples):\n")
+        print("| K_sc | K_bulk | N | seeds | L1(A) per type | L1(W) per type | naive L1(A) per sc type |")
+        print("|---|---|---|---|---|---|---|")
+        keys = sorted({(r["K_sc"], r["K_bulk"], r["N"]) for r in f5}, key=lambda k: (k[2], k[0], k[1]))
+        for k in keys:
+            rs = {r["seed"]: r for r in f5 if (r["K_sc"], r["K_bulk"], r["N"]) == k}.values()
+            print(f"| {k[0]} | {k[1]} | {k[2]} | {len(rs)} | {_ms([r['A_per_type'] for r in rs])} | "
+                  f"{_ms([r['W_per_type'] for r in rs])} | {_ms([r['naive_A_per_type'] for r in rs])} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("section", choices=["fig2", "convergence", "fig5a", "fig5b"])
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("section", choices=["fig2", "convergence", "fig5a", "fig5b", "summary"])
+    ap.add_argument("--seeds", type=int, default=3, help="run seeds 1..SEEDS")
+    ap.add_argument("--seed-list", type=int, nargs="*", default=None, help="run exactly these seeds")
     ap.add_argument("--em-iters", type=int, default=None)
     ap.add_argument("--configs", nargs="*", default=None)
     a = ap.parse_args()
     OUT.mkdir(exist_ok=True)
+    seeds = a.seed_list if a.seed_list else list(range(1, a.seeds + 1))
+    a.seeds = seeds
+    if a.section == "summary":
+        return summary()
     if a.section == "fig2":
         rows = fig2(a.seeds, a.em_iters or 50)
     elif a.section == "convergence":
@@ -143,7 +203,8 @@ def main():
         rows = fig5(a.seeds, a.em_iters or 30, [(ks, kb, 200) for ks in (3, 4, 5) for kb in (3, 4, 5)])
     else:
         rows = fig5(a.seeds, a.em_iters or 30, [(3, 3, N) for N in (200, 500, 1000)])
-    (OUT / f"ursm_{a.section}.json").write_text(json.dumps(rows, indent=1))
+    tag = "" if not a.seed_list else "_s" + "-".join(map(str, seeds))
+    (OUT / f"ursm_{a.section}{tag}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
