@@ -381,3 +381,21 @@ def test_onek1k_real_file_ingests(tmp_path):
     m = st.read_counts(3000, 4000)
     assert m.nnz == ip[4000] - ip[3000]
     assert str(st.gene_names[0]).startswith("ENSG")
+
+
+@pytest.mark.parametrize("folder,name,keys,n_donors", [
+    ("kang2018_muscat", "kang2018_ctrl_8donors.h5ad",
+     dict(donor_key="donor", celltype_key="cell_type"), 8),
+    ("kang2018_muscat", "kang2018_ctrl_stim_2donors.h5ad",  # samples as donors, condition per sample
+     dict(donor_key="sample_id", celltype_key="cell_type", covariates=["condition"]), 4),
+    ("onek1k_scdesignpop", "onek1k_bcells_100donors.h5ad",
+     dict(donor_key="donor", celltype_key="cell_type", covariates=["sex", "age"]), 100),
+])
+def test_other_real_files_ingest(tmp_path, folder, name, keys, n_donors):
+    p = shared_file(folder, name)
+    st = ingest_h5ad(str(tmp_path / "s.zarr"), p, chunk_cells=2000, **keys)
+    with h5py.File(p) as f:
+        total, shape = int(f["X/data"][:].sum()), tuple(f["X"].attrs["shape"])
+    assert (st.n_cells, st.n_genes) == shape
+    assert int(st.read_counts(0, st.n_cells).sum()) == total
+    assert st.obs()["donor"].nunique() == n_donors
