@@ -150,3 +150,19 @@ def test_unknown_design_knob_is_named(tmp_path):
     assert res.exit_code == 2
     assert "stages.simulate.design.hom_range" in res.output and "hom2_range" in res.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_json_logs_for_log_collectors(tmp_path, h5ad):
+    import json
+    import os
+
+    exe = Path(sys.executable).with_name("scdist")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "scdist.cli"]
+    proc = subprocess.run(cmd + ["ingest", str(tmp_path / "j.zarr"), "--path", str(h5ad),
+                                 "--donor-key", "indiv", "--celltype-key", "ct"],
+                          env={**os.environ, "SCDIST_LOG_FORMAT": "json", "CI": "true"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert docs and all({"time", "level", "logger", "message"} <= set(d) for d in docs)
+    assert any("stage ingest: done" in d["message"] for d in docs)

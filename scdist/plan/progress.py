@@ -99,14 +99,31 @@ class ProgressFactory:
             self._display = None
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``SCDIST_LOG_FORMAT=json``), for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    """Log lines to stderr (rich handler on a terminal), once per process."""
+    """Log lines to stderr, once per process: JSON lines with ``SCDIST_LOG_FORMAT=json``,
+    a rich handler on a terminal, plain lines otherwise."""
     if log.handlers:
         return
-    if interactive():
+    if os.environ.get("SCDIST_LOG_FORMAT", "").lower() == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif interactive():
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, markup=False)
+        handler = RichHandler(show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
