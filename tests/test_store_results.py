@@ -104,3 +104,17 @@ def test_string_variables_are_written_with_the_template(tmp_store):
     ds = open_result(url).compute()
     assert list(ds["batch"].values) == ["b0", "b0", "b1", "b1"]
     assert (ds["mean"].values[:, :CHUNK] == 1).all() and np.isnan(ds["mean"].values[:, CHUNK:]).all()
+
+
+def test_zero_length_dimension_in_template(tmp_store):
+    # e.g. a study without donor covariates: covariates(donor, covariate) with covariate = []
+    url = create_study(tmp_store).result_url("pb", "nocov")
+    tmpl = xr.Dataset({"covariates": (("donor", "covariate"), np.zeros((3, 0))),
+                       "pval": (("gene",), da.zeros(G, chunks=CHUNK))},
+                      coords={"donor": np.array(["a", "b", "c"]), "covariate": np.array([], dtype=object),
+                              "gene": GENES})
+    write_template(tmpl, url, {"gene": CHUNK})
+    write_region(_block(0, CHUNK)[["pval"]], url, {"gene": slice(0, CHUNK)})
+    ds = open_result(url)
+    assert ds.sizes["covariate"] == 0 and ds["covariates"].shape == (3, 0)
+    np.testing.assert_array_equal(ds["pval"].values[:CHUNK], np.arange(CHUNK) / 100)
