@@ -10,9 +10,10 @@ Order of work, so that bad input never damages a store:
    (:class:`scdist.store.cells.CellWriter`). Any failure removes the temporary group, and a
    store created by this call is removed again.
 
-Reading an .h5ad or .zarr X touches only one block at a time (the indptr slice and the
-matching data/indices range of a CSR matrix, or a row block of a dense one), so files
-larger than memory ingest with memory bounded by ``chunk_cells`` plus obs.
+Reading an .h5ad or .zarr X touches one block at a time (the indptr slice and the matching
+data/indices range of a CSR matrix, or a row block of a dense one; the next block is read
+while the current one is written), so files larger than memory ingest with memory bounded
+by two blocks of ``chunk_cells`` plus obs.
 """
 from __future__ import annotations
 
