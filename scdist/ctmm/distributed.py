@@ -126,14 +126,14 @@ def fit_study(study, ds: xr.Dataset, cfg: FitConfig, *, client=None, gene_block=
     if existing is not None and existing != cfg_json and not overwrite:
         raise InputError(f"results/ctmm/{run} was written with other settings", field="run",
                          fix="pass overwrite=True to replace it, or choose another run name")
-    if existing != cfg_json or overwrite:
+    if existing != cfg_json:
         tmpl = _template(cfg, ds, chunk)
         tmpl.attrs.update(attrs)
         tmpl.attrs[CONFIG_ATTR] = cfg_json
         clear_markers(url)
         write_template(tmpl, url, {"gene": chunk})
         done = set()
-    else:
+    else:  # same settings: resume, skipping blocks whose marker exists
         done = done_set(url)
     todo = [sp for sp in spans if f"genes_{sp[0]}_{sp[1]}" not in done]
     if todo:
