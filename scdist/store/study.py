@@ -121,6 +121,23 @@ class Study:
                                     fix="run the stage that writes it first") from None
         return node
 
+    def clean_tmp(self) -> list[str]:
+        """Remove temporary groups left by writers that were killed (``_scdist_tmp/``).
+
+        Call only while no writer is active on this store (e.g. under the planner's store
+        lock). Returns the names removed.
+        """
+        from .cells import TMP_DIR
+
+        fs, root = _fs.filesystem(self.url, self.storage_options)
+        t = f"{root}/{TMP_DIR}"
+        try:
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(t, detail=False)]
+        except FileNotFoundError:
+            return []
+        fs.rm(t, recursive=True)
+        return sorted(n for n in names if n != "zarr.json")
+
     def result_url(self, method: str, run: str) -> str:
         """URL of ``results/<method>/<run>`` (the Dataset a method run writes)."""
         for name, v in (("method", method), ("run", run)):
