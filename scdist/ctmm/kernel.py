@@ -38,7 +38,7 @@ class FitConfig:
     n_restarts: int = 10
     jk_restarts: int = 2
     max_iter: int = 60
-    tol: float = 1e-7
+    tol: float = 1e-9
     seed: int = 0
     test_labels: tuple[str, ...] = field(default=())
 

@@ -76,7 +76,7 @@ def _take(rows, cand, st, sel, theta, ll, grad, AI, flat) -> None:
 
 
 def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_iter: int = 60,
-             tol: float = 1e-7, max_halvings: int = 12) -> FitResult:
+             tol: float = 1e-9, max_halvings: int = 12) -> FitResult:
     """AI-Newton from ``theta0`` (R, K); converged when the Newton decrement ``g' AI^{-1} g / 2``
     falls below ``tol`` (log-likelihood units). Rows whose AI steps needed repeated halving
     (typically near the positive-definiteness boundary with negative variance components)
