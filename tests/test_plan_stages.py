@@ -102,3 +102,21 @@ def test_ingest_input_errors_before_any_work(data, dask_client):
         scdist.plan(spec)
     assert ei.value.field == "stages.ingest.chunk_cells"
     assert not (tmp_path / "st.zarr").exists()
+
+
+def test_stage_after_a_rerunning_input_is_planned_on_the_new_input(data, dask_client):
+    from scdist.plan.runlog import list_runs
+
+    tmp_path, _, _ = data
+    scdist.run(_spec(tmp_path), client=dask_client, rich=False)
+    spec = _spec(tmp_path)
+    spec["stages"]["ingest"]["chunk_cells"] = 300
+    graph = scdist.plan(spec)
+    ingest, pb = graph.node("ingest"), graph.node("pseudobulk")
+    assert ingest.status == STALE and "config" in ingest.reason
+    assert pb.status == STALE and "recomputed in this run" in pb.reason
+    assert pb.plan.chunks is None and not pb.planned_on_inputs  # the old cells/ say nothing
+    res = scdist.run(spec, client=dask_client, rich=False)
+    assert res.ran == ["ingest", "pseudobulk"]
+    stages = {s["stage"]: s for s in list_runs(str(tmp_path / "st.zarr"))[-1]["stages"]}
+    assert stages["pseudobulk"]["chunks"] == 1  # planned again once the new cells existed

@@ -45,6 +45,7 @@ class StageNode:
     reason: str = ""
     done_chunks: int = 0
     input_hashes: dict[str, str | None] = field(default_factory=dict)
+    planned_on_inputs: bool = False  # planned seeing the inputs it will read (else re-plan before running)
 
     @property
     def name(self) -> str:
@@ -236,27 +237,29 @@ def build_graph(spec: Spec, *, check: bool = True) -> JobGraph:
                          else "run the stage producing it first"))
             deps[product] = None
             input_hashes[product] = marker.get("meta", {}).get("config_hash")
-        plan = stage.plan(study, s.config)
-        products = tuple(stage.products(s.config))
-        if plan.output_url is None and products:
-            plan.output_url = product_url(spec.store, products[0])
-        nodes.append(StageNode(spec=s, stage=stage, needs=needs, products=products, deps=deps,
-                               plan=plan, input_hashes=input_hashes))
+        nodes.append(StageNode(spec=s, stage=stage, needs=needs, products=tuple(stage.products(s.config)),
+                               deps=deps, plan=StagePlan(), input_hashes=input_hashes))
 
     order = _toposort(nodes)
     if exists:
         for node in order:
             node.status, node.reason = _status(node, spec.store)
-    # A stage reading a product that this run (re)computes is recomputed too, even when its
-    # recorded input hash matches: the data under that hash is being rewritten.
     by_name = {n.name: n for n in order}
     for node in order:
-        if node.status == DONE and any(d is not None and by_name[d].will_run for d in node.deps.values()):
+        upstream_runs = any(d is not None and by_name[d].will_run for d in node.deps.values())
+        # A stage reading a product that this run (re)computes is recomputed too, even when
+        # its recorded input hash matches: the data under that hash is being rewritten.
+        if node.status == DONE and upstream_runs:
             node.status, node.reason = STALE, "an input is recomputed in this run"
-    if check:
-        for node in order:
-            if node.will_run:
-                node.stage.check(node.config, study)
+        # ... and is planned and checked without the store's current content, which it will
+        # not see (the runner plans it again once its inputs exist).
+        view = None if upstream_runs else study
+        node.plan = node.stage.plan(view, node.config)
+        node.planned_on_inputs = view is not None or not node.deps
+        if node.plan.output_url is None and node.products:
+            node.plan.output_url = product_url(spec.store, node.products[0])
+        if check and node.will_run:
+            node.stage.check(node.config, view)
     return JobGraph(spec=spec, nodes=order, study_exists=exists)
 
 

@@ -114,11 +114,11 @@ def _run_stage(ctx: RunContext, node, record: RunRecord) -> float:
                     "inputs": node.input_hashes, "run_id": ctx.run_id}
     if record.store_exists():
         _mark(store, node.products, STARTED_MARKER, started_meta)
-        if node.plan.chunks is None:
-            # planned before an earlier stage of this run created its input: plan again
+        if not node.planned_on_inputs:
+            # planned before an earlier stage of this run wrote its inputs: plan again
             replanned = node.stage.plan(ctx.study, node.config)
             replanned.output_url = replanned.output_url or node.plan.output_url
-            node.plan = replanned
+            node.plan, node.planned_on_inputs = replanned, True
             record.stage(node.name, chunks=replanned.chunks)
     ctx.stage, ctx.plan, ctx.done_chunks = node.name, node.plan, node.done_chunks
     t0 = time.perf_counter()
