@@ -127,26 +127,45 @@ def _load_partial(study, url_path: str) -> kernel.Partial:
                             ("groups", "n", "mean", "m2", "counts")))
 
 
-def chunk_task(study, start: int, stop: int, donor: np.ndarray, celltype: np.ndarray,
-               n_celltypes: int, normalization: str, layer: str | None, scratch: str | None,
-               blocks: list[tuple[int, int]]) -> tuple[kernel.Partial, ...]:
-    """Partials of cells ``start:stop`` split into gene ``blocks`` (reloaded if saved)."""
+def chunk_task(study, start: int, stop: int, n_celltypes: int, normalization: str,
+               layer: str | None, scratch: str, blocks: list[tuple[int, int]]
+               ) -> tuple[kernel.Partial, ...]:
+    """Partials of cells ``start:stop`` split into gene ``blocks`` (reloaded if saved).
+
+    The cells' donor and cell type codes are read from ``<scratch>/codes`` (written once by
+    the driver), which keeps the task graph small however many cells there are.
+    """
     cid = f"cells-{start}-{stop}"
-    scratch_url = study.group_url(scratch) if scratch else None
-    if scratch_url and is_done(scratch_url, cid, storage_options=study.storage_options):
+    scratch_url = study.group_url(scratch)
+    so = study.storage_options
+    if is_done(scratch_url, cid, storage_options=so):
         p = _load_partial(study, f"{scratch}/{cid}")
     else:
+        codes = study.root[f"{scratch}/codes"]
+        donor, celltype = (np.asarray(codes[start:stop, k], dtype=np.int64) for k in (0, 1))
         counts = study.read_counts(start, stop)
         values = read_layer(study, layer, start, stop) if layer else None
         p = kernel.chunk_stats(counts, donor, celltype, n_celltypes,
                                normalization=normalization, values=values)
-        if scratch_url:
-            _save_partial(study, f"{scratch}/{cid}", p)
-            mark_done(scratch_url, cid, {"cells": stop - start},
-                      storage_options=study.storage_options)
+        _save_partial(study, f"{scratch}/{cid}", p)
+        mark_done(scratch_url, cid, {"cells": stop - start}, storage_options=so)
     if len(blocks) == 1:
         return (p,)
     return tuple(p.gene_slice(a, b) for a, b in blocks)
+
+
+def _save_codes(study, scratch: str, donor: np.ndarray, celltype: np.ndarray,
+                chunk_len: int) -> None:
+    """Write the per-cell (donor, celltype) codes for the chunk tasks (once per scratch key)."""
+    url = study.group_url(scratch)
+    if is_done(url, "codes", storage_options=study.storage_options):
+        return
+    g = study.root.require_group(scratch)
+    codes = np.stack([donor, celltype], axis=1).astype(np.int32)
+    a = g.create_array("codes", shape=codes.shape, dtype=codes.dtype,
+                       chunks=(max(1, chunk_len), 2), overwrite=True)
+    a[...] = codes
+    mark_done(url, "codes", storage_options=study.storage_options)
 
 
 def _pick(parts: tuple, j: int) -> kernel.Partial:
@@ -316,7 +335,7 @@ def compute_pseudobulk(study, *, client=None, min_cells: int = 10,
         _run_graph(study, client, chunks, donor, celltype, C, D, normalization, layer, scratch,
                    blocks, todo, split_every, min_cells, n_ic, out, genes, progress)
     mark_done(out_url, STAGE, {"params": params}, storage_options=so)
-    if not keep_partials and study.has(scratch):
+    if not keep_partials:
         _remove(study, SCRATCH)
     return out_url
 
@@ -348,9 +367,9 @@ def _run_graph(study, client, chunks, donor, celltype, C, D, normalization, laye
 
     from ..engines.dask import dask_client
 
+    _save_codes(study, scratch, donor, celltype, chunks[0][1] - chunks[0][0])
     chunk_parts = [dask.delayed(chunk_task, pure=False)(
-        study, a, b, donor[a:b], celltype[a:b], C, normalization, layer, scratch, blocks)
-        for a, b in chunks]
+        study, a, b, C, normalization, layer, scratch, blocks) for a, b in chunks]
     finals = []
     for j, a, b in todo:
         level = [dask.delayed(_pick)(p, j) for p in chunk_parts]
