@@ -57,7 +57,7 @@ def make_study(url: str, n_cells: int, n_genes: int, chunk: int) -> None:
     blocks = []
     for s in range(0, n_cells, 20000):  # build the CSR block-wise (dense only per block)
         m = min(20000, n_cells - s)
-        blocks.append(sp.csr_matrix(rng.poisson(base * 1500, (m, n_genes)).astype(np.int32)))
+        blocks.append(sp.csr_matrix(rng.poisson(base * 800, (m, n_genes)).astype(np.int32)))
     X = sp.vstack(blocks, format="csr")
     obs = pd.DataFrame({"donor": rng.choice([f"d{i}" for i in range(20)], n_cells),
                         "ct": rng.choice(["A", "B", "C"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
