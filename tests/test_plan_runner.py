@@ -380,3 +380,14 @@ def test_concurrent_run_on_same_store_is_refused_and_first_completes(stages, tmp
     np.testing.assert_array_equal(_data(tmp_store, "t_a"), np.arange(1, 21))
     res = scdist.run(spec, client=dask_client, rich=False)
     assert res.skipped == ["t_a"]
+
+
+def test_unreachable_scheduler_fails_before_any_stage(stages, tmp_store):
+    from scdist.errors import ClusterError
+
+    create_study(tmp_store)
+    with pytest.raises(ClusterError) as ei:
+        scdist.run(_spec(tmp_store, a={"n_chunks": 2}), dask_address="tcp://127.0.0.1:1", rich=False)
+    assert ei.value.field == "dask.address"
+    assert sum(WORK.values()) == 0 and not done_set(f"{tmp_store}/t_a")
+    assert list_runs(tmp_store)[-1]["status"] == "failed"

@@ -82,14 +82,17 @@ class RunContext:
         """Make sure Ray is initialised (an existing head by address, or a local one started
         now and shut down when the run ends); returns a context manager yielding ``ray`` so
         both ``ctx.ray()`` and ``with ctx.ray() as ray:`` work."""
+        import ray
+
         if not self._ray_started:
             from ..engines.ray import ray_session
 
             r = self.spec.ray
+            where = ("already initialised in this process" if ray.is_initialized() else
+                     f"head at {r.address}" if r.address else "local instance")
             self._stack.enter_context(ray_session(r.address, num_cpus=r.num_cpus))
             self._ray_started = True
-            self.log.info("ray: %s", f"head at {r.address}" if r.address else "local instance")
-        import ray
+            self.log.info("ray: %s", where)
 
         return contextlib.nullcontext(ray)
 

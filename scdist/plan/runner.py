@@ -85,20 +85,36 @@ def _execute(spec: Spec, graph: JobGraph, run_id: str, client, rich: bool | None
     record = RunRecord(spec.store, result.run_id, spec.source, [n.to_dict() for n in graph])
     log.info("run %s on %s: %s", result.run_id, spec.store,
              ", ".join(f"{n.name} [{n.status}]" for n in graph))
-    with RunContext(spec, client=client, run_id=result.run_id,
-                    progress=ProgressFactory(rich=rich), log=log) as ctx:
-        record.write()
-        for node in graph:
-            if node.status == DONE:
-                log.info("stage %s: already done, skipped", node.name)
-                result.skipped.append(node.name)
-                record.stage(node.name, action="skipped")
-                continue
-            seconds = _run_stage(ctx, node, record)
-            result.ran.append(node.name)
-            result.seconds[node.name] = seconds
-        record.finish("succeeded")
+    try:
+        with RunContext(spec, client=client, run_id=result.run_id,
+                        progress=ProgressFactory(rich=rich), log=log) as ctx:
+            record.write()
+            _connect_early(ctx, graph)
+            for node in graph:
+                if node.status == DONE:
+                    log.info("stage %s: already done, skipped", node.name)
+                    result.skipped.append(node.name)
+                    record.stage(node.name, action="skipped")
+                    continue
+                seconds = _run_stage(ctx, node, record)
+                result.ran.append(node.name)
+                result.seconds[node.name] = seconds
+    except BaseException as exc:
+        if record.doc["status"] == "running":  # failed outside a stage (e.g. cluster unreachable)
+            record.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    record.finish("succeeded")
     return result
+
+
+def _connect_early(ctx: RunContext, graph: JobGraph) -> None:
+    """Reach clusters given by address before any stage runs, so an unreachable address is
+    a ClusterError up front; embedded clusters still start only when a stage needs them."""
+    engines = {n.engine for n in graph if n.will_run}
+    if ctx.spec.dask.address and "dask" in engines:
+        ctx.client()
+    if ctx.spec.ray.address and "ray" in engines:
+        ctx.ray()
 
 
 def _run_stage(ctx: RunContext, node, record: RunRecord) -> float:
