@@ -87,6 +87,10 @@ def make_config(data: xr.Dataset, *, models, method, tests, covariates, random_e
                          fix="use a pseudobulk cube from scdist, or op=False")
     C = data.sizes["celltype"]
     N = data.sizes["donor"]
+    if C < 2:  # with one cell type, shared (hom2) and specific (V) variance are not identifiable
+        raise InputError(f"{C} cell type(s): CTMM separates cell type-shared from -specific "
+                         "variance and needs at least 2", field="celltype",
+                         fix="keep at least two cell types in the cube (check celltype_key / min_cells)")
     n_par = (C + 1) + len(re) + C + len(cov)
     if N <= n_par:
         raise InputError(f"{N} donors but the Free model has {n_par} parameters", field="donor",

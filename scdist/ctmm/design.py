@@ -40,6 +40,25 @@ class Problem:
     def rows(self) -> int:
         return self.y.shape[0]
 
+    @property
+    def all_observed(self) -> bool:
+        """No masked entry in any row (lets the likelihood skip masking)."""
+        v = self.__dict__.get("_all_obs")
+        if v is None:
+            v = bool(self.mask.all())
+            self.__dict__["_all_obs"] = v
+        return v
+
+    @property
+    def identity_design(self) -> bool:
+        """X is the identity in every block (CTP with cell type means only): W X = W."""
+        v = self.__dict__.get("_ident")
+        if v is None:
+            B, m, p = self.X.shape
+            v = bool(p == m and np.array_equal(self.X, np.broadcast_to(np.eye(m), self.X.shape)))
+            self.__dict__["_ident"] = v
+        return v
+
     def take(self, idx) -> "Problem":
         """The same problem restricted to rows ``idx``."""
         return replace(self, y=self.y[idx], nu=self.nu[idx], mask=self.mask[idx])

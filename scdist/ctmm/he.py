@@ -4,10 +4,12 @@ With ``M = I - X (X'X)^{-1} X'`` the OLS residual maker on the observed entries 
 ``e = M y``, HE regresses ``vec(e e' - M D M)`` on ``vec(M K_k M)`` (Chen & Dahl, Supplementary
 Note). The normal equations are
 
-    sum_l tr(M K_k M K_l) theta_l = e' K_k e - tr(K_k M D M),
+    sum_l tr(M K_k M K_l) theta_l = e' K_k e - sum_e nu_e (M K_k M)_ee,
 
-i.e. the REML information formula with ``W`` replaced by the diagonal observed-entry mask,
-so the same block code computes them in O(B m^3) per gene.
+The left side and ``diag(M K_k M)`` depend only on which entries are observed, not on the
+gene, so they are computed once per distinct mask pattern (one for a fully observed cube,
+N + 1 for a leave-one-donor-out jackknife) with the REML information formula where ``W`` is
+the diagonal observed-entry mask; per gene only residuals and dot products remain.
 """
 from __future__ import annotations
 
@@ -18,42 +20,55 @@ from .likelihood import trace_pkpk
 from .linalg import spd_inverse
 
 
+def _pattern_terms(mask: np.ndarray, X: np.ndarray, K: np.ndarray):
+    """For U mask patterns (U, B, m): A = tr(M K_k M K_l) (U, K, K), diag(M K_k M)
+    (U, K, B, m), (X' Dm X)^{-1} (U, p, p) and its positive-definiteness flag."""
+    U, B, m = mask.shape
+    mf = mask.astype(float)
+    idx = np.arange(m)
+    W0 = np.zeros((U, B, m, m))
+    W0[..., idx, idx] = mf
+    F0 = mf[..., None] * X                                         # (U, B, m, p)
+    p = X.shape[-1]
+    G0 = X.reshape(B * m, p).T @ F0.reshape(U, B * m, p)
+    G0inv, _, ok = spd_inverse(G0)
+    A = trace_pkpk(K, W0, F0, G0inv, reml=True)
+    Kb = np.broadcast_to(K, (K.shape[0], B, m, m))
+    Pi = F0 @ G0inv[:, None] @ F0.transpose(0, 1, 3, 2)            # (U, B, m, m)
+    Nk = np.einsum("ubxp,kbxy,ubyq->ukpq", F0, Kb, F0)
+    GNG = G0inv[:, None] @ Nk @ G0inv[:, None]                     # (U, K, p, p)
+    diag = (np.einsum("kbxx->kbx", Kb)[None] * mf[:, None]
+            - 2.0 * np.einsum("ubxy,kbyx->ukbx", Pi, Kb)
+            + np.einsum("ubxp,ukpq,ubxq->ukbx", F0, GNG, F0))
+    return A, diag * mf[:, None], G0inv, ok
+
+
 def he_fit(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
     """HE estimates ``theta`` (R, K) and OLS fixed effects (R, p) for every row."""
     mask = prob.mask
     R, B, m = mask.shape
-    mf = mask.astype(float)
     X = prob.X
     p = X.shape[-1]
-    idx = np.arange(m)
-    W0 = np.zeros((R, B, m, m))
-    W0[..., idx, idx] = mf
-    F0 = mf[..., None] * X                                     # (R, B, m, p)
-    X2 = X.reshape(B * m, p)
-    G0 = X2.T @ F0.reshape(R, B * m, p)
-    G0inv, _, ok = spd_inverse(G0)
+    pats, inv = np.unique(mask.reshape(R, B * m), axis=0, return_inverse=True)
+    inv = inv.ravel()
+    A, diag, G0inv, okp = _pattern_terms(pats.reshape(-1, B, m), X, prob.K)
+    mf = mask.astype(float)
     y = np.where(mask, prob.y, 0.0)
-    b_ols = np.einsum("rpq,rq->rp", G0inv, y.reshape(R, B * m) @ X2)
+    X2 = X.reshape(B * m, p)
+    b_ols = np.einsum("rpq,rq->rp", G0inv[inv], y.reshape(R, B * m) @ X2)
     e = (y - (b_ols @ X2.T).reshape(R, B, m)) * mf
-    A = trace_pkpk(prob.K, W0, F0, G0inv, reml=True)
-    nu = np.where(mask, prob.nu, 0.0)
-    # diagonal blocks of M D M = D - Pi D - D Pi + Pi D Pi, Pi = F0 G0^{-1} F0'
-    FG = F0 @ G0inv[:, None]                                   # (R, B, m, p)
-    Pi = FG @ F0.transpose(0, 1, 3, 2)                         # (R, B, m, m)
-    XDX = np.einsum("rbxp,rbx,rbxq->rpq", F0, nu, F0)
-    MDM = -Pi * nu[..., None, :] - Pi * nu[..., :, None]
-    MDM[..., idx, idx] += nu
-    MDM += FG @ XDX[:, None] @ FG.transpose(0, 1, 3, 2)
-    T = e[..., :, None] * e[..., None, :] - MDM
     Kc, Bk = prob.K.shape[:2]
     if Bk == 1:
-        b = T.sum(axis=1).reshape(R, m * m) @ prob.K.reshape(Kc, m * m).T
+        ee = np.einsum("rbx,rby->rxy", e, e)
+        eKe = ee.reshape(R, m * m) @ prob.K.reshape(Kc, m * m).T
     else:
-        b = np.einsum("rbxy,kbxy->rk", T, prob.K)
+        eKe = np.einsum("rbx,kbxy,rby->rk", e, prob.K, e)
+    nu = np.where(mask, prob.nu, 0.0)
+    b = eKe - np.einsum("rbx,rkbx->rk", nu, diag[inv])
     with np.errstate(all="ignore"):
         try:
-            theta = np.linalg.solve(A, b[..., None])[..., 0]
+            theta = np.linalg.solve(A[inv], b[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            theta = np.stack([np.linalg.lstsq(a, v, rcond=None)[0] for a, v in zip(A, b)])
-    theta[~ok] = np.nan
+            theta = np.stack([np.linalg.lstsq(a, v, rcond=None)[0] for a, v in zip(A[inv], b)])
+    theta[~okp[inv]] = np.nan
     return theta, b_ols

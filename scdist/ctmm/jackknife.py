@@ -14,7 +14,7 @@ from .he import he_fit
 from .likelihood import evaluate
 from .optimize import maximize_with_restarts
 
-_ROW_BUDGET = 6_000_000  # elements of one (rows, B, m, m) array per chunk
+_ROW_BUDGET = 1_500_000  # elements of one (rows, B, m, m) array per chunk (cache-sized)
 
 
 def donor_weights(prob: Problem, layout: Layout) -> np.ndarray:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Problem
-from .linalg import spd_inverse
+from .linalg import _SMALL, spd_inverse, spd_inverse_soa
 
 LOG2PI = float(np.log(2.0 * np.pi))
 # Covariance blocks closer to singular than this (Cholesky pivot / largest variance) count as
@@ -41,11 +41,20 @@ class State:
     loglik: np.ndarray    # (R,) -inf where not ok
     beta: np.ndarray      # (R, p) GLS fixed effects
     Hinv: np.ndarray      # (R, p, p) (X' W X)^{-1}, the GLS covariance of beta
-    W: np.ndarray         # (R, B, m, m)
-    F: np.ndarray         # (R, B, m, p)  W X
+    W: np.ndarray | None  # (R, B, m, m)
+    F: np.ndarray | None  # (R, B, m, p)  W X
     s: np.ndarray         # (R, B, m)     P y = W r
     grad: np.ndarray | None = None   # (R, K)
     ai: np.ndarray | None = None     # (R, K, K)
+    Ws: np.ndarray | None = None     # (m, m, R, B) same W, structure-of-arrays (fast path)
+    Fs: np.ndarray | None = None     # (R, m, B, p) same F (fast path)
+
+    def aos(self) -> "State":
+        """Fill ``W``/``F`` in the (R, B, m, m) layout from the fast path's arrays."""
+        if self.W is None and self.Ws is not None:
+            self.W = np.ascontiguousarray(self.Ws.transpose(2, 3, 0, 1))
+            self.F = np.ascontiguousarray(self.Fs.transpose(0, 2, 1, 3))
+        return self
 
 
 def _mask2(mask: np.ndarray) -> np.ndarray:
@@ -69,30 +78,135 @@ def covariance(prob: Problem, theta: np.ndarray) -> np.ndarray:
     return S
 
 
+def _evaluate_shared(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bool,
+                     want_ai: bool) -> State:
+    """:func:`evaluate` when every block shares the basis (no extra random effects) and blocks
+    are small: every per-block quantity is kept as m x m separate (R, B) arrays, so the work
+    is elementwise numpy over all genes and donors plus BLAS reductions over donors, instead
+    of many tiny matrix products."""
+    R = theta.shape[0]
+    B, m, p = prob.X.shape
+    Ws, logdet, okb = _inverse_shared(prob, theta)
+    full = prob.all_observed
+    if not full:
+        mf = np.moveaxis(prob.mask, 2, 0).astype(float)           # (m, R, B)
+        for x in range(m):
+            Ws[x, x] -= 1.0 - mf[x]
+    ok = okb.all(axis=1)
+    X = prob.X
+    ys = np.moveaxis(prob.y, 2, 0)                                # (m, R, B)
+    if not full:
+        ys = ys * mf
+    # F[r, x, b, :] = sum_y W[x, y] X[b, y, :]
+    Fs = np.zeros((R, m, B, p))
+    if prob.identity_design:
+        for x in range(m):
+            for y in range(m):
+                Fs[:, x, :, y] = Ws[x, y]
+    else:
+        for x in range(m):
+            for y in range(m):
+                Fs[:, x] += Ws[x, y][..., None] * X[None, :, y, :]
+    H = np.zeros((R, p, p))
+    c = np.zeros((R, p))
+    for x in range(m):
+        Xx = X[:, x, :]                                           # (B, p)
+        H += Xx.T @ Fs[:, x]
+        c += sum(Ws[x, y] * ys[y] for y in range(m)) @ Xx
+    Hinv, logdetH, okH = spd_inverse(H)
+    ok &= okH
+    beta = np.einsum("rpq,rq->rp", Hinv, c)
+    rs = np.stack([ys[x] - beta @ X[:, x, :].T for x in range(m)])  # (m, R, B)
+    if not full:
+        rs *= mf
+    ss = np.stack([sum(Ws[x, y] * rs[y] for y in range(m)) for x in range(m)])
+    quad = np.einsum("xrb,xrb->r", ss, rs)
+    n = prob.mask.sum(axis=(1, 2))
+    logdet_sum = logdet.sum(axis=1)
+    if reml:
+        ll = -0.5 * ((n - p) * LOG2PI + logdet_sum + logdetH + quad)
+    else:
+        ll = -0.5 * (n * LOG2PI + logdet_sum + quad)
+    ll = np.where(ok, ll, -np.inf)
+    st = State(theta=theta, ok=ok, loglik=ll, beta=beta, Hinv=Hinv, W=None, F=None,
+               s=np.moveaxis(ss, 0, 2), Ws=Ws, Fs=Fs)
+    if not (want_grad or want_ai):
+        return st
+    K = prob.K[:, 0]                                              # (Kc, m, m)
+    Kc = K.shape[0]
+    if want_grad:
+        s_rmb = np.ascontiguousarray(ss.transpose(1, 0, 2))       # (R, m, B)
+        Sm = Ws.sum(axis=-1).transpose(2, 0, 1) - s_rmb @ s_rmb.transpose(0, 2, 1)
+        if reml:
+            FH = (Fs.reshape(R, m * B, p) @ Hinv).reshape(R, m, B * p)
+            Sm = Sm - FH @ Fs.reshape(R, m, B * p).transpose(0, 2, 1)
+        g = -0.5 * (Sm.reshape(R, m * m) @ K.reshape(Kc, m * m).T)
+        st.grad = np.where(ok[:, None], g, 0.0)
+    if want_ai:
+        u = (K.reshape(Kc * m, m) @ ss.reshape(m, R * B)).reshape(Kc, m, R, B)
+        Wu = np.empty_like(u)
+        for x in range(m):
+            Wu[:, x] = sum(Ws[x, y] * u[:, y] for y in range(m))
+        u2 = np.ascontiguousarray(u.transpose(2, 0, 1, 3)).reshape(R, Kc, m * B)
+        Wu2 = np.ascontiguousarray(Wu.transpose(2, 1, 3, 0)).reshape(R, m * B, Kc)
+        A = u2 @ Wu2
+        if reml:
+            Fu = u2 @ Fs.reshape(R, m * B, p)
+            A = A - Fu @ Hinv @ Fu.transpose(0, 2, 1)
+        st.ai = 0.5 * A
+    return st
+
+
+def _inverse_shared(prob: Problem, theta: np.ndarray):
+    """W = Sigma^{-1} for a basis shared by all blocks, built and inverted entry-wise
+    (structure of arrays) without materialising Sigma in the (R, B, m, m) layout."""
+    K = prob.K
+    Kc, _, m, _ = K.shape
+    A = theta @ K.reshape(Kc, m * m)                  # (R, m*m)
+    R, B = prob.nu.shape[:2]
+    a = np.empty((m, m, R, B))
+    full = prob.all_observed
+    mf = None if full else prob.mask.astype(float)
+    for i in range(m):
+        for j in range(i + 1):
+            v = np.broadcast_to(A[:, i * m + j, None], (R, B))
+            if i == j:
+                v = v + prob.nu[:, :, i]
+            if not full:
+                v = v * (mf[:, :, i] * mf[:, :, j])
+                if i == j:
+                    v = v + (1.0 - mf[:, :, i])
+            a[i, j] = v
+    return spd_inverse_soa(a, RCOND)
+
+
 def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bool = True,
              ai: bool = True) -> State:
     """Log-likelihood (and gradient / AI matrix) of ``method`` ("ml" or "reml") at ``theta``."""
     theta = np.asarray(theta, float)
+    if prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL:
+        return _evaluate_shared(prob, theta, method == "reml", grad, ai)
     R = theta.shape[0]
     reml = method == "reml"
     mask = prob.mask
-    S = covariance(prob, theta)
-    W, logdet, okb = spd_inverse(S, RCOND)
-    idx = np.arange(W.shape[-1])
-    W[..., idx, idx] -= ~mask                         # drop the identity placed on masked entries
+    W, logdet, okb = spd_inverse(covariance(prob, theta), RCOND)
+    if not prob.all_observed:
+        idx = np.arange(W.shape[-1])
+        W[..., idx, idx] -= ~mask                     # drop the identity placed on masked entries
     ok = okb.all(axis=1)
     B, m, p = prob.X.shape
     X2 = prob.X.reshape(B * m, p)
-    F = W @ prob.X                                    # (R, B, m, p)
+    F = W.copy() if prob.identity_design else W @ prob.X   # (R, B, m, p)
     H = X2.T @ F.reshape(R, B * m, p)                 # (R, p, p)
-    y = np.where(mask, prob.y, 0.0)
+    y = prob.y if prob.all_observed else np.where(mask, prob.y, 0.0)
     Wy = np.einsum("rbxy,rby->rbx", W, y)
     c = (Wy.reshape(R, B * m) @ X2)                   # (R, p)
     Hinv, logdetH, okH = spd_inverse(H)
     ok &= okH
     beta = np.einsum("rpq,rq->rp", Hinv, c)
     r = y - (beta @ X2.T).reshape(R, B, m)
-    r = np.where(mask, r, 0.0)
+    if not prob.all_observed:
+        r = np.where(mask, r, 0.0)
     s = np.einsum("rbxy,rby->rbx", W, r)
     quad = np.einsum("rbx,rbx->r", s, r)
     n = mask.sum(axis=(1, 2))
@@ -153,6 +267,7 @@ def _derivatives(prob: Problem, st: State, reml: bool, want_grad: bool, want_ai:
 
 def fisher(prob: Problem, st: State, method: str = "reml") -> np.ndarray:
     """Expected information ``1/2 tr(P K_k P K_l)`` (REML) or ``1/2 tr(W K_k W K_l)`` (ML)."""
+    st.aos()
     return 0.5 * trace_pkpk(prob.K, st.W, st.F, st.Hinv, reml=(method == "reml"))
 
 

@@ -31,16 +31,29 @@ def spd_inverse(A: np.ndarray, rcond: float = 0.0) -> tuple[np.ndarray, np.ndarr
 def _spd_inverse_small(A: np.ndarray, rcond: float = 0.0):
     m = A.shape[-1]
     batch = A.shape[:-2]
-    a = np.moveaxis(A, (-2, -1), (0, 1)).reshape(m, m, -1)
-    a = np.ascontiguousarray(a)
-    n = a.shape[-1]
-    ok = np.ones(n, bool)
+    a = np.ascontiguousarray(np.moveaxis(A, (-2, -1), (0, 1))).reshape(m, m, -1)
+    W, logdet, ok = spd_inverse_soa(a, rcond)
+    W = np.moveaxis(W.reshape((m, m) + batch), (0, 1), (-2, -1))
+    return W, logdet.reshape(batch), ok.reshape(batch)
+
+
+def spd_inverse_soa(a: np.ndarray, rcond: float = 0.0):
+    """:func:`spd_inverse` on a structure-of-arrays stack ``a[i, j, ...]`` (m, m, *batch).
+
+    Only the lower triangle of ``a`` is read. Returns ``W`` in the same layout.
+    """
+    m = a.shape[0]
+    batch = a.shape[2:]
+    ok = np.ones(batch, bool)
     L = [[None] * m for _ in range(m)]
     inv_diag = [None] * m
-    logdet = np.zeros(n)
+    logdet = np.zeros(batch)
     floor = 0.0
     if rcond > 0:
-        floor = rcond * np.max(np.stack([np.abs(a[j, j]) for j in range(m)]), axis=0)
+        floor = np.abs(a[0, 0])
+        for j in range(1, m):
+            floor = np.maximum(floor, np.abs(a[j, j]))
+        floor = rcond * floor
     for j in range(m):
         d = a[j, j].copy()
         for k in range(j):
@@ -67,7 +80,7 @@ def _spd_inverse_small(A: np.ndarray, rcond: float = 0.0):
                 v = v + L[i][k] * M[k][j]
             M[i][j] = -v * inv_diag[i]
     # W = M^T M (symmetric).
-    W = np.empty((m, m, n))
+    W = np.empty((m, m) + batch)
     for i in range(m):
         for j in range(i, m):
             k0 = max(i, j)
@@ -79,10 +92,9 @@ def _spd_inverse_small(A: np.ndarray, rcond: float = 0.0):
                 W[j, i] = v
     bad = ~ok
     if bad.any():
-        W[:, :, bad] = np.eye(m)[:, :, None]
+        W[:, :, bad] = np.eye(m).reshape((m, m) + (1,))
         logdet[bad] = 0.0
-    W = np.moveaxis(W.reshape((m, m) + batch), (0, 1), (-2, -1))
-    return W, logdet.reshape(batch), ok.reshape(batch)
+    return W, logdet, ok
 
 
 def _spd_inverse_lapack(A: np.ndarray, rcond: float = 0.0):
