@@ -23,12 +23,20 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(1)
 from scdist.store import open_study
 from scdist.vae.data import as_source, CellLoader
 from scdist.vae.ldvae import LDVAEModule
 url, steps = sys.argv[1], int(sys.argv[2])
+
+
+def peak_mib():
+    # VmHWM of this process image (ru_maxrss would carry over the parent's peak across fork+exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 src = as_source(open_study(url))
 loader = CellLoader(src, {}, batch_size=256, buffer_chunks=4, seed=0)
 module = LDVAEModule(src.n_genes, 10)
@@ -40,7 +48,7 @@ for i, b in enumerate(loader):
     n += b["x"].shape[0]
 dt = time.perf_counter() - t0
 print(json.dumps({"cells_streamed": n, "seconds": dt,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_mib()}))
 """
 
 
