@@ -155,8 +155,9 @@ class VAEModel:
         source, cats = self._resolve(data)
         loader = CellLoader(source, cats, batch_size=1024, split=split, shuffle=False,
                             val_fraction=self.train_config["val_fraction"], split_seed=self.train_config["seed"])
-        torch.manual_seed(0)
-        return _eval(self.module, loader)
+        with torch.random.fork_rng(devices=[]):  # fixed draws, the caller's RNG left alone
+            torch.manual_seed(0)
+            return _eval(self.module, loader)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
