@@ -131,9 +131,19 @@ def fig5(seeds, em_iters, settings):
 
 
 def _load(prefix):
+    """Rows of the finished runs (JSON), plus the per-run lines a still-running section has printed."""
     rows = []
     for f in sorted(OUT.glob(f"ursm_{prefix}*.json")):
         rows += json.loads(f.read_text())
+    seen = {json.dumps({k: r.get(k) for k in ("seed", "config", "K_sc", "K_bulk", "N")}) for r in rows}
+    for f in sorted(OUT.glob(f"ursm_{prefix}*.log")):
+        for line in f.read_text().splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                key = json.dumps({k: r.get(k) for k in ("seed", "config", "K_sc", "K_bulk", "N")})
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(r)
     return rows
 
 
@@ -154,7 +164,8 @@ def summary():
         print(f"| L1(W) (sum over 150 × 3 entries) | - | - | {_ms([r['joint_W'] for r in f2])} | - |")
         print(f"| dropout AUC (zeros; label S = 0) | NMF rank 3: {_ms([r['nmf_auc'] for r in f2])} | "
               f"{_ms([r['sc_only_auc'] for r in f2])} | {_ms([r['joint_auc'] for r in f2])} | URSM > NMF (Fig. 4a) |")
-        print(f"| first EM iteration with L1(A) ≤ 0.17 | - | - | {_ms([first_below(r['joint_trace']) for r in f2])} | - |")
+        firsts = [first_below(r["joint_trace"]) for r in f2 if "joint_trace" in r]
+        print(f"| first EM iteration with L1(A) ≤ 0.17 | - | - | {', '.join(map(str, firsts))} | - |")
         print()
     cv = _load("convergence")
     if cv:
@@ -163,7 +174,7 @@ def summary():
         print("|---|---|---|---|---|---|---|---|")
         for name in dict.fromkeys(r["config"] for r in cv):
             rs = [r for r in cv if r["config"] == name]
-            at = lambda t: _ms([r["trace"][t - 1] for r in rs if len(r["trace"]) >= t])  # noqa: E731
+            at = lambda t: _ms([r["trace"][t - 1] for r in rs if len(r.get("trace", [])) >= t])  # noqa: E731
             firsts = [r["first_le_0.17"] for r in rs]
             fs = ", ".join("never" if v is None else str(v) for v in firsts)
             print(f"| {name} | {len(rs)} | {at(10)} | {at(20)} | {at(30)} | {at(60)} | {fs} | "

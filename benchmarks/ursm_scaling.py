@@ -46,7 +46,7 @@ def main():
     print(f"| in-process | - | {base:.2f} | 1.00 | - |", flush=True)
     for n in a.actors:
         t0 = time.perf_counter()
-        ds = fit(sim.Y, sim.cell_types, sim.X, engine="ray", n_actors=n, min_ray_entries=0, **kw)
+        ds = fit(sim.Y, sim.cell_types, sim.X, engine="ray", n_actors=n, min_ray_entries=0, ray_timeout=3600, **kw)
         t = (time.perf_counter() - t0) / a.iters
         same = np.array_equal(ds.A.values, ref.A.values)
         print(f"| ray | {n} | {t:.2f} | {base / t:.2f} | {same} |", flush=True)
