@@ -2,6 +2,8 @@
 per-chunk markers, saved model), rerun skips, spec errors name the key, CLI verbs exist."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -53,10 +55,22 @@ def test_stages_write_results(h5ad, tmp_store, dask_client):
     study = open_study(tmp_store)
     np.testing.assert_allclose(model.latent("u", study).values, mr.u.values, rtol=1e-5, atol=1e-6)
     assert sorted(model.samples) == sorted(a.obs["sample"].unique())
-    import os
     assert os.path.exists(f"{tmp_store}/results/mrvi/r1/checkpoints/latest.json")
     again = run(spec, client=dask_client)
     assert again.ran == [] and set(again.skipped) == {"ingest", "ldvae", "mrvi"}
+
+    # an interrupted stage (one latent chunk lost, no stage marker) resumes: the saved model
+    # is reused (no retraining) and only the missing chunk is rewritten
+    from scdist.store.markers import clear_markers
+    url = f"{tmp_store}/results/ldvae/default"
+    before = ld.z.values.copy()
+    clear_markers(url, ["cells-000001", "__stage__"])
+    ck = f"{url}/checkpoints/latest.json"
+    mtime = os.path.getmtime(ck)
+    resumed = run(spec, client=dask_client)
+    assert resumed.ran == ["ldvae"]
+    assert os.path.getmtime(ck) == mtime  # no training happened
+    np.testing.assert_array_equal(xr.open_zarr(url, consolidated=False).z.values, before)
 
 
 def test_spec_errors_name_the_key(h5ad, tmp_store, dask_client):

@@ -67,7 +67,7 @@ def prepare_results(ctx, method: str, run: str, cell_vars: dict[str, tuple[int, 
 
     study = ctx.study
     url = study.result_url(method, run)
-    if is_done(url, "template"):
+    if is_done(url, "__template__"):
         return url
     chunks = study.cell_chunks
     csize = int(chunks[0][1] - chunks[0][0])
@@ -84,7 +84,7 @@ def prepare_results(ctx, method: str, run: str, cell_vars: dict[str, tuple[int, 
               **{d: np.array([str(i) for i in range(n)], dtype=object) for d, n in lat_dims.items()}}
     tmpl = xr.Dataset(data, coords=coords, attrs={"method": method, "run": run})
     write_template(tmpl, url, {"cell": csize})
-    mark_done(url, "template")
+    mark_done(url, "__template__")
     return url
 
 
@@ -100,7 +100,7 @@ def write_vae_results(ctx, model, url: str, latent_fns: dict, gene_vars: dict | 
     chunks = [(int(a), int(b)) for a, b in study.cell_chunks]
     cells = np.asarray(study.obs().index.astype(str), dtype=object)
     done = done_set(url)
-    if "model" not in done:
+    if "__model__" not in done:
         if gene_vars:
             write_region(xr.Dataset(gene_vars), url, {"gene": slice(0, study.n_genes)})
         h = model.history
@@ -111,7 +111,7 @@ def write_vae_results(ctx, model, url: str, latent_fns: dict, gene_vars: dict | 
                           attrs={"best_epoch": int(h.best_epoch), "stopped_early": bool(h.stopped_early)})
         hist.to_zarr(f"{url}/history", mode="w", consolidated=False, zarr_format=3)
         model.save(f"{url}/model")
-        mark_done(url, "model", {"best_epoch": int(h.best_epoch), "epochs": len(h.epoch)})
+        mark_done(url, "__model__", {"best_epoch": int(h.best_epoch), "epochs": len(h.epoch)})
     with ctx.progress(f"{model.method} latent chunks", len(chunks)) as bar:
         for i, (a, b) in enumerate(chunks):
             cid = f"cells-{i:06d}"
@@ -129,7 +129,7 @@ def trained_model(url: str, cls, train):
     """The model saved by an earlier, interrupted run of this stage, or a newly trained one."""
     from ...store.markers import is_done
 
-    if is_done(url, "model"):
+    if is_done(url, "__model__"):
         return cls.load(f"{url}/model")
     return train()
 
