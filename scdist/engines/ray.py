@@ -25,6 +25,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     kwargs = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     if address:
         from ..errors import ClusterError
+        _probe(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError) as exc:
@@ -36,3 +37,26 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         yield
     finally:
         ray.shutdown()
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when a ``host:port`` / ``ray://host:port`` head does not answer at all.
+
+    ``ray.init`` keeps retrying an unreachable GCS for a minute or more; one TCP connect
+    tells a typo or a stopped head apart within seconds. ``auto`` is left to Ray.
+    """
+    import socket
+
+    from ..errors import ClusterError
+
+    hostport = address.split("://", 1)[-1]
+    if hostport in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"cannot reach Ray at {address!r}: {exc}", field="ray.address",
+                           fix="start a head with `ray start --head` or correct the address "
+                               "(also --ray-address / SCDIST_RAY_ADDRESS)") from exc

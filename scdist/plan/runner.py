@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .context import RunContext, new_run_id
+from .failures import translate
 from .graph import DONE, PARTIAL, STALE, JobGraph, build_graph, product_url
 from .lock import StoreLock
 from .progress import ProgressFactory, configure_logging
@@ -72,10 +73,15 @@ def run(spec: "str | Mapping | Spec", client=None, *, store: str | None = None,
     graph = build_graph(spec)
     lock = StoreLock(spec.store, run_id)
     if any(n.will_run for n in graph):
-        lock.acquire()  # StoreLockedError if another run is writing this store
+        try:
+            lock.acquire()  # StoreLockedError if another run is writing this store
+        except OSError as exc:  # read-only or full volume: say so before any work
+            raise (translate(exc, spec.store) or exc) from exc
         graph = build_graph(spec)  # plan again: that run may have finished stages meanwhile
     try:
         return _execute(spec, graph, run_id, client, rich)
+    except OSError as exc:  # the store failed outside a stage's own work (e.g. writing markers)
+        raise (translate(exc, spec.store) or exc) from exc
     finally:
         lock.release()
 
@@ -88,7 +94,10 @@ def _execute(spec: Spec, graph: JobGraph, run_id: str, client, rich: bool | None
     try:
         with RunContext(spec, client=client, run_id=result.run_id,
                         progress=ProgressFactory(rich=rich), log=log) as ctx:
-            record.write()
+            try:
+                record.write()
+            except OSError as exc:
+                raise (translate(exc, spec.store) or exc) from exc
             _connect_early(ctx, graph)
             for node in graph:
                 if node.status == DONE:
@@ -143,9 +152,16 @@ def _run_stage(ctx: RunContext, node, record: RunRecord) -> float:
     except BaseException as exc:
         if record.store_exists():  # the stage may have created the store: say whose chunks these are
             _mark(store, node.products, STARTED_MARKER, started_meta)
-        error = f"{type(exc).__name__}: {exc}"
-        record.stage(node.name, action="failed", seconds=round(time.perf_counter() - t0, 3), error=error)
-        record.finish("failed", error=f"stage {node.name}: {error}")
+        # storage / damaged-chunk failures from deep inside the stage, said plainly
+        friendly = translate(exc, store, stage=node.name, inputs=tuple(node.deps))
+        error = f"{type(friendly or exc).__name__}: {friendly or exc}"
+        try:
+            record.stage(node.name, action="failed", seconds=round(time.perf_counter() - t0, 3), error=error)
+            record.finish("failed", error=f"stage {node.name}: {error}")
+        except OSError:
+            pass  # the store itself failed (full, read-only): the error raised below says so
+        if friendly is not None:
+            raise friendly from exc
         raise
     seconds = time.perf_counter() - t0
     ctx.refresh()

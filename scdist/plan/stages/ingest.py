@@ -59,6 +59,14 @@ class IngestStage(Stage):
                 raise InputError(f"no such file or directory: {p}", field=f"stages.ingest.{field}",
                                  fix="check the path (relative paths are relative to the current directory)")
 
+        _preflight(cfg)
+
+    def reset(self, store_url: str, cfg: IngestConfig) -> None:
+        # Nothing to clear: ingest publishes cells/ (and bulk/) whole, markers and all, so until
+        # the new group is in place the old one stays complete and marked. Clearing its markers
+        # first would make a failed ingest (bad input) cost every downstream result.
+        return None
+
     def plan(self, study, cfg: IngestConfig) -> StagePlan:
         what = f"{_kind(cfg.path)} {cfg.path}" + (f" + bulk {cfg.bulk}" if cfg.bulk else "")
         return StagePlan(chunk_desc=f"stream {what} in blocks of {cfg.chunk_cells:,} cells "
@@ -79,3 +87,45 @@ class IngestStage(Stage):
                 ctx.log.info("bulk genes: kept %d, dropped %d single-cell-only and %d bulk-only",
                              report["n_kept"], report["n_dropped_sc"], report["n_dropped_bulk"])
                 bar.update(1)
+
+
+def _preflight(cfg: IngestConfig) -> None:
+    """The checks ingest makes on obs, var and the bulk genes, done when the run is planned
+    (reads obs and var only, not X), so bad metadata fails before any stage writes."""
+    if "://" in cfg.path or cfg.layer is not None:
+        return  # remote inputs and layers: checked by ingest itself, still before it writes
+    from anndata.io import read_elem
+
+    from ...store import validate
+
+    if _kind(cfg.path) == "h5ad":
+        import h5py
+
+        try:
+            f = h5py.File(cfg.path, "r")
+        except OSError as exc:
+            raise InputError(f"{cfg.path} is not a readable .h5ad (HDF5) file: {exc}",
+                             field="stages.ingest.path", fix="pass an AnnData .h5ad file") from exc
+        with f:
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
+    else:
+        import zarr
+
+        root = zarr.open_group(cfg.path, mode="r")
+        obs, var = read_elem(root["obs"]), read_elem(root["var"])
+    genes = validate.check_gene_names(var.index.to_numpy())
+    donors = obs[cfg.donor_key] if cfg.donor_key in obs else None
+    if donors is not None and hasattr(donors, "cat"):
+        empty = sorted(set(map(str, donors.cat.categories)) - set(map(str, donors.unique())))
+        if empty:  # a listed donor without cells would enter every per-donor table as all-missing
+            raise InputError(f"{len(empty)} donor(s) are listed but have no cells: {empty[:5]}",
+                             field=f"obs[{cfg.donor_key!r}]",
+                             fix=f"drop them first: adata.obs[{cfg.donor_key!r}] = "
+                                 f"adata.obs[{cfg.donor_key!r}].cat.remove_unused_categories()")
+    validate.check_obs(obs, donor_key=cfg.donor_key, celltype_key=cfg.celltype_key,
+                       batch_key=cfg.batch_key, covariates=cfg.covariates)
+    if cfg.bulk and "://" not in cfg.bulk:
+        from ...store.ingest import _read_bulk_table  # the parser ingest_bulk itself uses
+
+        _, _, bulk_genes = _read_bulk_table(cfg.bulk, cfg.bulk_orientation, None)
+        validate.intersect_genes(list(genes), [str(g) for g in bulk_genes])
