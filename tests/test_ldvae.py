@@ -187,3 +187,11 @@ def test_sparse_nb_matches_dense():
     for theta in (torch.rand(30) * 5 + 0.1, torch.rand(40, 30) * 5 + 0.1):
         dense = log_nb(b["x"], torch.exp(log_mu), theta).sum(-1)
         np.testing.assert_allclose(log_nb_cells(b, log_mu, theta).numpy(), dense.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_checkpoints_of_other_settings_are_refused(programs, tmp_path):
+    adata, _ = programs
+    ck = str(tmp_path / "ck")
+    train_ldvae(adata, n_latent=3, max_epochs=1, n_hidden=16, checkpoint_dir=ck)
+    with pytest.raises(InputError, match=r"\[checkpoint_dir\]"):
+        train_ldvae(adata, n_latent=4, max_epochs=1, n_hidden=16, checkpoint_dir=ck)

@@ -45,13 +45,13 @@ def _train_loop(config: dict) -> None:
             ray.train.report(metrics)
 
     fit(module, train, val, cfg, checkpoints=CheckpointDir(config["checkpoint_dir"]), rank=rank,
-        device=device, wrap=wrap, report=report)
+        device=device, wrap=wrap, report=report, fingerprint=config.get("fingerprint"))
 
 
 def train_distributed(*, module_path: str, module_kwargs: dict, source, covariates: dict, config,
                       checkpoint_dir: str | None, num_workers: int = 2, use_gpu: bool = False,
                       run_name: str = "scdist-vae", storage_path: str | None = None,
-                      timeout_s: float | None = None, cpus_per_worker: float = 1.0):
+                      timeout_s: float | None = None, cpus_per_worker: float = 1.0, fingerprint: str | None = None):
     """Train under ``TorchTrainer``; returns (best state_dict, History) read from the checkpoints.
 
     ``checkpoint_dir``: where the epochs' checkpoints go (a study's results/<model>/<run>/checkpoints);
@@ -73,14 +73,18 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
         local = "://" not in checkpoint_dir or checkpoint_dir.startswith("file://")
         base = checkpoint_dir.replace("file://", "") if local else tempfile.mkdtemp(prefix="scdist-ray-")
         storage_path = os.path.abspath(os.path.join(base, os.pardir, "ray"))
-    def finished_state():
+    def saved_state():
         state = CheckpointDir(checkpoint_dir).load_latest()
         if state is None:
             return None
         best = state["best_state"] if state["best_state"] is not None else state["module"]
-        return best, History(**state["history"]), state["finished"]
+        return best, History(**state["history"]), state["finished"], state.get("fingerprint")
 
-    done = finished_state()
+    done = saved_state()
+    if done is not None and fingerprint is not None and done[3] not in (None, fingerprint):
+        from ..errors import InputError
+        raise InputError(f"{checkpoint_dir} holds checkpoints of a run with other settings", field="checkpoint_dir",
+                         fix="use another run name / checkpoint_dir, or delete that directory to start over")
     if done is not None and done[2]:  # a finished run: nothing to train, no workers to start
         return done[:2]
     with ray_session():
@@ -100,7 +104,8 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"module_path": module_path, "module_kwargs": module_kwargs, "source": source,
-                               "covariates": covariates, "config": config, "checkpoint_dir": checkpoint_dir},
+                               "covariates": covariates, "config": config, "checkpoint_dir": checkpoint_dir,
+                               "fingerprint": fingerprint},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(name=run_name, storage_path=storage_path),
@@ -114,7 +119,7 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
                                    fix="raise timeout_s, or check that no other actors hold the CPUs") from exc
         if getattr(result, "error", None) is not None:
             raise result.error
-    done = finished_state()
+    done = saved_state()
     if done is None:
         raise ClusterError("Ray Train finished without a checkpoint", field="checkpoint_dir",
                            fix="check the Ray worker logs")

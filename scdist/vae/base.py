@@ -91,6 +91,7 @@ class VAEModel:
             raise InputError(f"only {n_train} training cells for batch_size={cfg.batch_size}", field="batch_size",
                              fix="lower batch_size or pass more cells")
         cfg = cfg.resolve(n_train)
+        fingerprint = settings_fingerprint(module_kwargs, cfg, keys, source)
         ckpt_url = engine.get("checkpoint_dir")
         if ckpt_url is None and hasattr(data, "result_url"):
             ckpt_url = f"{data.result_url(cls.method, engine.get('run_name', 'default'))}/checkpoints"
@@ -106,11 +107,11 @@ class VAEModel:
                 module_path=cls.module_path, module_kwargs=module_kwargs, source=source, covariates=cats,
                 config=cfg, checkpoint_dir=ckpt_url, num_workers=num_workers, use_gpu=use_gpu,
                 run_name=engine.get("run_name") or f"scdist-{cls.method}",
-                storage_path=engine.get("ray_storage"), timeout_s=engine.get("timeout_s"))
+                storage_path=engine.get("ray_storage"), timeout_s=engine.get("timeout_s"), fingerprint=fingerprint)
             module = cls._module_cls()(**module_kwargs)
             module.load_state_dict(state)
         else:
-            module, history = run_local(cls.module_path, module_kwargs, source, cats, cfg, ckpt_url)
+            module, history = run_local(cls.module_path, module_kwargs, source, cats, cfg, ckpt_url, fingerprint)
         return cls(module, module_kwargs, gene_names=source.gene_names,
                    categories={k: v.categories for k, v in cats.items()}, keys=keys,
                    train_config=asdict(cfg), history=history, source=source)
@@ -225,12 +226,21 @@ def build_module(module_path: str, module_kwargs: dict, seed: int) -> torch.nn.M
     return getattr(importlib.import_module(mod), name)(**module_kwargs)
 
 
-def run_local(module_path, module_kwargs, source, cats, cfg: TrainConfig, checkpoint_dir: str | None):
+def settings_fingerprint(module_kwargs: dict, cfg: TrainConfig, keys: dict, source) -> str:
+    """Hash of what defines a training run (model, settings, covariate keys, data shape)."""
+    import hashlib
+    blob = json.dumps({"module": module_kwargs, "train": asdict(cfg), "keys": keys,
+                       "shape": [source.n_cells, source.n_genes]}, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_local(module_path, module_kwargs, source, cats, cfg: TrainConfig, checkpoint_dir: str | None,
+              fingerprint: str | None = None):
     """In-process training (one worker)."""
     module = build_module(module_path, module_kwargs, cfg.seed)
     train, val = make_loaders(source, cats, cfg)
     ckpt = CheckpointDir(checkpoint_dir) if checkpoint_dir else None
-    history = fit(module, train, val, cfg, checkpoints=ckpt)
+    history = fit(module, train, val, cfg, checkpoints=ckpt, fingerprint=fingerprint)
     return module.eval(), history
 
 

@@ -152,13 +152,14 @@ def evaluate(module: torch.nn.Module, loader, device="cpu") -> dict[str, float]:
 def fit(module: torch.nn.Module, train_loader, val_loader, config: TrainConfig, *,
         checkpoints: CheckpointDir | None = None, rank: int = 0, device="cpu",
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-        report: Callable[[dict, str | None], None] | None = None) -> History:
+        report: Callable[[dict, str | None], None] | None = None, fingerprint: str | None = None) -> History:
     """Train ``module`` in place; returns the :class:`History`. Best weights are restored.
 
     ``train_loader`` must expose ``set_epoch(e)`` and ``steps_per_epoch()`` (a
     :class:`~scdist.vae.data.CellLoader`); ``val_loader`` may be None (no early stopping).
     With ``checkpoints`` the run resumes from the latest checkpoint there (a finished run
-    returns at once) and writes one per epoch (rank 0 only). ``report(metrics, ckpt_path)``
+    returns at once) and writes one per epoch (rank 0 only); a checkpoint written with another
+    ``fingerprint`` (model + training settings) is refused rather than silently resumed. ``report(metrics, ckpt_path)``
     is called at the end of every epoch on every rank (Ray Train's report goes there).
     """
     cfg = config
@@ -169,6 +170,10 @@ def fit(module: torch.nn.Module, train_loader, val_loader, config: TrainConfig, 
     best_state, best_val, bad_epochs, start_epoch = None, math.inf, 0, 0
 
     state = checkpoints.load_latest() if checkpoints is not None else None
+    if state is not None and fingerprint is not None and state.get("fingerprint", fingerprint) != fingerprint:
+        from ..errors import InputError
+        raise InputError(f"{checkpoints.url} holds checkpoints of a run with other settings", field="checkpoint_dir",
+                         fix="use another run name / checkpoint_dir, or delete that directory to start over")
     if state is not None:
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
@@ -237,7 +242,7 @@ def fit(module: torch.nn.Module, train_loader, val_loader, config: TrainConfig, 
                 payload = {"module": module.state_dict(), "optimizer": optimizer.state_dict(),
                            "history": asdict(history), "best_state": best_state, "best_val": best_val,
                            "bad_epochs": bad_epochs, "epoch": epoch, "rng": rng_states,
-                           "finished": finished, "config": asdict(cfg)}
+                           "finished": finished, "config": asdict(cfg), "fingerprint": fingerprint}
                 ckpt_path = checkpoints.save(epoch, payload, finished=finished, keep=cfg.keep_checkpoints)
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 
@@ -82,7 +83,7 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
     """Per-cell multivariate DE of sample covariates (obs columns constant within samples).
 
     ``covariates``: sample-level obs columns c^s (categorical: one-hot after the first level;
-    numeric: standardised, or 0/1 when binary). ``admissible``: True = filter out-of-distribution
+    numeric: standardised, or 0/1 when binary), or a DataFrame of them indexed by sample label. ``admissible``: True = filter out-of-distribution
     cell-sample pairs first (:func:`admissibility` with ``quantile``, ``max_cells``, ``seed``);
     False = use every sample; or a Dataset returned by :func:`admissibility` (reused).
     ``groupby``: obs column / per-cell labels for the group-mean LFCs (one group "all" when None).
@@ -93,11 +94,20 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
     over the group's cells where the covariate is identified), ``n_lfc`` (group, covariate) and,
     with ``lfc_cells``, ``lfc`` (lfc_cell, covariate, gene).
     """
-    if isinstance(covariates, str):
-        covariates = [covariates]
-    if not covariates:
-        raise InputError("no covariates given", field="covariates", fix="name at least one sample-level obs column")
-    table = sample_table(model, data, covariates)
+    if isinstance(covariates, pd.DataFrame):
+        missing = [s for s in model.samples if s not in covariates.index.astype(str)]
+        if missing:
+            raise InputError(f"covariate table lacks samples {missing[:5]}", field="covariates",
+                             fix="index the table by all of model.samples")
+        table = covariates.set_axis(covariates.index.astype(str)).loc[list(model.samples)]
+        covariates = list(table.columns)
+    else:
+        if isinstance(covariates, str):
+            covariates = [covariates]
+        if not covariates:
+            raise InputError("no covariates given", field="covariates",
+                             fix="name at least one sample-level obs column")
+        table = sample_table(model, data, covariates)
     design = design_matrix(table, covariates)
     source, _ = model._resolve(data)
     n, S = source.n_cells, len(model.samples)

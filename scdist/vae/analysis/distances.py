@@ -52,7 +52,7 @@ def _aggregate_kernel(model, batches, *, chunk, local, sidx, n_groups, normalize
     for b in batches:
         codes = torch.from_numpy(local["group"][b["index"].numpy() - chunk[1]])
         D = _local_distances(model.module, b, sidx, normalize, mc_samples, gen)
-        sums += group_sums(D.double(), codes, n_groups)
+        sums += group_sums(D, codes, n_groups).double()  # float32 within a minibatch, float64 across
     return sums.numpy()
 
 

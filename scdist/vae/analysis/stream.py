@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from ...errors import InputError
-from ..data import CellLoader
 
 Kernel = Callable[..., Any]
-CELL_KEYS = ("x", "library", "index", "batch", "sample", "label")
 
 
 def resolve_cells(n_cells: int, cells) -> np.ndarray | None:
@@ -47,20 +45,29 @@ def light_copy(model):
 @torch.no_grad()
 def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None = None,
                     batch_size: int = 1024) -> Iterator[dict]:
-    """Minibatches of one chunk with q(u | x) attached: the loader's batch dict plus ``u_mean``,
-    ``u_std`` (B x L). ``keep``: sorted global indices to restrict to (None: all)."""
-    module = model.module.eval()
-    loader = CellLoader(source, cats, batch_size=batch_size, split="all", shuffle=False, chunk_ids=[chunk_id])
-    for b in loader:
-        b = {k: b[k] for k in CELL_KEYS if k in b}  # per-cell fields only (the loader may add others)
-        if keep is not None:
-            m = np.isin(b["index"].numpy(), keep, assume_unique=True)
-            if not m.any():
-                continue
-            b = {k: v[torch.from_numpy(m)] for k, v in b.items()}
-        qm, qs = module.encode(b["x"], b["sample"])
-        b["u_mean"], b["u_std"] = qm, qs
-        yield b
+    """Minibatches of one cell chunk with q(u | x) attached: ``x`` (B x G counts), ``index``
+    (global cell index), ``sample``, ``batch`` (codes), ``u_mean``, ``u_std`` (B x L).
+    ``keep``: sorted global indices inside the chunk to restrict to (None: all its cells).
+
+    The chunk is read once as CSR; only one minibatch is dense at a time.
+    """
+    module = model.module
+    if module.training:
+        module.eval()
+    a, b = source.chunks[chunk_id]
+    X = source.read(a, b)
+    idx = np.arange(a, b, dtype=np.int64)
+    if keep is not None:
+        X = X[keep - a]
+        idx = np.asarray(keep, dtype=np.int64)
+    for s in range(0, idx.size, batch_size):
+        ib = idx[s:s + batch_size]
+        out = {"x": torch.from_numpy(X[s:s + batch_size].toarray().astype(np.float32, copy=False)),
+               "index": torch.from_numpy(ib)}
+        for name in ("sample", "batch"):
+            out[name] = torch.from_numpy(np.ascontiguousarray(cats[name].codes[ib], dtype=np.int64))
+        out["u_mean"], out["u_std"] = module.encode(out["x"], out["sample"])
+        yield out
 
 
 def _chunk_task(block, *, payload, kernel: Kernel, batch_size: int, params: dict):
