@@ -155,7 +155,7 @@ def test_bad_input(quick):
 def study():
     """Type t0: samples of group g1 shift 30 genes (DE). Type t1: depleted in g0 samples (DA).
     Sample s0 has no t2 cells (out of distribution for t2)."""
-    adata, info = sample_effects(n_cells=3000, n_genes=100, n_samples=8, n_types=3, n_markers=20, lfc=2.0,
+    adata, info = sample_effects(n_cells=2200, n_genes=80, n_samples=8, n_types=3, n_markers=15, lfc=2.0,
                                  seed=0)
     rng = np.random.default_rng(0)
     obs = adata.obs
@@ -164,7 +164,7 @@ def study():
     drop = ((ct == "t1") & (grp == "g0") & (rng.random(adata.n_obs) < 0.75)) | (
         (ct == "t2") & (obs["sample"].astype(str).to_numpy() == "s0"))
     adata = adata[~drop].copy()
-    model = train_mrvi(adata, "sample", seed=0, max_epochs=50)
+    model = train_mrvi(adata, "sample", seed=0, max_epochs=40, n_hidden=64)
     return adata, info, model
 
 

@@ -1,0 +1,153 @@
+"""MrVI post-training analyses: throughput and memory, side by side with scvi-tools' MRVI.
+
+    .venv/bin/python benchmarks/mrvi_analysis_bench.py [--cells 20000] [--scvi] [--da-max 200000]
+
+Measures, on one CPU thread, in a fresh process per measurement (so peak RSS is its own):
+local sample distances (aggregated per cell type) for S = 32 and S = 200 samples, DE
+(admissibility filter + per-cell regression + LFCs) and DA (log density ratios) in cells
+per CPU-second; DA CPU time versus cells on a streamed study store (near-linear expected).
+With ``--scvi`` the same analyses run in scvi-tools 1.4.2 (benchmarks/.venv-scvi, created by
+vae_scvi_env.py) on the same h5ad. Models are trained for one epoch: the analyses' cost does
+not depend on the weights. Results: benchmarks/out/mrvi_analysis.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def h5ad_path(S: int, n: int) -> Path:
+    return OUT / f"mrvi_bench_S{S}_{n}.h5ad"
+
+
+def prepare(S: int, n: int) -> Path:
+    p = h5ad_path(S, n)
+    if not p.exists():
+        from scdist.vae.simulate import sample_effects
+        adata, _ = sample_effects(n_cells=n, n_genes=2000, n_samples=S, n_types=4, n_markers=50, seed=0)
+        OUT.mkdir(exist_ok=True)
+        adata.write_h5ad(p)
+    return p
+
+
+def ours(what: str, S: int, n: int, n_run: int) -> dict:
+    """One measurement in this process (called in a subprocess by main)."""
+    import anndata as ad
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from scdist.vae import train_mrvi
+
+    adata = ad.read_h5ad(prepare(S, n))
+    model = train_mrvi(adata, "sample", seed=0, max_epochs=1)
+    cells = np.arange(n_run)
+    # warm-up on a few cells (first-call allocations, lazy imports) outside the timing
+    {"distances": lambda: model.sample_distances(cells=cells[:300]),
+     "de": lambda: model.differential_expression("group", cells=cells[:300], max_cells=50),
+     "da": lambda: model.differential_abundance("group", cells=cells[:300], max_cells=20)}[what]()
+    t0, w0 = time.process_time(), time.perf_counter()
+    if what == "distances":
+        model.sample_distances(groupby="celltype", cells=cells)
+    elif what == "de":
+        model.differential_expression("group", groupby="celltype", cells=cells)
+    elif what == "da":
+        model.differential_abundance("group", groupby="celltype", cells=cells)
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    return {"impl": "scdist", "what": what, "n_cells": n_run, "n_samples": S, "cpu_s": cpu, "wall_s": wall,
+            "cells_per_cpu_s": n_run / cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
+    """DA CPU time versus cells on a simulated study store streamed chunk by chunk."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from scdist.simulate import simulate_study
+    from scdist.store import open_study
+    from scdist.vae import train_mrvi
+
+    url = str(OUT / f"mrvi_da_study_{max(sizes)}.zarr")
+    if not Path(url, "zarr.json").exists():
+        simulate_study(url, n_donors=S, n_cells=max(sizes), n_genes=2000, n_celltypes=4, seed=0,
+                       chunk_cells=10_000, overwrite=True)
+    study = open_study(url)
+    model = train_mrvi(study, "donor", seed=0, max_epochs=1, val_fraction=0.0)
+    top = study.truth()["donor_top_group"].to_series()
+    groups = {"top1_vs_top0": ([d for d, t in top.items() if t == 1], [d for d, t in top.items() if t == 0])}
+    rows = []
+    for n in sizes:
+        t0, w0 = time.process_time(), time.perf_counter()
+        model.differential_abundance(groups, cells=np.arange(n))
+        rows.append({"n_cells": n, "cpu_s": time.process_time() - t0, "wall_s": time.perf_counter() - w0})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _sub(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _scvi(what: str, S: int, n: int, n_run: int) -> dict:
+    from vae_scvi_env import scvi_python
+    out = OUT / f"mrvi_scvi_{what}_{S}.json"
+    r = subprocess.run([str(scvi_python()), str(HERE / "mrvi_scvi_worker.py"), str(prepare(S, n)), what, str(n_run),
+                        str(out)], capture_output=True, text=True)
+    if r.returncode:
+        return {"impl": "scvi-tools", "what": what, "error": r.stderr[-1500:]}
+    return json.loads(out.read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cells", type=int, default=20_000)
+    ap.add_argument("--scvi", action="store_true")
+    ap.add_argument("--da-sizes", default="25000,50000,100000,200000")
+    ap.add_argument("--skip-da-scaling", action="store_true")
+    ap.add_argument("--one", nargs=4, metavar=("WHAT", "S", "N", "NRUN"), help=argparse.SUPPRESS)
+    ap.add_argument("--da-scaling-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(ours(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]))))
+        return
+    sizes = [int(s) for s in a.da_sizes.split(",")]
+    if a.da_scaling_only:
+        print(json.dumps(da_scaling(sizes)))
+        return
+    n = a.cells
+    plan = [("distances", 32, n), ("distances", 200, n), ("de", 32, min(n, 5000)), ("da", 32, n)]
+    scvi_n = {"distances": min(n, 5000), "de": 300, "da": n}
+    results = []
+    for what, S, n_run in plan:
+        prepare(S, n)
+        r = _sub(["--one", what, str(S), str(n), str(n_run)])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if a.scvi:
+            s = _scvi(what, S, n, min(n_run, scvi_n[what]))
+            results.append(s)
+            print(json.dumps(s), flush=True)
+    out = {"analyses": results}
+    if not a.skip_da_scaling:
+        out["da_scaling"] = _sub(["--da-scaling-only", "--da-sizes", a.da_sizes])
+    OUT.mkdir(exist_ok=True)
+    (OUT / "mrvi_analysis.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

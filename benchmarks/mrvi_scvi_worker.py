@@ -1,0 +1,54 @@
+"""Runs inside benchmarks/.venv-scvi (scvi-tools 1.4.2, torch MRVI): the post-training analyses
+of MRVI timed in CPU seconds on one thread, written to JSON. Called by mrvi_analysis_bench.py.
+
+Usage: python mrvi_scvi_worker.py H5AD WHAT N_CELLS OUT.json
+WHAT: distances | de | da. Each runs in its own process so its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main(h5ad, what, n_cells, out):
+    import anndata as ad
+    import numpy as np
+    import torch
+    import scvi
+    from scvi.external import MRVI
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = 0
+    scvi.settings.dl_num_workers = 0
+    adata = ad.read_h5ad(h5ad)
+    MRVI.setup_anndata(adata, sample_key="sample")
+    m = MRVI(adata)
+    m.train(max_epochs=1, batch_size=256, accelerator="cpu", devices=1, train_size=0.9,
+            enable_progress_bar=False, logger=False, enable_checkpointing=False)
+    sub = adata[:n_cells].copy()
+    t0, w0 = time.process_time(), time.perf_counter()
+    if what == "distances":
+        m.get_local_sample_distances(sub, keep_cell=False, groupby="celltype", batch_size=256)
+    elif what == "de":
+        m.differential_expression(sub, sample_cov_keys=["group"], store_lfc=True,
+                                  filter_inadmissible_samples=True)
+    elif what == "da":
+        m.differential_abundance(sub, sample_cov_keys=["group"], compute_log_enrichment=True)
+    else:
+        raise SystemExit(f"unknown {what}")
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    res = {"impl": f"scvi-tools {scvi.__version__} MRVI", "what": what, "n_cells": int(sub.n_obs),
+           "n_samples": int(adata.obs["sample"].nunique()), "cpu_s": cpu, "wall_s": wall,
+           "cells_per_cpu_s": sub.n_obs / cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    with open(out, "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    main(a[0], a[1], int(a[2]), a[3])
