@@ -91,15 +91,25 @@ def run_once(path: Path, n_workers: int) -> dict:
             Client(cluster) as client:
         client.wait_for_workers(n_workers)
         base = sum(w["metrics"]["memory"] for w in client.scheduler_info()["workers"].values())
+        cpu0 = sum(client.run(_cpu_seconds).values())
         with DriverPeak() as drv, ms.sample("pb", client=client, measure="process",
                                             interval=0.25):
             t0 = time.perf_counter()
             compute_pseudobulk(study, client=client)
             wall = time.perf_counter() - t0
+        cpu = sum(client.run(_cpu_seconds).values()) - cpu0
         series = ms.to_pandas()["pb"]
-    return {"wall_s": wall, "cells_per_s": study.n_cells / wall,
+    return {"wall_s": wall, "cells_per_s": study.n_cells / wall, "worker_cpu_s": cpu,
+            "cells_per_cpu_s": study.n_cells / cpu,
             "peak_workers_gib": float(series.max()) / 2**30,
-            "idle_workers_gib": base / 2**30, "peak_driver_gib": drv.peak / 2**30}
+            "idle_workers_gib": base / 2**30, "peak_driver_gib": drv.peak / 2**30,
+            "load_avg_1min": os.getloadavg()[0]}
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of the calling worker process."""
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
 
 
 def main() -> None:
@@ -135,13 +145,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"machine": {"cpus": os.cpu_count(),
                                                       "mem_gib": psutil.virtual_memory().total / 2**30},
                                           "rows": rows}, indent=1))
-    print("\n| cells | genes | workers | wall (s, median) | cells/s | peak worker RSS sum (GiB) "
-          "| idle workers (GiB) | peak driver RSS (GiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| cells | genes | workers | wall (s, median) | cells/s | worker CPU (s) | cells per "
+          "CPU-s | peak worker RSS sum (GiB) | idle workers (GiB) | peak driver RSS (GiB) "
+          "| load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['cells']:,} | {r['genes']:,} | {r['workers']} | {r['wall_s']:.1f} | "
-              f"{r['cells_per_s']:,.0f} | {r['peak_workers_gib']:.2f} | "
-              f"{r['idle_workers_gib']:.2f} | {r['peak_driver_gib']:.2f} |")
+              f"{r['cells_per_s']:,.0f} | {r['worker_cpu_s']:.0f} | {r['cells_per_cpu_s']:,.0f} | "
+              f"{r['peak_workers_gib']:.2f} | {r['idle_workers_gib']:.2f} | "
+              f"{r['peak_driver_gib']:.2f} | {r['load_avg_1min']:.0f} |")
 
 
 if __name__ == "__main__":
