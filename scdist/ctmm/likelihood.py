@@ -30,6 +30,9 @@ LOG2PI = float(np.log(2.0 * np.pi))
 # otherwise a donor whose residual is ~0 along one direction creates a likelihood spike at
 # the positive-definiteness boundary once variance components may be negative.
 RCOND = 1e-6
+# An optimum with a block closer to singular than this is such a spike (not a regular maximum):
+# the optimizer restarts those fits (see optimize.py).
+EDGE = 1e-4
 
 
 @dataclass
@@ -46,6 +49,7 @@ class State:
     s: np.ndarray         # (R, B, m)     P y = W r
     grad: np.ndarray | None = None   # (R, K)
     ai: np.ndarray | None = None     # (R, K, K)
+    edge: np.ndarray | None = None   # (R,) some block nearly singular (pivot ratio < EDGE)
     Ws: np.ndarray | None = None     # (m, m, R, B) same W, structure-of-arrays (fast path)
     Fs: np.ndarray | None = None     # (R, m, B, p) same F (fast path)
 
@@ -86,7 +90,7 @@ def _evaluate_shared(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bo
     of many tiny matrix products."""
     R = theta.shape[0]
     B, m, p = prob.X.shape
-    Ws, logdet, okb = _inverse_shared(prob, theta)
+    Ws, logdet, okb, piv = _inverse_shared(prob, theta)
     full = prob.all_observed
     if not full:
         mf = np.moveaxis(prob.mask, 2, 0).astype(float)           # (m, R, B)
@@ -129,7 +133,7 @@ def _evaluate_shared(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bo
         ll = -0.5 * (n * LOG2PI + logdet_sum + quad)
     ll = np.where(ok, ll, -np.inf)
     st = State(theta=theta, ok=ok, loglik=ll, beta=beta, Hinv=Hinv, W=None, F=None,
-               s=np.moveaxis(ss, 0, 2), Ws=Ws, Fs=Fs)
+               s=np.moveaxis(ss, 0, 2), Ws=Ws, Fs=Fs, edge=(piv.min(axis=1) < EDGE) & ok)
     if not (want_grad or want_ai):
         return st
     K = prob.K[:, 0]                                              # (Kc, m, m)
@@ -177,7 +181,7 @@ def _inverse_shared(prob: Problem, theta: np.ndarray):
                 if i == j:
                     v = v + (1.0 - mf[:, :, i])
             a[i, j] = v
-    return spd_inverse_soa(a, RCOND)
+    return spd_inverse_soa(a, RCOND, pivots=True)
 
 
 def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bool = True,

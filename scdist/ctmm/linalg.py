@@ -19,7 +19,7 @@ def spd_inverse(A: np.ndarray, rcond: float = 0.0) -> tuple[np.ndarray, np.ndarr
     Returns ``(W, logdet, ok)``: ``W = A^{-1}`` and ``logdet = log|A|`` where the block is
     positive definite; ``ok`` is False for blocks that are not (their ``W`` is the identity
     and ``logdet`` 0, so callers can mask them without NaN propagation). With ``rcond > 0``
-    blocks whose smallest Cholesky pivot is below ``rcond`` times their largest diagonal entry
+    blocks whose reciprocal condition proxy (module docstring) is below ``rcond``
     (numerically singular) also count as not positive definite.
     """
     m = A.shape[-1]
@@ -37,10 +37,11 @@ def _spd_inverse_small(A: np.ndarray, rcond: float = 0.0):
     return W, logdet.reshape(batch), ok.reshape(batch)
 
 
-def spd_inverse_soa(a: np.ndarray, rcond: float = 0.0):
+def spd_inverse_soa(a: np.ndarray, rcond: float = 0.0, pivots: bool = False):
     """:func:`spd_inverse` on a structure-of-arrays stack ``a[i, j, ...]`` (m, m, *batch).
 
-    Only the lower triangle of ``a`` is read. Returns ``W`` in the same layout.
+    Only the lower triangle of ``a`` is read. Returns ``W`` in the same layout (and, with
+    ``pivots=True``, the reciprocal condition proxy of each block).
     """
     m = a.shape[0]
     batch = a.shape[2:]
@@ -48,17 +49,14 @@ def spd_inverse_soa(a: np.ndarray, rcond: float = 0.0):
     L = [[None] * m for _ in range(m)]
     inv_diag = [None] * m
     logdet = np.zeros(batch)
-    floor = 0.0
-    if rcond > 0:
-        floor = np.abs(a[0, 0])
-        for j in range(1, m):
-            floor = np.maximum(floor, np.abs(a[j, j]))
-        floor = rcond * floor
+    dmax = np.abs(a[0, 0])
+    for j in range(1, m):
+        dmax = np.maximum(dmax, np.abs(a[j, j]))
     for j in range(m):
         d = a[j, j].copy()
         for k in range(j):
             d -= L[j][k] * L[j][k]
-        good = d > floor
+        good = d > 0
         ok &= good
         d = np.where(good, d, 1.0)
         ljj = np.sqrt(d)
@@ -90,10 +88,19 @@ def spd_inverse_soa(a: np.ndarray, rcond: float = 0.0):
             W[i, j] = v
             if j != i:
                 W[j, i] = v
+    trW = W[0, 0].copy()
+    for i in range(1, m):
+        trW += W[i, i]
+    with np.errstate(all="ignore"):
+        rc = 1.0 / (trW * dmax)
+    if rcond > 0:
+        ok &= rc > rcond
     bad = ~ok
     if bad.any():
         W[:, :, bad] = np.eye(m).reshape((m, m) + (1,))
         logdet[bad] = 0.0
+    if pivots:
+        return W, logdet, ok, rc
     return W, logdet, ok
 
 
@@ -109,8 +116,9 @@ def _spd_inverse_lapack(A: np.ndarray, rcond: float = 0.0):
         safe = np.where(ok[:, None, None], flat, np.eye(m))
         L = np.linalg.cholesky(safe)
     if rcond > 0:
-        piv = np.diagonal(L, axis1=-2, axis2=-1) ** 2
-        ok &= piv.min(-1) > rcond * np.abs(np.diagonal(flat, axis1=-2, axis2=-1)).max(-1)
+        Li = np.linalg.solve(L, np.broadcast_to(np.eye(m), flat.shape))
+        trW = (Li ** 2).sum(axis=(-2, -1))
+        ok &= 1.0 / (trW * np.abs(np.diagonal(flat, axis1=-2, axis2=-1)).max(-1)) > rcond
     logdet = 2.0 * np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(-1)
     eye = np.broadcast_to(np.eye(m), flat.shape)
     Linv = np.linalg.solve(L, eye)

@@ -64,7 +64,7 @@ def _accept(st, ll_old: np.ndarray) -> np.ndarray:
     return st.ok & (st.loglik >= ll_old - 1e-10 * np.abs(ll_old))
 
 
-def _take(rows, cand, st, sel, theta, ll, grad, AI, flat) -> None:
+def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge) -> None:
     """Store accepted candidates ``cand[sel]`` (state ``st``) for ``rows``."""
     new_ll = st.loglik[sel]
     small = (new_ll - ll[rows]) <= 1e-10 * np.maximum(np.abs(ll[rows]), 1.0)
@@ -73,6 +73,8 @@ def _take(rows, cand, st, sel, theta, ll, grad, AI, flat) -> None:
     ll[rows] = new_ll
     grad[rows] = st.grad[sel]
     AI[rows] = st.ai[sel]
+    if st.edge is not None:
+        edge[rows] = st.edge[sel]
 
 
 def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_iter: int = 60,
@@ -94,6 +96,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     AI = np.zeros((R, K, K))
     grad[active], AI[active] = g[active], ai[active]
     hard = np.zeros(R, bool)
+    edge = np.zeros(R, bool) if st.edge is None else st.edge.copy()
     flat = np.zeros(R, int)   # consecutive accepted steps that changed l by < 1e-10 |l|
     for _ in range(max_iter):
         if active.size == 0:
@@ -114,7 +117,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         # the rows that did not improve in ONE batched evaluation (few rows, many steps)
         st1 = evaluate(prob.take(active), theta[active] + d, method)
         better = _accept(st1, ll[active])
-        _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat)
+        _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge)
         pending = np.flatnonzero(~better)
         if pending.size:
             rows = active[pending]
@@ -128,7 +131,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             pick = np.flatnonzero(hit) * alphas.size + first[hit]
             sel = np.zeros(rep.size, bool)
             sel[pick] = True
-            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat)
+            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge)
             hard[rows[hit & (first >= 2)]] = True
             pending = pending[~hit]
         if pending.size:
@@ -140,7 +143,11 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             hard[stuck[retry]] = True
             conv[stuck[~retry]] = True
             active = np.setdiff1d(active, stuck[~retry])
-    return FitResult(theta=theta, loglik=ll, converged=conv & np.isfinite(ll), iterations=iters)
+    # a maximum where some covariance block is numerically singular is a likelihood spike
+    # created by negative variance components, not a regular optimum: report it as failed
+    # so that restarts look for the regular maximum
+    return FitResult(theta=theta, loglik=ll, converged=conv & np.isfinite(ll) & ~edge,
+                     iterations=iters)
 
 
 def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "reml", *,
