@@ -7,7 +7,7 @@ import xarray as xr
 
 import scdist.ctmm as ctmm
 
-KW = dict(models=("hom", "free"), tests=("lrt", "wald", "jackknife"), covariates=["cov0"],
+KW = dict(models=("hom", "free"), tests=("lrt", "wald"), covariates=["cov0"],
           random_effects=None)
 
 

@@ -95,7 +95,7 @@ def test_missing_pairs_change_the_fit_and_stay_finite():
 
 def test_missing_impute_uses_soft_impute():
     pytest.importorskip("scdist.ctmm.impute")
-    sim = ctmm.simulate_ctp(30, 30, 3, hom2=0.2, V=[0.1, 0.2, 0.3], missing_frac=0.1, seed=6)
+    sim = ctmm.simulate_ctp(8, 25, 3, hom2=0.2, V=[0.1, 0.2, 0.3], missing_frac=0.1, seed=6)
     res = ctmm.fit(sim, models=("hom", "free"), tests=("lrt",), missing="impute", op=False)
     assert res.attrs["missing"] == "impute"
     assert np.isfinite(res.loglik.values).all()
