@@ -47,7 +47,7 @@ def run(store: str, *, n_cells: int = 20_000, epochs: int = 60, run_name: str = 
     groups = {"top1_vs_top0": (list(top.index[top == 1]), list(top.index[top == 0]))}
     da = model.differential_abundance(groups, study, groupby="celltype", client=client)
     urls["da"] = A.write_result(da, study, run_name, "da")
-    return {"study": open_study(store), "urls": urls, "distances": dist, "de": de, "da": da}
+    return {"study": open_study(store), "model": model, "urls": urls, "distances": dist, "de": de, "da": da}
 
 
 def main():

@@ -210,9 +210,11 @@ def test_da_finds_da_type_and_admissibility(study):
     r = da["log_ratio"].sel(contrast="group=g1").values
     assert _auc(r, ct == "t1") > 0.85                                  # enriched in g1 samples
     res = da.sel(contrast="group=g1")
-    assert float(res["mean_difference"].sel(group="t1")) > 0.1
+    md = res["mean_difference"].to_series()
+    # t1 is enriched in g1 (log ratio ~ log 3 against ~ -0.3 for the others): the largest shift
+    assert md.idxmax() == "t1" and md["t1"] > 0.5, md
     assert float(res["pvalue"].sel(group="t1")) < 1e-3
-    assert float(res["pvalue"].sel(group="t2")) > 0.05
+    assert md["t0"] < 0                                                # relatively depleted in g1
     adm = model.admissibility()
     t2 = ct == "t2"
     assert adm["admissible"].sel(sample="s0").values[t2].mean() < 0.2   # s0 has no t2 cells

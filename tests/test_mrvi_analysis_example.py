@@ -34,3 +34,23 @@ def test_example_writes_all_results(tmp_path):
     assert np.isfinite(da["log_ratio"].values).all()
     cc = read_result(study, "example", "cell_clusters")
     assert cc.sizes["cell"] == study.n_cells
+
+    # the pipeline entry point: requested analyses only, a complete result is not recomputed
+    from scdist.errors import InputError
+    from scdist.vae.analysis import run_analyses
+
+    model = out["model"]
+    spec = {"distances": {"groupby": "celltype"}, "sample_clusters": {"n_clusters": 2},
+            "da": {"sample_groups": "sex", "groupby": "celltype", "max_cells": 50}}
+    urls = run_analyses(model, study, "piped", spec)
+    assert set(urls) == set(spec) and all(is_done(u, STAGE) for u in urls.values())
+    first = read_result(study, "piped", "da")["log_ratio"].values
+    marker = Path(urls["da"].replace("file://", "")) / "_scdist_done"
+    stamp = sorted(p.stat().st_mtime_ns for p in marker.iterdir())
+    run_analyses(model, study, "piped", spec)
+    assert sorted(p.stat().st_mtime_ns for p in marker.iterdir()) == stamp
+    np.testing.assert_array_equal(read_result(study, "piped", "da")["log_ratio"].values, first)
+    with pytest.raises(InputError, match=r"\[analyses\]"):
+        run_analyses(model, study, "piped", {"umap": {}})
+    with pytest.raises(InputError, match=r"\[analyses.de.covariates\]"):
+        run_analyses(model, study, "piped", {"de": {}})

@@ -12,8 +12,9 @@ from .clustering import cluster_cells
 from .da import differential_abundance, log_density_ratio
 from .de import differential_expression
 from .distances import cluster_samples, counterfactual_z, local_sample_distances, sample_distances
-from .results import write_result
+from .pipeline import run_analyses
+from .results import read_result, write_result
 
 __all__ = ["admissibility", "cluster_cells", "cluster_samples", "counterfactual_z", "differential_abundance",
-           "differential_expression", "local_sample_distances", "log_density_ratio", "sample_distances",
-           "write_result"]
+           "differential_expression", "local_sample_distances", "log_density_ratio", "read_result", "run_analyses",
+           "sample_distances", "write_result"]

@@ -103,11 +103,11 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
         total += part
     n_group = np.bincount(codes[codes >= 0], minlength=G).astype(float)
     # cells of each group from each compared sample
-    scode = cats["sample"].codes
-    pos = {int(s): i for i, s in enumerate(sidx.numpy())}
-    counts = np.zeros((G, S), np.int64)
-    ok = (codes >= 0) & np.isin(scode, sidx.numpy())
-    np.add.at(counts, (codes[ok], np.array([pos[int(s)] for s in scode[ok]], dtype=np.int64)), 1)
+    col = np.full(cats["sample"].n, -1, np.int64)
+    col[sidx.numpy()] = np.arange(S)
+    col = col[cats["sample"].codes]                              # position on the compared-sample axis
+    ok = (codes >= 0) & (col >= 0)
+    counts = np.bincount(codes[ok] * S + col[ok], minlength=G * S).reshape(G, S)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / n_group[:, None, None]
     low = counts < min_cells
