@@ -97,5 +97,8 @@ def list_runs(store: str) -> list[dict]:
                 continue  # a record being replaced right now
             if _driver_gone(rec):
                 rec["status"] = "interrupted"
+                for st in rec.get("stages", []):
+                    if st.get("action") == "running":
+                        st["action"] = "interrupted"
             out.append(rec)
     return sorted(out, key=lambda r: r.get("run_id", ""))

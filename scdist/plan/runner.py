@@ -146,6 +146,7 @@ def _run_stage(ctx: RunContext, node, record: RunRecord) -> float:
             node.plan, node.planned_on_inputs = replanned, True
             record.stage(node.name, chunks=replanned.chunks)
     ctx.stage, ctx.plan, ctx.done_chunks = node.name, node.plan, node.done_chunks
+    record.stage(node.name, action="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     t0 = time.perf_counter()
     try:
         node.stage.run(ctx, node.config)

@@ -14,11 +14,24 @@ from .stage import STAGE_MARKER
 
 def _groups(study) -> list[str]:
     """Data groups of a study: the standard ones present, plus results/<method>/<run>."""
+    from ..store._fs import filesystem
+
     out = [g for g in (layout.CELLS, layout.PSEUDOBULK, layout.BULK, layout.TRUTH) if study.has(g)]
-    if study.has(layout.RESULTS):
-        res = study.group(layout.RESULTS)
-        for method, mgroup in sorted(res.groups()):
-            for run, _ in sorted(mgroup.groups()):
+    # listed from the file system: results/ and results/<method>/ are often implicit groups
+    # (no zarr.json of their own), which zarr's group listing does not show
+    fs, root = filesystem(study.group_url(layout.RESULTS))
+    try:
+        methods = sorted(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        methods = []
+    for m in methods:
+        try:
+            runs = sorted(fs.ls(m, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for r in runs:
+            if fs.exists(f"{r.rstrip('/')}/zarr.json"):
+                method, run = m.rstrip("/").rsplit("/", 1)[-1], r.rstrip("/").rsplit("/", 1)[-1]
                 out.append(f"{layout.RESULTS}/{method}/{run}")
     return out
 
@@ -107,6 +120,12 @@ def store_status(store: str) -> dict[str, Any]:
         for s in r.get("stages", []):
             if s.get("output_url") and s.get("chunks") is not None:
                 totals[s["output_url"].rstrip("/")] = s["chunks"]
+    from ..store.markers import done_set
+
+    for r in runs:  # stages cut short: how far their chunks got (read from the markers now)
+        for s in r.get("stages", []):
+            if s.get("action") in ("running", "interrupted", "failed") and s.get("output_url"):
+                s["chunks_done"] = sum(not c.startswith("__") for c in done_set(s["output_url"]))
     groups = []
     for g in _groups(study):
         m = _markers(study, g)
@@ -124,7 +143,10 @@ def render_status(status: dict[str, Any]) -> str:
             act = s.get("action") or "not reached"
             sec = f" {s['seconds']:.1f}s" if isinstance(s.get("seconds"), (int, float)) else ""
             err = f"  error: {s['error']}" if s.get("error") else ""
-            lines.append(f"    {s['stage']:<11} {act}{sec} (planned: {s.get('planned')}){err}")
+            prog = ""
+            if "chunks_done" in s:
+                prog = f" [{s['chunks_done']}/{'?' if s.get('chunks') is None else s['chunks']} chunks]"
+            lines.append(f"    {s['stage']:<11} {act}{sec}{prog} (planned: {s.get('planned')}){err}")
     lines.append("groups:")
     for g in status["groups"]:
         total = "?" if g["chunks_total"] is None else g["chunks_total"]
