@@ -119,7 +119,7 @@ def test_estimates_match_reference_at_the_same_optimum(sim, method, model):
     dll = _same_optimum(d, res, model, method)
     same = np.abs(dll) < LL_TOL
     both_conv = res.converged.sel(model=model).values & d[f"ref_{model}_{method}_converged"]
-    assert both_conv.mean() > 0.9
+    assert both_conv.mean() > (0.9 if model != "full" else 0.7)
     if model != "full":   # Full: the reference's 10-parameter BFGS often stops early (see README)
         assert same.mean() >= MIN_SAME_FRACTION, f"same optimum for only {same.mean():.0%}"
     else:

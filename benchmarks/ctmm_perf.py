@@ -1,0 +1,228 @@
+"""CTMM performance: scdist vs the authors' package side by side, and at transcriptome scale.
+
+Part 1 (``--part ratio``): per-gene CPU seconds on one core for Free REML + jackknife, Free REML,
+Hom REML and HE.  The reference (``ctmm`` 1.1.0, R optim through rpy2, in its own venv made by
+``ctmm_reference.py``) runs on the first ``--ref-genes`` simulated genes (``--ref-jk-genes`` of
+them with its serial jackknife, which is very slow); scdist runs in this process on all
+``--genes`` genes of the same seeded set (which start with the reference's genes), best of
+``--repeats``.  Both with one BLAS thread.  The table gives the ratio of per-gene CPU times.
+
+Part 2 (``--part scale``): the paper's size, 11,231 genes x 94 donors x 4 cell types, written
+as a study's pseudobulk cube; ``scdist.ctmm.fit(study, ...)`` with Hom + Free REML and LRT,
+Wald and jackknife tests, then HE with its jackknife, on an embedded LocalCluster (2 workers x
+1 thread), end to end (cluster start, reading the cube, writing results/ctmm/<run>).  Peak
+memory is the largest summed RSS of this process and its children (sampled every 0.2 s).  The
+1-worker vs 2-worker speed-up is measured on ``--speedup-genes`` genes with REML + tests.
+
+The machine is shared with other jobs: absolute figures are noisy; the ratios in part 1 are
+measured in the same run.  Usage::
+
+    .venv/bin/python benchmarks/ctmm_perf.py                      # both parts
+    .venv/bin/python benchmarks/ctmm_perf.py --part ratio --ref-genes 4 --ref-jk-genes 1
+    .venv/bin/python benchmarks/ctmm_perf.py --part scale --scale-genes 11231
+"""
+from __future__ import annotations
+
+import os
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_k] = "1"   # one core per process; must precede numpy's import
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ctmm_reference import ensure_environment, simulate_ctp, single_thread_env  # noqa: E402
+
+CALLS = {  # label -> scdist.ctmm.fit keyword arguments (same work as the reference's call)
+    "free_reml_jk": dict(models=["free"], method="reml", tests=["jackknife"]),
+    "free_reml": dict(models=["free"], method="reml", tests=["wald"]),
+    "hom_reml": dict(models=["hom"], method="reml", tests=[]),
+    "he": dict(models=["free"], method="he", tests=[]),
+}
+LABELS = {"free_reml_jk": "Free REML + jackknife", "free_reml": "Free REML (Wald)",
+          "hom_reml": "Hom REML", "he": "HE (Free)"}
+
+
+def as_cube(sim: dict, genes=slice(None)) -> xr.Dataset:
+    Y, nu = sim["Y"][genes], sim["nu"][genes]
+    G, N, C = Y.shape
+    return xr.Dataset(
+        {"mean": (("donor", "celltype", "gene"), Y.transpose(1, 2, 0)),
+         "nu": (("donor", "celltype", "gene"), nu.transpose(1, 2, 0))},
+        coords={"donor": np.array([f"d{i:03d}" for i in range(N)], dtype=object),
+                "celltype": np.array([f"ct{c}" for c in range(C)], dtype=object),
+                "gene": np.array([f"g{g:05d}" for g in range(G)], dtype=object)})
+
+
+def scdist_cpu_per_gene(ds: xr.Dataset, repeats: int) -> dict[str, float]:
+    import scdist.ctmm as ctmm
+
+    out = {}
+    for label, kw in CALLS.items():
+        best = np.inf
+        for _ in range(repeats):
+            t = time.process_time()
+            ctmm.fit(ds, **kw)
+            best = min(best, time.process_time() - t)
+        out[label] = best / ds.sizes["gene"]
+        print(f"  scdist {label}: {out[label] * 1e3:.2f} ms CPU per gene", flush=True)
+    return out
+
+
+def reference_cpu_per_gene(n_genes: int, n_jk: int, seed: int) -> dict[str, list[float]]:
+    py = ensure_environment()
+    cmd = [str(py), str(HERE / "ctmm_reference.py"), "--inner", "--time", "--genes",
+           str(n_genes), "--jk-genes", str(n_jk), "--seed", str(seed)]
+    r = subprocess.run(cmd, env=single_thread_env(), stdout=subprocess.PIPE, check=True,
+                       text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])["cpu_s"]
+
+
+def part_ratio(args) -> dict:
+    args.genes = 300   # the reference script's simulated set (its genes are the first ones)
+    sim = simulate_ctp(args.genes, seed=args.seed)
+    # the reference's genes are select_genes(is_free, k) of the 300-gene set: the first k
+    # genes (alternating Hom/Free), so they are among scdist's
+    print(f"scdist on {args.genes} genes (best of {args.repeats})", flush=True)
+    sc = scdist_cpu_per_gene(as_cube(sim), args.repeats)
+    print(f"reference on {args.ref_genes} genes ({args.ref_jk_genes} with jackknife)",
+          flush=True)
+    ref = reference_cpu_per_gene(args.ref_genes, args.ref_jk_genes, args.seed)
+    rows = []
+    for label in CALLS:
+        r = float(np.median(ref[label])) if ref.get(label) else float("nan")
+        rows.append({"fit": LABELS[label], "reference_cpu_s_per_gene": r,
+                     "reference_genes": len(ref.get(label, [])),
+                     "scdist_cpu_ms_per_gene": sc[label] * 1e3,
+                     "speedup": r / sc[label]})
+    print("\n| fit | reference CPU s/gene (genes) | scdist CPU ms/gene | ratio |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['fit']} | {row['reference_cpu_s_per_gene']:.3g} "
+              f"({row['reference_genes']}) | {row['scdist_cpu_ms_per_gene']:.3g} | "
+              f"{row['speedup']:.0f}x |")
+    return {"ratio": rows, "scdist_genes": args.genes}
+
+
+class PeakRSS:
+    """Largest summed RSS of this process and all its children, sampled in a thread."""
+
+    def __init__(self, every: float = 0.2):
+        import psutil
+
+        self.proc, self.every, self.peak = psutil.Process(), every, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for p in [self.proc, *self.proc.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def write_study(path: str, ds: xr.Dataset, gene_chunk: int):
+    from scdist.store import create_study
+
+    study = create_study(path, overwrite=True)
+    ds.chunk({"gene": gene_chunk}).to_zarr(study.group_url("pseudobulk"), mode="w",
+                                           consolidated=False)
+    return study
+
+
+def timed_study_fit(study, n_workers: int, *, he: bool) -> float:
+    """Wall seconds for REML (Hom + Free, all tests) [+ HE] on a fresh embedded cluster."""
+    import scdist.ctmm as ctmm
+    from scdist.engines.dask import dask_client
+
+    t = time.perf_counter()
+    with dask_client(n_workers=n_workers) as client:
+        ctmm.fit(study, models=["hom", "free"], method="reml",
+                 tests=["lrt", "wald", "jackknife"], client=client, run=f"reml{n_workers}",
+                 overwrite=True)
+        if he:
+            ctmm.fit(study, models=["hom", "free"], method="he", tests=["jackknife"],
+                     client=client, run=f"he{n_workers}", overwrite=True)
+    return time.perf_counter() - t
+
+
+def part_scale(args) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="ctmm_perf_", dir=HERE / "out"))
+    try:
+        sim = simulate_ctp(args.scale_genes, seed=args.seed + 1)
+        study = write_study(str(tmp / "scale.zarr"), as_cube(sim), args.gene_chunk)
+        del sim
+        print(f"transcriptome scale: {args.scale_genes} genes, 2 workers", flush=True)
+        with PeakRSS() as mem:
+            wall = timed_study_fit(study, 2, he=True)
+        out = {"genes": args.scale_genes, "donors": 94, "celltypes": 4,
+               "wall_s_2_workers": wall, "peak_rss_gib": mem.peak / 2 ** 30}
+        print(f"  end to end {wall:.1f} s, peak RSS {mem.peak / 2 ** 30:.2f} GiB", flush=True)
+        sub = simulate_ctp(args.speedup_genes, seed=args.seed + 2)
+        st2 = write_study(str(tmp / "speedup.zarr"), as_cube(sub), args.gene_chunk)
+        w1 = timed_study_fit(st2, 1, he=False)
+        w2 = timed_study_fit(st2, 2, he=False)
+        out.update({"speedup_genes": args.speedup_genes, "wall_s_1_worker": w1,
+                    "wall_s_2_workers_subset": w2, "speedup_2_vs_1": w1 / w2})
+        print(f"  {args.speedup_genes} genes: 1 worker {w1:.1f} s, 2 workers {w2:.1f} s, "
+              f"speed-up {w1 / w2:.2f}", flush=True)
+        return {"scale": out}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["all", "ratio", "scale"], default="all")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-genes", type=int, default=6)
+    ap.add_argument("--ref-jk-genes", type=int, default=1)
+    ap.add_argument("--scale-genes", type=int, default=11231)
+    ap.add_argument("--speedup-genes", type=int, default=2048)
+    ap.add_argument("--gene-chunk", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=20240611)
+    ap.add_argument("--out", default=str(HERE / "out" / "ctmm_perf.json"))
+    args = ap.parse_args(argv)
+    (HERE / "out").mkdir(exist_ok=True)
+    res: dict = {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                time.gmtime())}
+    if args.part in ("all", "ratio"):
+        res.update(part_ratio(args))
+    if args.part in ("all", "scale"):
+        res.update(part_scale(args))
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
