@@ -167,9 +167,9 @@ def test_mrvi_group_effect_in_one_celltype_only(recovery):
 
 def test_memory_does_not_grow_with_cells(tmp_path):
     """Peak traced allocations of a 4x larger simulation stay within 1.5x (chunks bound it)."""
-    kw = dict(n_donors=20, n_genes=300, n_celltypes=4, n_batches=2, seed=1, chunk_cells=3000)
+    kw = dict(n_donors=20, n_genes=200, n_celltypes=4, n_batches=2, seed=1, chunk_cells=2000)
     peaks = []
-    for n_cells in (12_000, 48_000):
+    for n_cells in (8_000, 32_000):
         tracemalloc.start()
         simulate_study(str(tmp_path / f"m{n_cells}.zarr"), n_cells=n_cells, **kw)
         peaks.append(tracemalloc.get_traced_memory()[1])
