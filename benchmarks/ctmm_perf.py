@@ -100,6 +100,15 @@ def part_ratio(args) -> dict:
     print(f"reference on {args.ref_genes} genes ({args.ref_jk_genes} with jackknife)",
           flush=True)
     ref = reference_cpu_per_gene(args.ref_genes, args.ref_jk_genes, args.seed)
+    jk_note = f"timed here on {len(ref.get('free_reml_jk', []))} gene(s)"
+    if not ref.get("free_reml_jk"):
+        # the serial jackknife costs minutes per gene: fall back to the jackknife CPU times
+        # that ctmm_reference.py recorded on the same simulated set (same machine, other run)
+        meta = HERE.parent / "tests" / "fixtures" / "ctmm_reference_meta_extra.json"
+        jk = json.loads(meta.read_text()).get("sim_jackknife", {}) if meta.exists() else {}
+        ref["free_reml_jk"] = jk.get("cpu_s", {}).get("free_reml_jk", [])
+        jk_note = f"from {meta.name} ({len(ref['free_reml_jk'])} gene(s), earlier run)"
+    print(f"reference jackknife timing: {jk_note}", flush=True)
     rows = []
     for label in CALLS:
         r = float(np.median(ref[label])) if ref.get(label) else float("nan")
@@ -113,7 +122,7 @@ def part_ratio(args) -> dict:
         print(f"| {row['fit']} | {row['reference_cpu_s_per_gene']:.3g} "
               f"({row['reference_genes']}) | {row['scdist_cpu_ms_per_gene']:.3g} | "
               f"{row['speedup']:.0f}x |")
-    return {"ratio": rows, "scdist_genes": args.genes}
+    return {"ratio": rows, "scdist_genes": args.genes, "reference_jackknife_timing": jk_note}
 
 
 class PeakRSS:
