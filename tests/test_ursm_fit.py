@@ -17,6 +17,7 @@ def sim200():
     return simulate(seed=5)
 
 
+@pytest.mark.slow
 def test_urs_beats_naive_single_cell_and_joint(sim200):
     s = sim200
     naive = np.abs(naive_profile(s.Y, s.cell_types, 3) - s.A).sum()
