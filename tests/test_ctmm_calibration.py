@@ -19,6 +19,7 @@ BAND = 3.29 * np.sqrt(ALPHA * (1 - ALPHA) / G)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)   # ~2 min on an idle 2-core runner; much longer on a shared one
 def test_null_calibration_and_power():
     null = ctmm.simulate_ctp(G, 100, 4, hom2=0.2, V=0, seed=41)
     res = ctmm.fit(null, models=("hom", "free"), tests=("lrt", "wald", "jackknife"), op=False)
