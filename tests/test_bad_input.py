@@ -400,7 +400,7 @@ def _table() -> str:  # pragma: no cover - run by hand to refresh the README tab
                 msg, kind, field = f"skipped: {exc}", "-", "-"
             except ScdistError as exc:
                 msg, kind, field = str(exc), type(exc).__name__, exc.field
-            msg = msg.replace("|", "\\|").replace(str(d), "…")
+            msg = " ".join(msg.replace("|", "\\|").replace(str(d), "…").split())
             if len(msg) > 260:
                 msg = msg[:257] + "..."
             rows.append(f"| {i} | {case.what} | `{kind}` | `{field}` | {msg} |")

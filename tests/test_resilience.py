@@ -205,3 +205,27 @@ def test_dask_worker_sigkilled_during_pseudobulk(studies, dask_client, tmp_path)
     _wait_idle(dask_client)
     _assert_same(xr.open_zarr(f"{store}/pseudobulk", consolidated=False).load(),
                  xr.open_zarr(f"{store0}/pseudobulk", consolidated=False).load())
+
+
+def test_two_concurrent_runs_on_one_store_one_refused_no_corruption(studies, dask_client, tmp_path):
+    """Two `scdist run` processes on the same store at once: one runs, the other fails fast
+    (exit 2, the lock holder named) and writes nothing; the result is the undisturbed one."""
+    import yaml
+
+    _, store0, ref = studies
+    store = str(tmp_path / "study.zarr")
+    shutil.copytree(store0, store)
+    spec = tmp_path / "ctmm.yaml"
+    spec.write_text(yaml.safe_dump({"store": store, "stages": {"ctmm": CTMM}}))
+    cmd = _scdist_cmd() + ["run", str(spec), "--dask-address", dask_client.scheduler.address]
+    env = {**os.environ, "CI": "true"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused = outs[[p.returncode for p in procs].index(2)][1]
+    assert "[store]" in refused and "is writing this store" in refused and "Fix:" in refused
+    _assert_same(xr.open_zarr(f"{store}/results/ctmm/default", consolidated=False).load(),
+                 xr.open_zarr(f"{ref}/results/ctmm/default", consolidated=False).load())
+    assert not os.path.exists(store + ".lock")
