@@ -27,10 +27,15 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         from ..errors import ClusterError
         _probe(address)
         try:
-            ray.init(address=address, **kwargs)
+            info = ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError) as exc:
             raise ClusterError(f"cannot reach Ray at {address!r}: {exc}", field="ray.address",
                                fix="start a head with `ray start --head` or correct the address") from exc
+        url = getattr(info, "dashboard_url", None)
+        if url:  # the head's dashboard, when it runs one
+            import logging
+
+            logging.getLogger("scdist").info("ray dashboard: http://%s", url.removeprefix("http://"))
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
     try:
