@@ -70,7 +70,7 @@ def cluster_cells(model, data=None, *, n_pcs: int = 10, n_neighbors: int = 15, r
                   progress=None) -> xr.Dataset:
     """Cluster cells by their sample distance matrices D(n).
 
-    Returns a Dataset with ``cluster`` (cell; labels "0", "1", ... largest first),
+    Returns a Dataset with ``cluster`` (cell; integer labels 0, 1, ..., largest cluster first),
     ``pcs`` (fit_cell, pc) of the fitted cells and ``explained_variance_ratio`` (pc).
     ``cluster`` can be passed as ``groupby`` to :func:`sample_distances` and the DE / DA.
     """
@@ -110,7 +110,7 @@ def cluster_cells(model, data=None, *, n_pcs: int = 10, n_neighbors: int = 15, r
         np.add.at(counts, (np.repeat(np.arange(votes.shape[0]), votes.shape[1]), votes.ravel()), 1)
         labels[idx] = counts.argmax(1)
     names = model._cells(data)
-    return xr.Dataset({"cluster": ("cell", labels.astype(str).astype(object)),
+    return xr.Dataset({"cluster": ("cell", labels),
                        "pcs": (("fit_cell", "pc"), P_fit.astype(np.float32)),
                        "explained_variance_ratio": ("pc", evr)},
                       coords={"cell": names, "fit_cell": names[fit_idx], "fit_cell_index": ("fit_cell", fit_idx),

@@ -202,7 +202,7 @@ def cluster_samples(distances: xr.DataArray, *, method: str = "average", n_clust
     S = len(samples)
     Z = np.full((len(groups), max(S - 1, 0), 4), np.nan)
     used = np.zeros((len(groups), S), bool)
-    order = np.full((len(groups), S), "", dtype=object)
+    order = np.full((len(groups), S), -1, np.int64)
     clusters = np.zeros((len(groups), S), np.int64)
     for g in range(len(groups)):
         D = np.asarray(distances.values[g], float)
@@ -219,7 +219,7 @@ def cluster_samples(distances: xr.DataArray, *, method: str = "average", n_clust
         L = linkage(squareform(sub, checks=False), method=method)
         Z[g, :k - 1] = L
         used[g] = ok
-        order[g, :k] = samples[ok][leaves_list(L)]
+        order[g, :k] = np.flatnonzero(ok)[leaves_list(L)]
         if n_clusters:
             clusters[g, ok] = fcluster(L, t=min(n_clusters, k), criterion="maxclust")
     ds = xr.Dataset({"linkage": (("group", "merge", "linkage_field"), Z),

@@ -33,7 +33,7 @@ def write_result(result, study, run: str, name: str, *, cell_chunk: int | None =
     if "cell" not in ds.dims:
         tmpl = ds.copy()
         for k, v in ds.data_vars.items():
-            tmpl[k] = (v.dims, dsa.zeros(v.shape, dtype=v.dtype))
+            tmpl[k] = (v.dims, dsa.zeros(v.shape, dtype=v.dtype, chunks=-1))
         write_template(tmpl, url, {})
         dims = {d: slice(0, n) for d, n in ds.sizes.items()}
         write_region(ds, url, dims)
@@ -44,7 +44,7 @@ def write_result(result, study, run: str, name: str, *, cell_chunk: int | None =
     csize = max(1, min(csize, n)) if n else 1
     tmpl = ds.copy()
     for k, v in ds.data_vars.items():
-        tmpl[k] = (v.dims, dsa.zeros(v.shape, dtype=v.dtype))
+        tmpl[k] = (v.dims, dsa.zeros(v.shape, dtype=v.dtype, chunks=-1))
     write_template(tmpl, url, {"cell": csize})
     other = {d: slice(0, s) for d, s in ds.sizes.items() if d != "cell"}
     no_cell = [k for k, v in ds.data_vars.items() if "cell" not in v.dims]
