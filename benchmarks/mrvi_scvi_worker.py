@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak RSS (VmHWM; getrusage's ru_maxrss would include the parent's peak
+    at fork time, which survives exec on Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def main(h5ad, what, n_cells, out):
@@ -44,7 +53,7 @@ def main(h5ad, what, n_cells, out):
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     res = {"impl": f"scvi-tools {scvi.__version__} MRVI", "what": what, "n_cells": int(sub.n_obs),
            "n_samples": int(adata.obs["sample"].nunique()), "cpu_s": cpu, "wall_s": wall,
-           "cells_per_cpu_s": sub.n_obs / cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+           "cells_per_cpu_s": sub.n_obs / cpu, "peak_rss_gib": peak_rss_gib()}
     with open(out, "w") as f:
         json.dump(res, f)
 
