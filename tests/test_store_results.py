@@ -4,6 +4,7 @@ from __future__ import annotations
 import uuid
 
 import dask.array as da
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -46,6 +47,13 @@ def _write_block(url, a, b):
 
 @pytest.mark.parametrize("where", ["path", "memory"])
 def test_template_then_regions_round_trip(tmp_store, where):
+    # memory:// lives in this process only: read it back here even when an earlier test left a
+    # distributed Client as the default scheduler (its workers would see an empty filesystem).
+    with dask.config.set(scheduler="synchronous"):
+        _round_trip(tmp_store, where)
+
+
+def _round_trip(tmp_store, where):
     st = create_study(tmp_store if where == "path" else f"memory://{uuid.uuid4().hex}.zarr")
     url = st.result_url("ctmm", "default")
     write_template(_template(), url, {"gene": CHUNK})
