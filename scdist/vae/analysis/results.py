@@ -46,10 +46,10 @@ def write_result(result, study, run: str, name: str, *, cell_chunk: int | None =
     for k, v in ds.data_vars.items():
         tmpl[k] = (v.dims, dsa.zeros(v.shape, dtype=v.dtype, chunks=-1))
     write_template(tmpl, url, {"cell": csize})
-    other = {d: slice(0, s) for d, s in ds.sizes.items() if d != "cell"}
     no_cell = [k for k, v in ds.data_vars.items() if "cell" not in v.dims]
     if no_cell:
-        write_region(ds[no_cell], url, other)
+        sub = ds[no_cell]
+        write_region(sub, url, {d: slice(0, sub.sizes[d]) for d in sub.dims})
     cell_vars = [k for k, v in ds.data_vars.items() if "cell" in v.dims]
     for i, a in enumerate(range(0, n, csize)):
         b = min(a + csize, n)
