@@ -24,7 +24,8 @@ def dask_client():
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, memory_limit="4GiB") as cluster, Client(cluster) as client:
+                      dashboard_address=None, memory_limit="4GiB",
+                      preload=["scdist.engines.dask_preload"]) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -7,6 +7,8 @@ import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 ENV_DASK_ADDRESS = "SCDIST_DASK_ADDRESS"
+# imported by every embedded worker at start-up (see dask_preload.py for why)
+WORKER_PRELOAD = "scdist.engines.dask_preload"
 
 
 @contextlib.contextmanager
@@ -46,7 +48,8 @@ def dask_client(address: str | None = None, *, client=None, n_workers: int | Non
         warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                processes=processes, memory_limit=memory_limit,
-                               dashboard_address=":0" if dashboard else None)
+                               dashboard_address=":0" if dashboard else None,
+                               preload=[WORKER_PRELOAD])
     with cluster, Client(cluster) as c:
         yield c
 

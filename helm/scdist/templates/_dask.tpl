@@ -85,6 +85,7 @@ containers:
       - --memory-limit={{ $.Values.dask.worker.memoryLimit }}
       - --local-directory=/tmp
       - --dashboard-address=:8788
+      - --preload=scdist.engines.dask_preload
     workingDir: {{ include "scdist.workingDir" $ }}
     env:
       - name: POD_NAME
