@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SpecError
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
@@ -52,31 +51,12 @@ def load_pipeline(path: str | Path) -> SubmittedPipeline:
     Top-level keys and stage names are checked with the planner's own models; each stage's
     config is checked when its stage type is importable here (the image runs the same version).
     """
-    from pydantic import ValidationError
-
-    from ..plan.registry import STAGES, stage_class
-    from ..plan.spec import SpecModel, _spec_error, read_spec_source
+    from ..plan.spec import read_spec_source, validate_model, validate_stages
 
     raw, source = read_spec_source(path)
-    try:
-        top = SpecModel.model_validate(raw)
-    except ValidationError as exc:
-        raise _spec_error(exc, SpecModel) from None
-    engines = set()
-    for name, cfg in top.stages.items():
-        if name not in STAGES:
-            raise SpecError(f"unknown stage {name!r}; registered stages: {', '.join(STAGES)}",
-                            field=f"stages.{name}", fix="use one of the registered stage names")
-        try:
-            cls = stage_class(name)
-        except ImportError:
-            engines.add(_FALLBACK_ENGINES.get(name, "dask"))
-            continue
-        try:
-            cls.Config.model_validate(cfg or {})
-        except ValidationError as exc:
-            raise _spec_error(exc, cls.Config, prefix=f"stages.{name}") from None
-        engines.add(cls.engine)
+    top = validate_model(raw)
+    engines = {cls.engine if cls is not None else _FALLBACK_ENGINES.get(name, "dask")
+               for name, cls, _ in validate_stages(top, allow_unavailable=True)}
     return SubmittedPipeline(text=Path(path).read_text(), raw=raw, source=str(source),
                              stage_names=tuple(top.stages), engines=frozenset(engines))
 
