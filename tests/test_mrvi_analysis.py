@@ -96,9 +96,6 @@ def test_min_cells_and_normalisation(quick):
         model.sample_distances(cells=[10 ** 7])
 
 
-@pytest.mark.skip(reason="known defect (issue 5): Client.scatter(..., broadcast=True) in "
-                         "scdist/vae/analysis/stream.py hangs on a worker-to-worker gather "
-                         "(reproduced on a fresh LocalCluster at the end of the session); fix, then re-enable")
 def test_dask_map_equals_in_process(quick, dask_client):
     adata, model = quick
     local = model.sample_distances(groupby="celltype", min_cells=1)

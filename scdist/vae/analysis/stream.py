@@ -109,7 +109,10 @@ def map_chunks(model, data, kernel: Kernel, *, cells=None, client=None, batch_si
         return
     from ...engines.dask import map_blocks
 
-    payload = client.scatter((light_copy(model), source, cats), broadcast=True)
+    # One future for the whole payload (scattering a tuple would scatter its items one by one),
+    # under a fresh key: with content-hashed keys a second analysis re-scattering the same model
+    # races the release of the first one's copy, and workers then wait for data that is gone.
+    [payload] = client.scatter([(light_copy(model), source, cats)], broadcast=True, hash=False)
     for (c, _, _), res in map_blocks(client, _chunk_task, blocks, progress=progress, payload=payload,
                                   kernel=kernel, batch_size=batch_size, params=params):
         yield c, res
