@@ -98,7 +98,7 @@ def test_getting_it_right_prior_marginals():
         cell.set_counts(Y)
         cell.run(th, rng, 0, 1, cold=False)
         bulk.set_counts(X)
-        bulk.n, _ = bulk._draw_Z(W, A, rng)           # Z̃ | W, X
+        bulk.n = bulk._draw_Z(W, A, rng)              # Z̃ | W, X
         g = rng.standard_gamma(th.alpha + bulk.n)       # W | Z̃
         W = g / g.sum(1, keepdims=True)
         ks[it], ts[it], ws[it] = cell.kappa, cell.tau, W

@@ -22,6 +22,7 @@ import numpy as np
 from polyagamma import random_polyagamma
 from scipy.special import digamma, expit, gammaln
 
+from . import kernels
 from .params import Theta
 
 S_UPDATES = ("gamma", "sequential")
@@ -137,17 +138,8 @@ class CellBlockSampler:
         np.logical_or(self.pos, rng.random(S.shape) < expit(logit), out=S)
 
     def _draw_S_sequential(self, S, psi, a, rng):
-        U = np.einsum("ln,ln->l", a, S)
-        u = rng.random(S.shape)
-        R = self.R
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for i in range(S.shape[1]):   # genes must be visited in turn (spec §1.1 S2)
-                ai = a[:, i]
-                Um = U - ai * S[:, i]
-                logit = np.where(R > 0, psi[:, i] - R * np.log1p(ai / Um), psi[:, i])
-                new = self.pos[:, i] | (u[:, i] < expit(logit))
-                S[:, i] = new
-                U = Um + ai * new
+        # genes must be visited in turn (spec §1.1 S2): a compiled loop over (cell, gene)
+        kernels.sequential_s(S, self.pos, psi, a, self.R, rng)
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
             cold: bool, track: bool = False, thin: int = 1) -> CellStats:
@@ -209,11 +201,9 @@ class BulkBlockSampler:
     """Gibbs state and sweeps for one block of bulk samples (rows of X, samples × genes)."""
 
     def __init__(self, X: np.ndarray, K: int, *, rao_blackwell: bool = True):
-        self.X = np.ascontiguousarray(X, dtype=np.int64)
-        self.Xf = self.X.astype(float)
-        self.Rj = self.Xf.sum(axis=1)
         self.K = K
         self.rao_blackwell = rao_blackwell
+        self.set_counts(X)
         self.n = None          # (Mb, K) Σ_i Z̃_ijk, the chain's state (warm-started)
 
     def set_counts(self, X: np.ndarray) -> None:
@@ -221,42 +211,27 @@ class BulkBlockSampler:
         self.X = np.ascontiguousarray(X, dtype=np.int64)
         self.Xf = self.X.astype(float)
         self.Rj = self.Xf.sum(axis=1)
+        self.lf = kernels.log_factorials(self.X.max(initial=0))
 
     def _draw_Z(self, W, A, rng, zsum=None):
-        """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials:
-        Z̃_ij1 ~ Bin(X_ij, r_ij1), Z̃_ij2 ~ Bin(X_ij − Z̃_ij1, r_ij2 / (1 − r_ij1)), …"""
-        AW = W @ A.T                                          # (Mb, N)
-        inv = 1.0 / AW
-        rem = self.X
-        remp = None
+        """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials
+        (compiled, exact); returns n_jk = Σ_i Z̃_ijk and adds Σ_j Z̃_ijk to ``zsum`` if given."""
         n = np.empty((self.X.shape[0], self.K))
-        for k in range(self.K - 1):
-            p = np.multiply.outer(W[:, k], A[:, k])
-            p *= inv                                          # r_ijk
-            if remp is None:
-                q = p
-                remp = 1.0 - p
-            else:
-                q = np.minimum(p / np.maximum(remp, 1e-300), 1.0)
-                remp -= p
-            Zk = rng.binomial(rem, q)
-            n[:, k] = Zk.sum(axis=1)
-            if zsum is not None:
-                zsum[:, k] = Zk.sum(axis=0)
-            rem = rem - Zk
-        n[:, -1] = rem.sum(axis=1)
-        if zsum is not None:
-            zsum[:, -1] = rem.sum(axis=0)
-        return n, AW
+        want = zsum is not None
+        if want:
+            zsum[:] = 0.0
+        kernels.draw_allocations(self.X, np.ascontiguousarray(W), A, rng, self.lf, n,
+                                 zsum if want else n, want)
+        return n
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
             cold: bool = False, track: bool = False, thin: int = 1) -> BulkStats:
         Mb, N = self.X.shape
         K = self.K
-        A, alpha = theta.A, theta.alpha
+        A, alpha = np.ascontiguousarray(theta.A), theta.alpha
         if cold or self.n is None:
             W0 = np.tile(alpha / alpha.sum(), (Mb, 1))
-            self.n, _ = self._draw_Z(W0, A, rng)
+            self.n = self._draw_Z(W0, A, rng)
         cZ = np.zeros((N, K))
         ElnW = np.zeros(K)
         EW = np.zeros((Mb, K))
@@ -268,12 +243,13 @@ class BulkBlockSampler:
             g = rng.standard_gamma(alpha[None, :] + self.n)
             W = g / g.sum(axis=1, keepdims=True)              # (B1)
             keep = s >= burnin and (s - burnin + 1) % thin == 0
-            self.n, AW = self._draw_Z(W, A, rng, zsum if keep else None)   # (B2)
+            self.n = self._draw_Z(W, A, rng, zsum if keep else None)   # (B2)
             if not keep:
                 continue
             t = (s - burnin) // thin
             post = alpha[None, :] + self.n
             if self.rao_blackwell:
+                AW = W @ A.T
                 cZ += A * ((self.Xf / AW).T @ W)             # Σ_j E[Z̃_ijk | W]
                 ElnW += (digamma(post) - digamma(post.sum(axis=1, keepdims=True))).sum(axis=0)
                 EW += post / post.sum(axis=1, keepdims=True)

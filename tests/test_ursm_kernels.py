@@ -1,0 +1,108 @@
+"""URSM compiled kernels: the binomial sampler and the (B2) allocation draw have exactly the
+distributions they claim (chi-square against the closed-form pmf), on both sampler branches."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import binom, chi2, multinomial
+
+from scdist.ursm import kernels
+
+
+def _chi2_pvalue(obs, expected):
+    """Pearson chi-square p-value with cells of expectation < 5 pooled into one."""
+    keep = expected >= 5
+    o = np.append(obs[keep], obs[~keep].sum())
+    e = np.append(expected[keep], expected[~keep].sum())
+    if e[-1] < 5:            # too little pooled mass: merge it into the last kept cell
+        o[-2] += o[-1]
+        e[-2] += e[-1]
+        o, e = o[:-1], e[:-1]
+    return chi2.sf(((o - e) ** 2 / e).sum(), max(len(e) - 1, 1))
+
+
+# inversion (n·p < 10), BTRD (n·p ≥ 10) and the p > ½ reflection of each; large n for BTRD's tails
+CASES = [(1, 0.3), (7, 0.5), (40, 0.05), (40, 0.2), (30, 0.34), (33, 0.9), (50, 0.5), (120, 0.1),
+         (400, 0.73), (5000, 0.01), (100_000, 0.4), (37, 0.999)]
+
+
+def test_binomial_matches_pmf_on_both_branches():
+    rng = np.random.default_rng(3)
+    lf = kernels.log_factorials(100_000)
+    draws = 200_000
+    pvals = []
+    for n, p in CASES:
+        z = kernels.binomial_many(n, p, draws, rng, lf)
+        assert z.min() >= 0 and z.max() <= n
+        obs = np.bincount(z, minlength=n + 1).astype(float)
+        pvals.append(_chi2_pvalue(obs, binom.pmf(np.arange(n + 1), n, p) * draws))
+        sd = np.sqrt(n * p * (1 - p) / draws)
+        assert abs(z.mean() - n * p) < 5 * sd + 1e-12, (n, p)
+    # 12 independent tests: a correct sampler fails one at 1e-4 with probability ~1e-3
+    assert min(pvals) > 1e-4, dict(zip(CASES, np.round(pvals, 5)))
+
+
+def test_binomial_detects_a_wrong_distribution():
+    """Power check: the same test rejects Bin(n, p) draws scored against Bin(n, 1.01 p)."""
+    rng = np.random.default_rng(4)
+    lf = kernels.log_factorials(1000)
+    z = kernels.binomial_many(400, 0.3, 200_000, rng, lf)
+    obs = np.bincount(z, minlength=401).astype(float)
+    assert _chi2_pvalue(obs, binom.pmf(np.arange(401), 400, 0.303) * 200_000) < 1e-6
+
+
+def test_allocations_are_multinomial_and_conserve_counts():
+    """(B2): for every (i, j), Z̃_ij ~ Mult(X_ij, r_ij·); checked jointly for two entries with small
+    and large counts, and Σ_k n_jk = Σ_i X_ij exactly."""
+    rng = np.random.default_rng(5)
+    K, N, M = 3, 4, 2
+    A = rng.dirichlet(np.ones(N), K).T
+    W = np.array([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]])
+    X = np.array([[6, 0, 3, 9], [250, 1, 40, 2]], dtype=np.int64)
+    lf = kernels.log_factorials(X.max())
+    reps = 40_000
+    n = np.zeros((M, K))
+    zsum = np.zeros((N, K))
+    tot_first = []        # Z̃ of entry (j=0, i=0): X = 6, all 28 outcomes
+    X1, W1, A1, n1 = np.array([[6]]), W[:1].copy(), A[:1].copy(), np.zeros((1, K))
+    for _ in range(reps):
+        sub = np.zeros((1, K))
+        kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True)
+        tot_first.append(sub[0].copy())
+    tot_first = np.array(tot_first).astype(int)
+    r = A[0] * W[0] / (A[0] @ W[0])
+    keys, counts = np.unique(tot_first, axis=0, return_counts=True)
+    assert (keys.sum(axis=1) == 6).all()
+    full = {tuple(k): c for k, c in zip(keys, counts)}
+    outcomes = [(a, b, 6 - a - b) for a in range(7) for b in range(7 - a)]
+    obs = np.array([full.get(o, 0) for o in outcomes], float)
+    exp = multinomial.pmf(np.array(outcomes), 6, r) * reps
+    assert _chi2_pvalue(obs, exp) > 1e-4
+    # large count entry: means and covariance of Z̃ for X = 250
+    big = []
+    X1, W1 = np.array([[250]]), W[1:].copy()
+    for _ in range(20_000):
+        sub = np.zeros((1, K))
+        kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True)
+        big.append(sub[0].copy())
+    big = np.array(big)
+    r = A[0] * W[1] / (A[0] @ W[1])
+    se = np.sqrt(250 * r * (1 - r) / len(big))
+    assert np.all(np.abs(big.mean(axis=0) - 250 * r) < 5 * se)
+    cov = 250 * (np.diag(r) - np.outer(r, r))
+    np.testing.assert_allclose(np.cov(big.T), cov, rtol=0.06, atol=0.5)
+    # the full block: per-sample totals are conserved
+    kernels.draw_allocations(X, W, A, rng, lf, n, zsum, True)
+    np.testing.assert_array_equal(n.sum(axis=1), X.sum(axis=1))
+    np.testing.assert_array_equal(zsum.sum(axis=1), X.sum(axis=0))
+
+
+def test_same_generator_state_same_draws():
+    """The kernels consume the caller's Generator: equal seeds give equal draws, and the Generator's
+    state advances (so the numpy draws that follow differ from a fresh stream)."""
+    lf = kernels.log_factorials(500)
+    a = kernels.binomial_many(300, 0.2, 1000, np.random.default_rng(9), lf)
+    b = kernels.binomial_many(300, 0.2, 1000, np.random.default_rng(9), lf)
+    np.testing.assert_array_equal(a, b)
+    g = np.random.default_rng(9)
+    kernels.binomial_many(300, 0.2, 10, g, lf)
+    assert g.random() != np.random.default_rng(9).random()
