@@ -11,7 +11,9 @@ Layout (anndata's documented on-disk encoding, so ``anndata.read_zarr(<store>/ce
       obsm/ varm/ obsp/ varp/ layers/ uns/   empty
 
 X's rows are read in the blocks listed by ``cell_chunks`` (``chunk_cells`` rows each), and
-indptr is chunked the same way, so a reader touches only the rows it needs.
+indptr is chunked the same way, so a reader touches only the rows it needs. obs is streamed
+too: its index and every column are resizable arrays chunked by ``chunk_cells`` (categorical
+columns as int32 codes, their categories written at close), appended as blocks arrive.
 
 :class:`CellWriter` writes into a temporary group beside ``cells/`` and moves it into place
 only when it closes successfully (so ``cells/`` exists only when complete: it carries no
@@ -44,6 +46,8 @@ def _x_compressors():
 
     return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
 TMP_DIR = "_scdist_tmp"
+OBS_CODES_DTYPE = "int32"  # categorical codes: the number of categories is not known up front
+_ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 OBS_STANDARD = (layout.OBS_DONOR, layout.OBS_CELLTYPE, layout.OBS_BATCH)
 DEFAULT_BATCH = "batch0"
 
@@ -83,7 +87,7 @@ class _ChunkAppender:
         self.arr.resize((self.size + n,))
         self.arr[self.size:self.size + n] = buf[:n]
         self.size += n
-        rest = buf[n:]
+        rest = buf[n:].copy()  # a view would keep the whole concatenated buffer alive
         self._buf = [rest] if rest.size else []
         self._n = rest.size
 
@@ -99,8 +103,105 @@ def _str_categorical(col: pd.Series) -> pd.Categorical:
     return pd.Categorical(np.asarray(col).astype(str).astype(object))
 
 
-def _concat_categoricals(parts: list[pd.Categorical]) -> pd.Categorical:
-    return pd.api.types.union_categoricals(parts) if len(parts) > 1 else parts[0]
+class _Categories:
+    """Categories seen so far, in order of first appearance among the blocks' category lists.
+
+    This is the order :func:`pandas.api.types.union_categoricals` gives the concatenation
+    (unused categories of a block included), so streaming keeps the codes one
+    whole-table concatenation would have.
+    """
+
+    def __init__(self, labels: Sequence[str] = ()):
+        self.labels = pd.Index(np.asarray(list(labels), dtype=object), dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def codes(self, cat: pd.Categorical) -> np.ndarray:
+        """Global codes (int32) of a block's Categorical; new categories are appended."""
+        cats = pd.Index(np.asarray(cat.categories, dtype=object), dtype=object)
+        pos = self.labels.get_indexer(cats)
+        new = pos < 0
+        if new.any():
+            pos[new] = len(self.labels) + np.arange(int(new.sum()))
+            self.labels = self.labels.append(cats[new])
+        codes = np.asarray(cat.codes)
+        return np.where(codes < 0, -1, pos[np.maximum(codes, 0)]).astype(OBS_CODES_DTYPE)
+
+
+class _ObsColumn:
+    """One obs column streamed into ``obs/<name>``: numeric values, or categorical codes.
+
+    Categorical columns become anndata's categorical encoding (``codes`` appended chunk by
+    chunk, ``categories`` written by :meth:`finish`); numeric and boolean ones an array.
+    """
+
+    def __init__(self, obs_group: zarr.Group, name: str, first: pd.Series, chunk: int,
+                 *, categorical: bool, sort_categories: bool = False):
+        self.name = name
+        self.categorical = categorical
+        self.sort_categories = sort_categories
+        if categorical:
+            g = obs_group.create_group(name)
+            g.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0",
+                            "ordered": False})
+            self.group = g
+            self.cats = _Categories()
+            arr = g.create_array("codes", shape=(0,), dtype=OBS_CODES_DTYPE, chunks=(chunk,))
+        else:
+            self.dtype = np.dtype(_numeric_values(first, name).dtype)
+            arr = obs_group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(chunk,))
+        arr.attrs.update(_ARRAY_ATTRS)
+        self.out = _ChunkAppender(arr)
+
+    def values(self, col: pd.Series) -> np.ndarray:
+        """The block's values as stored (global codes, or numbers in the first block's dtype)."""
+        if self.categorical:
+            cat = _str_categorical(col)
+            if self.sort_categories:  # covariates: used labels only, as pd.Categorical(column)
+                cat = cat.remove_unused_categories()
+            return self.cats.codes(cat)
+        v = _numeric_values(col, self.name)
+        if not np.can_cast(v.dtype, self.dtype, casting="same_kind"):
+            raise InputError(f"obs column {self.name!r} has dtype {v.dtype} in a later block but "
+                             f"{self.dtype} in the first", field=f"obs[{self.name!r}]",
+                             fix="give the column one dtype in every block")
+        return v.astype(self.dtype, copy=False)
+
+    def finish(self) -> None:
+        """Flush; write the categories (sorted, codes remapped chunk by chunk, if asked)."""
+        self.out.flush()
+        if not self.categorical:
+            return
+        labels = self.cats.labels
+        if self.sort_categories and not labels.is_monotonic_increasing:
+            order = np.argsort(labels.to_numpy(dtype=str), kind="stable")
+            remap = np.empty(len(order), OBS_CODES_DTYPE)
+            remap[order] = np.arange(len(order), dtype=OBS_CODES_DTYPE)
+            arr = self.out.arr
+            step = arr.chunks[0]
+            for a in range(0, arr.shape[0], step):  # a chunk at a time: memory stays flat
+                arr[a:a + step] = remap[arr[a:a + step]]
+            labels = labels[order]
+        _write_elem(self.group, "categories", labels.to_numpy(dtype=object))
+
+
+def _numeric_values(col: pd.Series, name: str) -> np.ndarray:
+    dt = col.dtype
+    if isinstance(dt, pd.api.extensions.ExtensionDtype) and hasattr(dt, "numpy_dtype"):
+        return col.to_numpy(dtype=dt.numpy_dtype)  # nullable Int64/boolean (NA checked before)
+    v = np.asarray(col)
+    if v.dtype.kind not in "biuf":
+        raise InputError(f"obs column {name!r} holds {v.dtype} values in a later block but "
+                         "numbers in the first", field=f"obs[{name!r}]",
+                         fix="give the column one type (all numbers or all labels) in every block")
+    return v
+
+
+def _is_label_column(col: pd.Series) -> bool:
+    dt = col.dtype
+    return (isinstance(dt, pd.CategoricalDtype) or dt == object or pd.api.types.is_string_dtype(dt)
+            or np.dtype(getattr(dt, "numpy_dtype", dt)).kind not in "biuf")
 
 
 def replace_group(study, src: str, dst: str) -> None:
@@ -155,6 +256,12 @@ class CellWriter:
     Use as a context manager; ``append(counts, obs)`` takes a cells × genes matrix (scipy
     sparse or dense, integer-valued) and a DataFrame with columns ``donor``, ``celltype``,
     optionally ``batch`` (a single batch ``"batch0"`` when absent) and the covariates.
+
+    Memory does not grow with the number of cells: counts and every obs column (the index,
+    categorical codes, numbers) are appended to resizable Zarr arrays in whole chunks as
+    blocks arrive. What is kept is per category (labels; each donor's covariate values,
+    to check they are constant within donor) and, at :meth:`close`, 8 bytes per cell to
+    find duplicated cell names.
     """
 
     def __init__(self, study, gene_names: Sequence[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS,
@@ -179,7 +286,6 @@ class CellWriter:
         self.field = field
         self.n_cells = 0
         self.nnz = 0
-        self._obs: list[dict] = []
         self._tmp = f"{TMP_DIR}/{layout.CELLS}-{uuid.uuid4().hex}"
         self._closed = False
         n_genes = len(self.gene_names)
@@ -197,6 +303,14 @@ class CellWriter:
                                       chunks=(self.chunk_cells,), compressors=comp)
         self._indptr[:] = np.zeros(1, dtype="int64")
         self._out = [_ChunkAppender(a) for a in (self._data, self._indices, self._indptr)]
+        # obs/ is created with the first block (its column types come from it)
+        self._obs_group: zarr.Group | None = None
+        self._index: _ChunkAppender | None = None
+        self._cols: dict[str, _ObsColumn] = {}
+        self._has_batch: bool | None = None
+        # per donor (global donor code): seen with cells, and each covariate's value
+        self._donor_seen = np.zeros(0, bool)
+        self._donor_cov: dict[str, np.ndarray] = {}
 
     # ---- context manager ----------------------------------------------------------------
     def __enter__(self) -> "CellWriter":
@@ -240,18 +354,100 @@ class CellWriter:
         if not m.has_canonical_format:
             m = m.copy()
             m.sum_duplicates()
+        obs_values = self._obs_block(obs)  # checked before anything of this block is written
         data, indices, indptr = self._out
         data.push(m.data.astype(self.count_dtype, copy=False))
         indices.push(m.indices.astype("int32", copy=False))
         indptr.push(m.indptr[1:].astype("int64") + self.nnz)
-        block = {"index": obs.index}  # a view; converted to str once, at close
-        for c in (*OBS_STANDARD, *self.covariates):
-            if c in obs.columns:
-                col = obs[c]
-                block[c] = _str_categorical(col) if c in OBS_STANDARD else col.to_numpy()
-        self._obs.append(block)
+        for name, values in obs_values.items():
+            (self._index if name is None else self._cols[name].out).push(values)
         self.n_cells += n
         self.nnz += m.nnz
+
+    def _obs_block(self, obs: pd.DataFrame) -> dict:
+        """Check a block's obs and turn it into the values to append, per column."""
+        has_batch = layout.OBS_BATCH in obs.columns
+        if self._has_batch is None:
+            self._start_obs(obs, has_batch)
+        elif has_batch != self._has_batch:
+            raise InputError(f"obs column 'batch' is in some blocks but not in this one (cells "
+                             f"{self.n_cells}-{self.n_cells + len(obs) - 1})",
+                             field=f"obs[{layout.OBS_BATCH!r}]",
+                             fix="pass it in every block or in none")
+        for c in (layout.OBS_DONOR, layout.OBS_CELLTYPE, *([layout.OBS_BATCH] * has_batch)):
+            blank = validate._blank_labels(obs[c])
+            if blank.any():
+                raise InputError(f"{int(blank.sum())} cells have an empty {c} label (first at "
+                                 f"row {self.n_cells + int(np.flatnonzero(blank)[0])})",
+                                 field=f"obs[{c!r}]", fix="fill or drop those cells first")
+        for c in self.covariates:
+            null = pd.isna(obs[c]).to_numpy()
+            if null.any():
+                raise InputError(f"{int(null.sum())} cells have no value for covariate {c!r}",
+                                 field=f"obs[{c!r}]",
+                                 fix="fill the missing donor-level values or drop the covariate")
+        index = np.asarray(obs.index, dtype=object)
+        if pd.api.types.infer_dtype(index, skipna=False) != "string":
+            index = index.astype(str).astype(object)
+        out: dict = {None: index}
+        for name, col in self._cols.items():
+            if name == layout.OBS_BATCH and not has_batch:
+                out[name] = np.zeros(len(obs), OBS_CODES_DTYPE)
+            else:
+                out[name] = col.values(obs[name])
+        self._check_donor_covariates(out)
+        return out
+
+    def _start_obs(self, obs: pd.DataFrame, has_batch: bool) -> None:
+        self._has_batch = has_batch
+        g = self._group.create_group("obs")
+        self._obs_group = g
+        c = self.chunk_cells
+        idx = g.create_array("_index", shape=(0,), dtype=str, chunks=(c,))
+        idx.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        self._index = _ChunkAppender(idx)
+        for name in OBS_STANDARD:
+            self._cols[name] = _ObsColumn(g, name, None, c, categorical=True)
+        if not has_batch:
+            self._cols[layout.OBS_BATCH].cats.codes(pd.Categorical([DEFAULT_BATCH]))
+        for name in self.covariates:
+            # label covariates: used labels only, sorted (as pd.Categorical of the whole column)
+            self._cols[name] = _ObsColumn(g, name, obs[name], c,
+                                          categorical=_is_label_column(obs[name]),
+                                          sort_categories=True)
+        g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0",
+                        "_index": "_index", "column-order": list(self._cols)})
+
+    def _check_donor_covariates(self, values: dict) -> None:
+        """Each donor's covariates must be constant: compare with the donor's first value."""
+        donors = values[layout.OBS_DONOR]
+        n_donors = len(self._cols[layout.OBS_DONOR].cats)
+        grow = n_donors - self._donor_seen.size
+        if grow > 0:
+            self._donor_seen = np.concatenate([self._donor_seen, np.zeros(grow, bool)])
+        if donors.size == 0:
+            return
+        present, first = np.unique(donors, return_index=True)
+        new = present[~self._donor_seen[present]]
+        first_new = first[~self._donor_seen[present]]
+        for c in self.covariates:
+            v = values[c]
+            ref = self._donor_cov.get(c)
+            if ref is None:
+                ref = np.zeros(0, v.dtype)
+            if ref.size < n_donors:
+                ref = np.concatenate([ref, np.zeros(n_donors - ref.size, v.dtype)])
+            ref[new] = v[first_new]
+            self._donor_cov[c] = ref
+            bad = v != ref[donors]
+            if bad.any():
+                labels = self._cols[layout.OBS_DONOR].cats.labels[np.unique(donors[bad])]
+                raise InputError(f"covariate {c!r} is not constant within donor for "
+                                 f"{len(labels)} donor(s): {validate._examples(labels)}",
+                                 field=f"obs[{c!r}]",
+                                 fix="donor covariates must have one value per donor; use a "
+                                     "donor-level column (cell-level covariates are not supported)")
+        self._donor_seen[present] = True
 
     def abort(self) -> None:
         """Discard everything written so far; the store is left as it was."""
@@ -261,7 +457,7 @@ class CellWriter:
         remove_tmp(self.study, self._tmp)
 
     def close(self) -> None:
-        """Finish obs/var/metadata, check donor-level consistency, move into ``cells/``."""
+        """Finish obs/var/metadata, check there are enough donors, move into ``cells/``."""
         if self._closed:
             return
         try:
@@ -277,46 +473,43 @@ class CellWriter:
         if self.n_cells == 0:
             raise InputError("no cells were written", field="obs",
                              fix="pass at least one block of cells")
+        n_donors = int(self._donor_seen.sum())
+        if n_donors < validate.MIN_DONORS:
+            raise InputError(f"only {n_donors} donor(s) found; population methods need at least "
+                             f"{validate.MIN_DONORS}", field=f"obs[{layout.OBS_DONOR!r}]",
+                             fix="check the donor column names the donor/sample, or add donors")
         for appender in self._out:
             appender.flush()
-        blocks, self._obs = self._obs, []
-        index = pd.Index(np.concatenate([np.asarray(b.pop("index"), dtype=object) for b in blocks]),
-                         dtype=object)
-        if pd.api.types.infer_dtype(index, skipna=False) != "string":
-            index = index.astype(str).astype(object)
-        cols: dict[str, object] = {}
-        for c in OBS_STANDARD:
-            present = sum(c in b for b in blocks)
-            if present == len(blocks):
-                cols[c] = _concat_categoricals([b.pop(c) for b in blocks])
-            elif present:
-                raise InputError(f"obs column {c!r} is in {present} of {len(blocks)} blocks",
-                                 field=f"obs[{c!r}]", fix="pass it in every block or in none")
-            else:  # only batch can be absent (checked in append)
-                cols[c] = pd.Categorical.from_codes(np.zeros(len(index), "int8"), [DEFAULT_BATCH])
-        for c in self.covariates:
-            parts = [b.pop(c) for b in blocks]
-            if any(isinstance(p, pd.Categorical) for p in parts) or any(
-                    p.dtype == object or p.dtype.kind in "US" for p in parts):
-                cols[c] = pd.Categorical(np.concatenate([np.asarray(p, dtype=object) for p in parts]
-                                                        ).astype(str))
-            else:
-                cols[c] = np.concatenate(parts)
-        del blocks
-        obs = pd.DataFrame(cols, index=index)
-        validate.check_obs(obs, donor_key=layout.OBS_DONOR, celltype_key=layout.OBS_CELLTYPE,
-                           batch_key=layout.OBS_BATCH, covariates=self.covariates)
-        if obs.index.has_duplicates:  # as AnnData.obs_names_make_unique: 'a', 'a-1', ...
-            obs.index = ad.utils.make_index_unique(obs.index)
+        self._index.flush()
+        for col in self._cols.values():
+            col.finish()
+        self._make_index_unique()
         g = self._group
         g["X"].attrs["shape"] = [self.n_cells, len(self.gene_names)]
-        _write_elem(g, "obs", obs)
         _write_elem(g, "var", pd.DataFrame(index=pd.Index(self.gene_names, dtype=object)))
         for k in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
             _write_elem(g, k, {})
         g.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
                         "source_keys": self.source_keys, "donor_covariates": self.covariates,
                         "chunk_cells": self.chunk_cells, "count_dtype": str(self.count_dtype)})
+
+    def _make_index_unique(self) -> None:
+        """Duplicated cell names become 'a', 'a-1', ... (as AnnData.obs_names_make_unique).
+
+        Duplicates are found from 8-byte hashes of the names read back a chunk at a time; only
+        when there are some is the whole index loaded and rewritten.
+        """
+        arr = self._index.arr
+        step = arr.chunks[0]
+        hashes = np.concatenate([pd.util.hash_array(np.asarray(arr[a:a + step], dtype=object))
+                                 for a in range(0, arr.shape[0], step)])
+        hashes.sort()
+        if not (hashes[1:] == hashes[:-1]).any():
+            return
+        del hashes
+        names = pd.Index(np.asarray(arr[:], dtype=object), dtype=object)
+        if names.has_duplicates:
+            arr[:] = np.asarray(ad.utils.make_index_unique(names), dtype=object)
 
 
 class CellsReader:
