@@ -89,3 +89,77 @@ def test_cli_verbs_registered():
     for verb, flag in (("ldvae", "--n-latent"), ("mrvi", "--sample-key")):
         out = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "200"})
         assert out.exit_code == 0 and flag in out.output
+
+
+def test_mrvi_stage_runs_analyses_and_resumes(h5ad, tmp_store, dask_client):
+    """``analyses`` in the mrvi stage: results in the store with markers; changing one analysis'
+    parameters recomputes only that one (the model is not retrained, the others are reused)."""
+    import scdist
+    from scdist.store.markers import STAGE, read_marker
+    from scdist.vae.analysis import read_result
+
+    path, a = h5ad
+    analyses = {"distances": {"groupby": "celltype", "min_cells": 1}, "sample_clusters": {"n_clusters": 2},
+                "admissibility": {"max_cells": 50},
+                "de": {"covariates": "group", "groupby": "celltype", "max_cells": 50},
+                "da": {"sample_groups": "group", "groupby": "celltype", "max_cells": 50}}
+    spec = {"store": tmp_store, "stages": {
+        "ingest": {"path": path, "donor_key": "sample", "celltype_key": "celltype", "chunk_cells": 400,
+                   "covariates": ["group"]},
+        "mrvi": {"max_epochs": 2, "n_latent": 8, "n_latent_u": 4, "options": {"n_hidden": 32},
+                 "analyses": analyses}}}
+    res = scdist.run(spec, client=dask_client)
+    assert res.ran == ["ingest", "mrvi"]
+    from scdist.store import open_study
+    study = open_study(tmp_store)
+    d = read_result(study, "default", "distances")
+    assert d["distance"].dims == ("group", "sample", "sample_b") and list(d["group"].values) == ["t0", "t1"]
+    assert sorted(d["sample"].values) == ["s0", "s1", "s2", "s3"] and np.isfinite(d["distance"].values).all()
+    sc = read_result(study, "default", "sample_clusters")
+    assert set(np.unique(sc["cluster"].values)) <= {1, 2} and sc["linkage"].shape == (2, 3, 4)
+    de = read_result(study, "default", "de")
+    assert list(de["covariate"].values) == ["group[g1]"] and de.sizes["cell"] == 1200
+    assert de["lfc_mean"].dims == ("group", "covariate", "gene")
+    da = read_result(study, "default", "da")
+    assert list(da["contrast"].values) == ["group=g1"] and np.isfinite(da["log_ratio"].values).all()
+    adm = read_result(study, "default", "admissibility")
+    np.testing.assert_array_equal(adm["n_admissible"].values, de["n_admissible"].values)  # DE reused it
+    root = f"{tmp_store}/results/mrvi/default"
+    stamps = {k: read_marker(f"{root}/{k}", STAGE)["time"] for k in analyses}
+    ck = os.path.getmtime(f"{root}/checkpoints/latest.json")
+
+    again = scdist.run(spec, client=dask_client)
+    assert again.ran == [] and again.skipped == ["ingest", "mrvi"]
+    spec["stages"]["mrvi"]["analyses"] = {**analyses, "da": {**analyses["da"], "max_cells": 40}}
+    changed = scdist.run(spec, client=dask_client)
+    assert changed.ran == ["mrvi"]
+    assert os.path.getmtime(f"{root}/checkpoints/latest.json") == ck            # not retrained
+    now = {k: read_marker(f"{root}/{k}", STAGE)["time"] for k in analyses}
+    assert [k for k in analyses if now[k] != stamps[k]] == ["da"]
+    assert read_marker(f"{root}/da", STAGE)["meta"]["params"]["max_cells"] == 40
+
+
+@pytest.mark.parametrize("analyses, field", [
+    ({"umap": {}}, "stages.mrvi.analyses.umap"),
+    ({"sample_clusters": {}}, "stages.mrvi.analyses"),
+    ({"de": {}}, "stages.mrvi.analyses.de.covariates"),
+    ({"da": {"sample_groups": "group", "delta": -1}}, "stages.mrvi.analyses.da.delta"),
+    ({"distances": {"groupby": "cell_clusters"}}, "stages.mrvi.analyses"),
+    ({"distances": {"groupby": "nope"}}, "mrvi.analyses.distances.groupby"),
+    ({"de": {"covariates": ["celltype"]}}, "mrvi.analyses.de.covariates[0]"),
+])
+def test_mrvi_analyses_spec_errors(h5ad, tmp_store, dask_client, analyses, field):
+    """Bad ``analyses`` fail before any work, naming the key (pydantic) or the obs column (check)."""
+    import scdist
+    from scdist.plan.runner import run
+
+    path, _ = h5ad
+    ingest = {"ingest": {"path": path, "donor_key": "sample", "celltype_key": "celltype", "chunk_cells": 400,
+                   "covariates": ["group"]}}
+    if field.startswith("mrvi."):  # obs columns are checked against an existing study
+        run({"store": tmp_store, "stages": ingest}, client=dask_client)
+    with pytest.raises(ScdistError) as err:
+        scdist.run({"store": tmp_store, "stages": {**ingest, "mrvi": {"max_epochs": 1, "analyses": analyses}}},
+                   client=dask_client)
+    assert f"[{field}]" in str(err.value), str(err.value)
+    assert not os.path.exists(f"{tmp_store}/results/mrvi")

@@ -21,12 +21,15 @@ def result_url(study, run: str, name: str) -> str:
     return f"{study.result_url('mrvi', run)}/{name}"
 
 
-def write_result(result, study, run: str, name: str, *, cell_chunk: int | None = None) -> str:
+def write_result(result, study, run: str, name: str, *, cell_chunk: int | None = None,
+                 meta: dict | None = None) -> str:
     """Store ``result`` (Dataset or named DataArray) at ``results/mrvi/<run>/<name>``; returns the URL.
 
     ``cell_chunk``: rows per chunk along ``cell`` (default: the study's cell chunk length).
+    ``meta``: recorded in the stage marker (e.g. the parameters that produced the result).
     Rewrites an existing result of the same name.
     """
+    meta = dict(meta or {})
     ds = result.to_dataset(name=result.name or "value") if isinstance(result, xr.DataArray) else result
     url = result_url(study, run, name)
     clear_markers(url)
@@ -37,7 +40,7 @@ def write_result(result, study, run: str, name: str, *, cell_chunk: int | None =
         write_template(tmpl, url, {})
         dims = {d: slice(0, n) for d, n in ds.sizes.items()}
         write_region(ds, url, dims)
-        mark_done(url, STAGE, {"kind": "whole"})
+        mark_done(url, STAGE, {**meta, "kind": "whole"})
         return url
     n = ds.sizes["cell"]
     csize = int(cell_chunk or (study.cell_chunks[0][1] - study.cell_chunks[0][0] if study.cell_chunks else n))
@@ -56,7 +59,7 @@ def write_result(result, study, run: str, name: str, *, cell_chunk: int | None =
         block = ds[cell_vars].isel(cell=slice(a, b))
         write_region(block, url, {"cell": slice(a, b)})
         mark_done(url, f"cells-{i:06d}", {"cells": [a, b]})
-    mark_done(url, STAGE, {"kind": "cells", "n_cells": int(n)})
+    mark_done(url, STAGE, {**meta, "kind": "cells", "n_cells": int(n)})
     return url
 
 
