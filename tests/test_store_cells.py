@@ -185,3 +185,77 @@ def test_batch_in_some_blocks_only_is_an_error(tmp_store):
             w.append(np.eye(2, dtype=int), with_batch)
             w.append(np.eye(2, dtype=int), with_batch.drop(columns="batch"))
     assert e.value.field == "obs['batch']" and not st.has("cells")
+
+
+def test_streamed_obs_matches_whole_table_and_is_chunked(tmp_store):
+    """obs written block by block equals the concatenated table (categories in union order,
+    label covariates sorted, unused covariate labels dropped) and is stored in chunks."""
+    x, obs, genes = toy(n=523)
+    obs = obs.copy()
+    # blocks whose categoricals list categories in different orders, one with an unused one
+    obs["celltype"] = pd.Categorical(obs["celltype"], categories=["T", "NK", "B", "unused"])
+    obs["sex"] = obs["sex"].map({"F": "female", "M": "male"})
+    st = create_study(tmp_store)
+    with CellWriter(st, genes, chunk_cells=64, covariates=("age", "sex")) as w:
+        for a in range(0, 523, 100):
+            part = obs.iloc[a:a + 100].copy()
+            if a == 200:  # one block with its own category order
+                part["celltype"] = part["celltype"].cat.reorder_categories(["B", "unused", "NK", "T"])
+            if a == 0:  # labels first seen in unsorted order; plain strings in this block
+                part["sex"] = part["sex"].astype(object)
+            w.append(x[a:a + 100], part)
+    o = open_study(tmp_store).obs()
+    assert list(o["celltype"].cat.categories) == ["T", "NK", "B", "unused"]
+    assert list(o["sex"].cat.categories) == ["female", "male"]
+    # plain string labels: each block's sorted labels, new ones appended (union_categoricals)
+    union = pd.api.types.union_categoricals(
+        [pd.Categorical(obs["donor"].iloc[a:a + 100]) for a in range(0, 523, 100)])
+    assert list(o["donor"].cat.categories) == list(union.categories)
+    for c in ("donor", "celltype", "batch", "sex"):
+        assert o[c].astype(str).tolist() == obs[c].astype(str).tolist()
+    np.testing.assert_array_equal(o["age"].to_numpy(), obs["age"].to_numpy())
+    assert list(o.index) == list(obs.index)
+    # anndata's own readers see the same table; arrays are chunked by chunk_cells
+    a = ad.read_zarr(st.group_url("cells"))
+    pd.testing.assert_frame_equal(a.obs, o)
+    from anndata.io import read_elem
+    pd.testing.assert_frame_equal(read_elem(st.group("cells/obs")), o)
+    g = st.group("cells/obs")
+    assert g["_index"].chunks == (64,) and g["age"].chunks == (64,)
+    assert g["donor/codes"].chunks == (64,) and g["donor/codes"].shape == (523,)
+
+
+def test_duplicated_cell_names_made_unique_and_covariates_checked_across_blocks(tmp_store):
+    x, obs, genes = toy(n=300)
+    obs = obs.copy()
+    obs.index = [f"c{i % 250}" for i in range(300)]  # cells 250-299 repeat names of 0-49
+    st = create_study(tmp_store)
+    write(st, x, obs, genes)
+    names = list(open_study(tmp_store).obs().index)
+    assert names[:250] == [f"c{i}" for i in range(250)]
+    assert names[250:] == [f"c{i}-1" for i in range(50)] and len(set(names)) == 300
+    # a donor whose covariate changes between blocks (each block alone is consistent)
+    bad = obs.copy()
+    d0 = bad["donor"].iloc[0]
+    late = (bad["donor"] == d0).to_numpy() & (np.arange(300) >= 200)
+    bad.loc[late, "age"] = 77.0
+    before = snapshot(tmp_store)
+    with pytest.raises(InputError) as e:
+        write(st, x, bad, genes, step=100, chunk_cells=100)
+    assert e.value.field == "obs['age']" and d0 in str(e.value)
+    assert snapshot(tmp_store) == before
+
+
+def test_blank_labels_and_too_few_donors_rejected(tmp_store):
+    x, obs, genes = toy(n=200)
+    st = create_study(tmp_store)
+    blank = obs.copy()
+    blank.iloc[150, blank.columns.get_loc("celltype")] = ""
+    with pytest.raises(InputError) as e:
+        write(st, x, blank, genes)
+    assert e.value.field == "obs['celltype']" and "row 150" in str(e.value)
+    one = obs.assign(donor="D0", age=30.0, sex="F")
+    with pytest.raises(InputError) as e:
+        write(st, x, one, genes)
+    assert e.value.field == "obs['donor']" and "only 1 donor" in str(e.value)
+    assert not st.has("cells")
