@@ -14,25 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from mrvi_bench_common import record, timed
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def peak_rss_gib() -> float:
-    """This process's peak RSS (VmHWM; getrusage's ru_maxrss would include the parent's peak
-    at fork time, which survives exec on Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def h5ad_path(S: int, n: int) -> Path:
@@ -65,16 +54,10 @@ def ours(what: str, S: int, n: int, n_run: int) -> dict:
     {"distances": lambda: model.sample_distances(cells=cells[:300]),
      "de": lambda: model.differential_expression("group", cells=cells[:300], max_cells=50),
      "da": lambda: model.differential_abundance("group", cells=cells[:300], max_cells=20)}[what]()
-    t0, w0 = time.process_time(), time.perf_counter()
-    if what == "distances":
-        model.sample_distances(groupby="celltype", cells=cells)
-    elif what == "de":
-        model.differential_expression("group", groupby="celltype", cells=cells)
-    elif what == "da":
-        model.differential_abundance("group", groupby="celltype", cells=cells)
-    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
-    return {"impl": "scdist", "what": what, "n_cells": n_run, "n_samples": S, "cpu_s": cpu, "wall_s": wall,
-            "cells_per_cpu_s": n_run / cpu, "peak_rss_gib": peak_rss_gib()}
+    run = {"distances": lambda: model.sample_distances(groupby="celltype", cells=cells),
+           "de": lambda: model.differential_expression("group", groupby="celltype", cells=cells),
+           "da": lambda: model.differential_abundance("group", groupby="celltype", cells=cells)}[what]
+    return record("scdist", what, n_run, S, *timed(run))
 
 
 def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
@@ -110,9 +93,8 @@ def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
     groups = {"top1_vs_top0": ([d for d, t in top.items() if t == 1], [d for d, t in top.items() if t == 0])}
     rows = []
     for n in sizes:
-        t0, w0 = time.process_time(), time.perf_counter()
-        model.differential_abundance(groups, study, cells=np.arange(n))
-        rows.append({"n_cells": n, "cpu_s": time.process_time() - t0, "wall_s": time.perf_counter() - w0})
+        cpu, wall = timed(lambda: model.differential_abundance(groups, study, cells=np.arange(n)))
+        rows.append({"n_cells": n, "cpu_s": cpu, "wall_s": wall})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -7,26 +7,13 @@ WHAT: distances | de | da. Each runs in its own process so its peak RSS is its o
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def peak_rss_gib() -> float:
-    """This process's peak RSS (VmHWM; getrusage's ru_maxrss would include the parent's peak
-    at fork time, which survives exec on Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+from mrvi_bench_common import record, timed
 
 
 def main(h5ad, what, n_cells, out):
     import anndata as ad
-    import numpy as np
     import torch
     import scvi
     from scvi.external import MRVI
@@ -40,20 +27,15 @@ def main(h5ad, what, n_cells, out):
     m.train(max_epochs=1, batch_size=256, accelerator="cpu", devices=1, train_size=0.9,
             enable_progress_bar=False, logger=False, enable_checkpointing=False)
     sub = adata[:n_cells].copy()
-    t0, w0 = time.process_time(), time.perf_counter()
-    if what == "distances":
-        m.get_local_sample_distances(sub, keep_cell=False, groupby="celltype", batch_size=256)
-    elif what == "de":
-        m.differential_expression(sub, sample_cov_keys=["group"], store_lfc=True,
-                                  filter_inadmissible_samples=True)
-    elif what == "da":
-        m.differential_abundance(sub, sample_cov_keys=["group"], compute_log_enrichment=True)
-    else:
+    run = {"distances": lambda: m.get_local_sample_distances(sub, keep_cell=False, groupby="celltype",
+                                                             batch_size=256),
+           "de": lambda: m.differential_expression(sub, sample_cov_keys=["group"], store_lfc=True,
+                                                   filter_inadmissible_samples=True),
+           "da": lambda: m.differential_abundance(sub, sample_cov_keys=["group"], compute_log_enrichment=True)}
+    if what not in run:
         raise SystemExit(f"unknown {what}")
-    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
-    res = {"impl": f"scvi-tools {scvi.__version__} MRVI", "what": what, "n_cells": int(sub.n_obs),
-           "n_samples": int(adata.obs["sample"].nunique()), "cpu_s": cpu, "wall_s": wall,
-           "cells_per_cpu_s": sub.n_obs / cpu, "peak_rss_gib": peak_rss_gib()}
+    res = record(f"scvi-tools {scvi.__version__} MRVI", what, sub.n_obs, adata.obs["sample"].nunique(),
+                 *timed(run[what]))
     with open(out, "w") as f:
         json.dump(res, f)
 

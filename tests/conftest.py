@@ -44,3 +44,15 @@ def ray_local():
 def tmp_store(tmp_path):
     """A fresh path for a study store."""
     return str(tmp_path / "study.zarr")
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Torch on one intra-op thread for a whole test module (its module-scoped training fixtures
+    included): two busy shared cores run one thread much faster than two contending ones.
+    Use with ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

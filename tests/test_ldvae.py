@@ -17,13 +17,7 @@ from scdist.vae.simulate import gene_programs, marker_precision
 from scdist.vae.train import CheckpointDir, TrainConfig, fit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two busy cores are shared: one intra-op thread is much faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

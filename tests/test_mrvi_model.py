@@ -12,12 +12,7 @@ from scdist.vae.components import MixtureOfGaussians
 from scdist.vae.simulate import sample_effects
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

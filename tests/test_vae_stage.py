@@ -6,19 +6,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from scdist.errors import ScdistError
 from scdist.vae.simulate import sample_effects
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
