@@ -1,6 +1,10 @@
 """MrVI analyses on scdist's semi-synthetic study: sample stratification, DE and DA quality.
 
     .venv/bin/python benchmarks/mrvi_quality.py [--cells 20000] [--epochs 60] [--variant attention]
+                                                [--options '{"l2_scale": 1.0}']
+
+Training checkpoints every epoch into the study store under a run named after the settings, so an
+interrupted run continues where it stopped when started again with the same arguments.
 
 Design (``scdist.simulate.simulate_study`` defaults, 40 donors in 2 batches, 4 cell types):
 donors in 2 top groups x 4 subgroups (8 leaves); in cell type ``mrvi_celltype`` the leaves
@@ -14,7 +18,7 @@ trained with sample = donor, nuisance = batch. Reported (issue 5 targets in brac
 - DE: AUC of |mean LFC| (top group 1 vs 0, DE type) for the MrVI genes vs the rest [1.0];
 - DA: ROC AUC / average precision of the log density ratio (top 1 vs top 0) for cells of
   the DA type vs the rest [1.0], cluster-level composite-null test per type.
-Results: benchmarks/out/mrvi_quality.json.
+Results: benchmarks/out/mrvi_quality_<cells>_<run>.json.
 """
 from __future__ import annotations
 
@@ -60,9 +64,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--variant", default="attention")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--options", default="{}", help="JSON of further train_mrvi options")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    options = json.loads(a.options)
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     from scdist.simulate import simulate_study
     from scdist.store import open_study
     from scdist.vae import MrVI, train_mrvi
@@ -74,12 +81,16 @@ def main():
                        chunk_cells=4096, overwrite=True)
     study = open_study(url)
     truth = study.truth()
-    mdir = OUT / f"mrvi_quality_model_{a.cells}_{a.epochs}_{a.variant}"
+    import hashlib
+    tag = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    run = f"q_{a.epochs}_{a.variant}_{a.seed}_{tag}"
+    mdir = OUT / f"mrvi_quality_model_{a.cells}_{run}"
     t0 = time.perf_counter()
     if (mdir / "config.json").exists():
         model = MrVI.load(str(mdir))
     else:
-        model = train_mrvi(study, "donor", "batch", seed=a.seed, max_epochs=a.epochs, variant=a.variant)
+        model = train_mrvi(study, "donor", "batch", seed=a.seed, max_epochs=a.epochs, variant=a.variant,
+                           run_name=run, **options)
         model.save(str(mdir))
     train_s = time.perf_counter() - t0
     donors = list(model.samples)
@@ -87,7 +98,7 @@ def main():
     top = truth["donor_top_group"].to_series().reindex(donors).to_numpy()
     tree = np.where(leaf[:, None] == leaf[None], 0, np.where(top[:, None] == top[None], 1, 2))
     de_type, da_type = truth.attrs["mrvi_celltype"], truth.attrs["da_celltype"]
-    res = {"cells": a.cells, "epochs": a.epochs, "variant": a.variant, "train_s": train_s,
+    res = {"cells": a.cells, "epochs": a.epochs, "variant": a.variant, "options": options, "train_s": train_s,
            "epochs_run": len(model.history.epoch)}
 
     t0 = time.perf_counter()
@@ -132,7 +143,7 @@ def main():
     res["da_cluster_test"] = {str(g): {"mean_difference": float(da["mean_difference"].sel(group=g)[0]),
                                        "pvalue": float(da["pvalue"].sel(group=g)[0])} for g in da["group"].values}
     OUT.mkdir(exist_ok=True)
-    (OUT / "mrvi_quality.json").write_text(json.dumps(res, indent=1))
+    (OUT / f"mrvi_quality_{a.cells}_{run}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
 
