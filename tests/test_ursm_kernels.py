@@ -20,8 +20,8 @@ def _chi2_pvalue(obs, expected):
     return chi2.sf(((o - e) ** 2 / e).sum(), max(len(e) - 1, 1))
 
 
-# inversion (n·p < 10), BTRD (n·p ≥ 10) and the p > ½ reflection of each; large n for BTRD's tails
-CASES = [(1, 0.3), (7, 0.5), (40, 0.05), (40, 0.2), (30, 0.34), (33, 0.9), (50, 0.5), (120, 0.1),
+# inversion (n·p < 24), BTRD (n·p ≥ 24) and the p > ½ reflection of each; large n for BTRD's tails
+CASES = [(1, 0.3), (7, 0.5), (40, 0.05), (40, 0.2), (70, 0.33), (33, 0.9), (50, 0.5), (60, 0.55),
          (400, 0.73), (5000, 0.01), (100_000, 0.4), (37, 0.999)]
 
 
@@ -106,3 +106,29 @@ def test_same_generator_state_same_draws():
     g = np.random.default_rng(9)
     kernels.binomial_many(300, 0.2, 10, g, lf)
     assert g.random() != np.random.default_rng(9).random()
+
+
+def test_kappa_tau_draw_has_the_S3_conditional():
+    """The compiled (S3) draw has mean m_l and covariance P_l⁻¹ of ``kappa_tau_conditional`` (which
+    test_ursm_numerics checks against a grid posterior)."""
+    from scdist.ursm.gibbs import kappa_tau_conditional
+    from scdist.ursm.params import Theta
+
+    rng = np.random.default_rng(6)
+    L, N = 3, 12
+    a = rng.dirichlet(np.ones(N), L)
+    omega = rng.gamma(2.0, 0.1, (L, N))
+    S = rng.random((L, N)) < 0.6
+    th = Theta(A=np.ones((N, 1)) / N, alpha=np.ones(1), mu_kappa=-0.7, s2_kappa=0.4, mu_tau=15.0, s2_tau=9.0)
+    (p11, p12, p22), m = kappa_tau_conditional(omega, S, a, th)
+    reps = 40_000
+    draws = np.empty((reps, 2, L))
+    kappa, tau = np.empty(L), np.empty(L)
+    for r in range(reps):
+        kernels.kappa_tau_draw(omega, S, a, th.mu_kappa, 1 / th.s2_kappa, th.mu_tau, 1 / th.s2_tau, kappa, tau, rng)
+        draws[r, 0], draws[r, 1] = kappa, tau
+    for l in range(L):
+        cov = np.linalg.inv(np.array([[p11[l], p12[l]], [p12[l], p22[l]]]))
+        se = np.sqrt(np.diag(cov) / reps)
+        assert np.all(np.abs(draws[:, :, l].mean(axis=0) - m[:, l]) < 5 * se)
+        np.testing.assert_allclose(np.cov(draws[:, :, l].T), cov, rtol=0.05, atol=1e-12)

@@ -9,10 +9,12 @@ Single cells (per sweep, reference scan order ω → S → (κ, τ) → ψ):
   (S2) S_il | rest on entries with Y_il = 0     ['gamma': v_l ~ Gamma(R_l, U_l), then
        S_il ~ Bern(σ(ψ_il − v_l a_il)) for all zeros at once; 'sequential': the paper's
        logit b_il = ψ_il − R_l ln(1 + a_il / U_{−i,l}) gene after gene, cells at once]
-  (S3) (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹)              [closed-form 2 × 2 Cholesky, all cells at once]
+  (S3) (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹)              [closed-form 2 × 2 Cholesky per cell]
+  (S2), (S3), ψ and the kept-sweep products run in one compiled pass (``kernels.cell_sweep``).
 Bulk samples (per sweep, W → Z̃):
   (B1) W_·j ~ Dir(α + Σ_i Z̃_ij·)                [normalised gammas]
-  (B2) Z̃_ij ~ Mult(X_ij, r_ij·)                 [K − 1 conditional binomials over all (i, j)]
+  (B2) Z̃_ij ~ Mult(X_ij, r_ij·)                 [K − 1 conditional binomials over all (i, j),
+                                                 compiled: ``kernels.draw_allocations``]
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from polyagamma import random_polyagamma
-from scipy.special import digamma, expit, gammaln
+from scipy.special import digamma, gammaln
 
 from . import kernels
 from .params import Theta
@@ -64,17 +66,6 @@ def kappa_tau_conditional(omega, S, a, theta: Theta):
     det = p11 * p22 - p12 * p12
     m = np.stack([(p22 * b1 - p12 * b2) / det, (p11 * b2 - p12 * b1) / det])
     return (p11, p12, p22), m
-
-
-def draw_kappa_tau(omega, S, a, theta: Theta, rng):
-    """(S3) draw for all cells: m_l + L_l⁻ᵀ z with P_l = L_l L_lᵀ (closed-form 2 × 2 Cholesky)."""
-    (p11, p12, p22), m = kappa_tau_conditional(omega, S, a, theta)
-    l11 = np.sqrt(p11)
-    l21 = p12 / l11
-    l22 = np.sqrt(p11 * p22 - p12 * p12) / l11
-    z = rng.standard_normal((2, len(p11)))
-    x2 = z[1] / l22
-    return m[0] + (z[0] - l21 * x2) / l11, m[1] + x2
 
 
 @dataclass
@@ -130,12 +121,7 @@ class CellBlockSampler:
             self.S |= self.pos
 
     def _draw_S_gamma(self, S, psi, a, rng):
-        U = np.einsum("ln,ln->l", a, S)
-        v = np.zeros_like(U)
-        ok = self.R > 0
-        v[ok] = rng.standard_gamma(self.R[ok]) / U[ok]
-        logit = psi - v[:, None] * a
-        np.logical_or(self.pos, rng.random(S.shape) < expit(logit), out=S)
+        kernels.gamma_s(S, self.pos, psi, a, self.R, rng)
 
     def _draw_S_sequential(self, S, psi, a, rng):
         # genes must be visited in turn (spec §1.1 S2): a compiled loop over (cell, gene)
@@ -161,23 +147,18 @@ class CellBlockSampler:
         mom = np.zeros((4, Lb))
         halves = np.zeros((2, 4, Lb)) if track else None
         lps = np.zeros(samples) if track else None
-        draw_S = self._draw_S_gamma if self.s_update == "gamma" else self._draw_S_sequential
+        sequential = self.s_update == "sequential"
         if track:
             ylna = np.einsum("ln,ln->l", self.Y, np.log(a)).sum()
         for s in range(burnin + samples * thin):
-            random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)
-            draw_S(S, psi, a, rng)
-            kappa[:], tau[:] = draw_kappa_tau(omega, S, a, theta, rng)
-            np.multiply(tau[:, None], a, out=psi)
-            psi += kappa[:, None]
-            if s < burnin or (s - burnin + 1) % thin:
+            random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)   # (S1)
+            keep = s >= burnin and (s - burnin + 1) % thin == 0
+            # (S2), (S3), ψ and, if kept, the within-sweep products of spec §2.4 (compiled)
+            kernels.cell_sweep(S, self.pos, psi, a, self.R, omega, kappa, tau, theta.mu_kappa, ik2,
+                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES, T1, T2)
+            if not keep:
                 continue
             t = (s - burnin) // thin
-            ES += S
-            w = pg_mean(psi) if self.rao_blackwell else omega
-            # products are formed within the sweep (spec §2.4)
-            T1 += tau[:, None] * (S - 0.5) - (kappa * tau)[:, None] * w
-            T2 += w * (tau * tau)[:, None]
             cur = np.stack([kappa, kappa * kappa, tau, tau * tau])
             mom += cur
             if track:

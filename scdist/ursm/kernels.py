@@ -4,7 +4,7 @@ Only the random-variate generation is here; what is drawn is exactly the conditi
 §1.1 and every kernel consumes the caller's ``numpy.random.Generator`` (numba shares its bit
 generator state), so a block's stream still fixes the result.
 
-* ``binomial(n, p)``: exact. Inversion from 0 for n·min(p, 1 − p) < 10 (numpy's algorithm); else
+* ``binomial(n, p)``: exact. Inversion from 0 for n·min(p, 1 − p) < 24 (numpy's algorithm); else
   Hörmann's transformed rejection BTRD, whose acceptance test is evaluated exactly with a
   log-factorial table ``lf`` (lf[k] = ln k!). numpy's own sampler costs ~60 ns of set-up plus
   O(np) steps per call from Python-level broadcasting; this one is about 2× cheaper here.
@@ -21,7 +21,9 @@ import numba as nb
 import numpy as np
 from scipy.special import gammaln
 
-_INV_SMALL = 10.0   # below this n·p: inversion; above: transformed rejection (Hörmann 1993)
+# below this n·min(p, 1 − p): inversion; above: transformed rejection (BTRD needs ≥ 10). 24 is
+# where the two cost the same here (~55 ns per draw).
+_INV_SMALL = 24.0
 
 
 def log_factorials(nmax: int) -> np.ndarray:
@@ -66,7 +68,7 @@ def _btrd(n, p, rng, lf):
 
 @nb.njit(cache=True)
 def binomial(n, p, rng, lf):
-    """One exact Bin(n, p) draw (n ≤ len(lf) − 1): inversion from 0 for n·min(p, 1−p) < 10,
+    """One exact Bin(n, p) draw (n ≤ len(lf) − 1): inversion from 0 for n·min(p, 1−p) < 24,
     else BTRD."""
     if n <= 0 or p <= 0.0:
         return 0
@@ -78,8 +80,9 @@ def binomial(n, p, rng, lf):
     if n * p >= _INV_SMALL:
         k = _btrd(n, p, rng, lf)
         return n - k if flip else k
-    r = p / (1.0 - p)
-    f0 = math.exp(n * math.log1p(-p))
+    q = 1.0 - p
+    r = p / q
+    f0 = q ** n          # integer power by squaring: much cheaper than exp(n log q) here
     k = 0
     while True:
         u = rng.random()
@@ -163,3 +166,87 @@ def sequential_s(S, pos, psi, a, R, rng):
             new = rng.random() * (1.0 + math.exp(-logit)) < 1.0
             S[l, i] = new
             U = Um + ai if new else Um
+
+
+@nb.njit(cache=True)
+def gamma_s(S, pos, psi, a, R, rng):
+    """(S2) auxiliary-variable update of all of a block's zeros (spec §1.1): v_l ~ Gamma(R_l, rate
+    U_l), then S_il ~ Bern(σ(ψ_il − v_l a_il)) independently over genes (v_l = 0 when R_l = 0)."""
+    Lb, N = S.shape
+    for l in range(Lb):
+        U = 0.0
+        for i in range(N):
+            if S[l, i]:
+                U += a[l, i]
+        v = rng.standard_gamma(R[l]) / U if R[l] > 0 else 0.0
+        for i in range(N):
+            if pos[l, i]:
+                continue
+            # u < σ(x)  ⇔  u (1 + e^{−x}) < 1
+            S[l, i] = rng.random() * (1.0 + math.exp(v * a[l, i] - psi[l, i])) < 1.0
+
+
+@nb.njit(cache=True)
+def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
+    """(S3) for every cell: (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹) with
+    P_l = [[Σ_i ω_il + σκ⁻², Σ_i ω_il a_il], [Σ_i ω_il a_il, Σ_i ω_il a_il² + στ⁻²]],
+    P_l m_l = [Σ_i S_il − N/2 + μκ σκ⁻², Σ_i S_il a_il − ½ + μτ στ⁻²] (``ik2`` = σκ⁻², ``it2`` = στ⁻²),
+    drawn as m_l + L_l⁻ᵀ z with the 2 × 2 Cholesky factor P_l = L_l L_lᵀ."""
+    Lb, N = S.shape
+    for l in range(Lb):
+        p11 = ik2
+        p12 = 0.0
+        p22 = it2
+        s1 = 0.0
+        sa = 0.0
+        for i in range(N):
+            w = omega[l, i]
+            ai = a[l, i]
+            wa = w * ai
+            p11 += w
+            p12 += wa
+            p22 += wa * ai
+            if S[l, i]:
+                s1 += 1.0
+                sa += ai
+        b1 = s1 - N / 2.0 + mu_k * ik2
+        b2 = sa - 0.5 + mu_t * it2
+        det = p11 * p22 - p12 * p12
+        l11 = math.sqrt(p11)
+        l21 = p12 / l11
+        l22 = math.sqrt(det) / l11
+        x2 = rng.standard_normal() / l22
+        z0 = rng.standard_normal()
+        kappa[l] = (p22 * b1 - p12 * b2) / det + (z0 - l21 * x2) / l11
+        tau[l] = (p11 * b2 - p12 * b1) / det + x2
+
+
+@nb.njit(cache=True)
+def cell_sweep(S, pos, psi, a, R, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, sequential, keep, rb,
+               ES, T1, T2):
+    """One single-cell sweep after the ω draw (S1): S (S2), (κ, τ) (S3), ψ_il = κ_l + τ_l a_il, and,
+    on kept sweeps, the within-sweep products of spec §1.2: ES += S, T1 += τ(S − ½) − κτw,
+    T2 += wτ², with w = E[ω | ψ] = tanh(ψ/2)/(2ψ) (``rb``) or the drawn ω."""
+    if sequential:
+        sequential_s(S, pos, psi, a, R, rng)
+    else:
+        gamma_s(S, pos, psi, a, R, rng)
+    kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng)
+    Lb, N = S.shape
+    for l in range(Lb):
+        k = kappa[l]
+        t = tau[l]
+        kt = k * t
+        t2 = t * t
+        for i in range(N):
+            x = k + t * a[l, i]
+            psi[l, i] = x
+            if keep:
+                s = 1.0 if S[l, i] else 0.0
+                ES[l, i] += s
+                if rb:
+                    w = 0.25 if abs(x) < 1e-8 else math.tanh(0.5 * x) / (2.0 * x)
+                else:
+                    w = omega[l, i]
+                T1[l, i] += t * (s - 0.5) - kt * w
+                T2[l, i] += w * t2
