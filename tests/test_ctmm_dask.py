@@ -96,3 +96,17 @@ def test_cli_verb_runs_the_stage(dask_client, tmp_store):
     res = open_result(study.result_url("ctmm", "cli")).load()
     local = ctmm.fit(sim, models=("hom", "free"), tests=("lrt",))
     np.testing.assert_allclose(res.pvalue.values, local.pvalue.values, rtol=1e-7)
+
+
+def test_study_fit_with_imputation_scatters_blocks(dask_client, tmp_store):
+    """missing='impute' on a study: imputed blocks reach the workers by scatter (not inside
+    the task graph) and give the same numbers as the in-process imputed fit."""
+    pytest.importorskip("scdist.ctmm.impute")
+    sim = _sim()
+    study = _study(tmp_store, sim)
+    kw = dict(models=("hom", "free"), tests=("lrt",), missing="impute", op=False)
+    local = ctmm.fit(sim, **kw)
+    res = ctmm.fit(study, **kw, client=dask_client, run="imp")
+    assert res.attrs["missing"] == "impute"
+    for v in ("hom2", "V", "loglik", "pvalue"):
+        np.testing.assert_allclose(local[v].values, res[v].values, rtol=1e-7, atol=1e-9, err_msg=v)

@@ -23,11 +23,13 @@ def fit_in_memory(client, ds: xr.Dataset, slices, cfg: FitConfig, *, progress=No
     """Fit the blocks of an in-memory Dataset on ``client``; results in gene order."""
     from ..engines.dask import map_blocks
 
-    blocks = [ds.isel(gene=sl) for sl in slices]
-    order = {id(b): i for i, b in enumerate(blocks)}
+    # the blocks go to the workers by scatter, not inside the task graph: embedded, a
+    # transcriptome-sized cube made an ~80 MiB graph ("Sending large graph" warning)
+    blocks = client.scatter([ds.isel(gene=sl) for sl in slices])
+    order = {b.key: i for i, b in enumerate(blocks)}
     out = [None] * len(blocks)
     for b, res in map_blocks(client, fit_block, blocks, progress=progress, cfg=cfg):
-        out[order[id(b)]] = res
+        out[order[b.key]] = res
     return out
 
 
@@ -73,22 +75,19 @@ def _probe_block(ds: xr.Dataset, cfg: FitConfig) -> xr.Dataset:
 
 
 def _block_task(item, *, store_url: str, result_url: str, cfg: FitConfig):
-    """Fit genes ``item = (start, stop)`` (read from the store) or ``((start, stop), data)``
+    """Fit genes ``item = (start, stop)`` (read from the store) or an imputed in-memory block
+    (a Dataset whose ``attrs['gene_span']`` is ``(start, stop)``, scattered to the workers)
     and write them; returns the number of converged fits."""
     from ..store import open_study
     from ..store.markers import mark_done
     from ..store.results import write_region
 
-    data = None
-    if isinstance(item[0], tuple):
-        span, data = item
+    if isinstance(item, xr.Dataset):
+        s, e = item.attrs["gene_span"]
+        block = item
     else:
-        span = item
-    s, e = span
-    if data is None:
+        s, e = item
         block = open_study(store_url, mode="r").pseudobulk().isel(gene=slice(s, e)).load()
-    else:
-        block = data
     res = fit_block(block, cfg)
     write_region(res, result_url, {"gene": slice(s, e)})
     n_conv = int(res["converged"].sum())
@@ -119,7 +118,11 @@ def fit_study(study, ds: xr.Dataset, cfg: FitConfig, *, client=None, gene_block=
         full = ds.load()
         check_values(full)
         full = _impute(full, cfg.seed)
-        data_blocks = {sp: full.isel(gene=slice(*sp)) for sp in spans}
+        data_blocks = {}
+        for sp in spans:
+            b = full.isel(gene=slice(*sp))
+            b.attrs = {"gene_span": sp}
+            data_blocks[sp] = b
     existing = None
     if study.has(f"results/ctmm/{run}"):
         existing = open_result(url).attrs.get(CONFIG_ATTR)
@@ -142,8 +145,10 @@ def fit_study(study, ds: xr.Dataset, cfg: FitConfig, *, client=None, gene_block=
             check_values(ds.isel(gene=slice(*todo[0])).load())
             items = todo
         else:
-            items = [(sp, data_blocks[sp]) for sp in todo]
+            items = None
         with dask_client(client=client, n_workers=n_workers) as c:
+            if items is None:   # imputed blocks travel by scatter, not inside the graph
+                items = c.scatter([data_blocks[sp] for sp in todo])
             for _ in map_blocks(c, _block_task, items, progress=progress, store_url=study.url,
                                 result_url=url, cfg=cfg):
                 pass
