@@ -6,6 +6,14 @@ in-process; DDP (gloo on CPU, NCCL on GPU) averages gradients. Rank 0 writes the
 into the store (``checkpoint_dir``), and every epoch reports its metrics to Ray with a small
 pointer checkpoint (Ray's ``Result.metrics`` needs one). A re-run with the same run name and
 checkpoint directory resumes from the last checkpoint.
+
+A worker lost during training (process killed, node gone): Ray Train's ``FailureConfig(max_failures)``
+tears the worker group down and starts a new one, which runs the training function again; ``fit``
+loads the latest checkpoint of the store (module, optimizer, early-stopping state, history and
+every rank's torch RNG state, all written at the end of an epoch) and continues with the next
+epoch. The epochs after the restore see the same shards, shuffles and random draws as in an
+undisturbed run, so the final weights are the same (``tests/test_resilience_ray.py``); the
+partial epoch that was running when the worker died is simply recomputed.
 """
 from __future__ import annotations
 
@@ -15,7 +23,9 @@ import os
 import tempfile
 import time
 
-from ..errors import ClusterError
+from ..errors import ClusterError, InputError
+
+DEFAULT_MAX_FAILURES = 3
 
 
 def _train_loop(config: dict) -> None:
@@ -27,6 +37,11 @@ def _train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0 and ray.train.get_checkpoint() is not None:   # a restarted worker group
+        import logging
+
+        logging.getLogger("scdist.vae").warning("Ray Train restarted the workers after a failure; resuming from "
+                                                 "the latest checkpoint in %s", config["checkpoint_dir"])
     cfg = config["config"]
     module = build_module(config["module_path"], config["module_kwargs"], cfg.seed)
     train, val = make_loaders(config["source"], config["covariates"], cfg, rank=rank, world_size=world)
@@ -51,15 +66,22 @@ def _train_loop(config: dict) -> None:
 def train_distributed(*, module_path: str, module_kwargs: dict, source, covariates: dict, config,
                       checkpoint_dir: str | None, num_workers: int = 2, use_gpu: bool = False,
                       run_name: str = "scdist-vae", storage_path: str | None = None,
-                      timeout_s: float | None = None, cpus_per_worker: float = 1.0, fingerprint: str | None = None):
+                      timeout_s: float | None = None, cpus_per_worker: float = 1.0, fingerprint: str | None = None,
+                      max_failures: int = DEFAULT_MAX_FAILURES):
     """Train under ``TorchTrainer``; returns (best state_dict, History) read from the checkpoints.
+
+    ``max_failures``: how many worker-group failures Ray Train recovers from (each restart resumes
+    from the latest epoch checkpoint); 0 makes the first lost worker fail the run.
 
     ``checkpoint_dir``: where the epochs' checkpoints go (a study's results/<model>/<run>/checkpoints);
     a temporary directory when None (then nothing survives the process). Ray's own run
     directory is ``storage_path``/``run_name`` (default: beside the checkpoints).
     """
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise InputError(f"must be an integer >= 0, got {max_failures!r}", field="max_failures",
+                         fix=f"pass how many worker failures Ray Train may recover from (default {DEFAULT_MAX_FAILURES})")
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..engines.ray import ray_session
@@ -82,7 +104,6 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
 
     done = saved_state()
     if done is not None and fingerprint is not None and done[3] not in (None, fingerprint):
-        from ..errors import InputError
         raise InputError(f"{checkpoint_dir} holds checkpoints of a run with other settings", field="checkpoint_dir",
                          fix="use another run name / checkpoint_dir, or delete that directory to start over")
     if done is not None and done[2]:  # a finished run: nothing to train, no workers to start
@@ -108,7 +129,8 @@ def train_distributed(*, module_path: str, module_kwargs: dict, source, covariat
                                "fingerprint": fingerprint},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker}),
-            run_config=RunConfig(name=run_name, storage_path=storage_path),
+            run_config=RunConfig(name=run_name, storage_path=storage_path,
+                                 failure_config=FailureConfig(max_failures=max_failures)),
         )
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             fut = pool.submit(trainer.fit)

@@ -24,6 +24,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         init_dropout="wide", eps_A=1e-6, eps_alpha=None, map_w_steps=1, final_estep=True,
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
         min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500,
+        max_actor_restarts=3,
         a_solver="scaled", theta0: Theta | None = None, callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
@@ -53,7 +54,9 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
     entries run in-process). Blocks of ``cell_block_size`` cells / ``bulk_block_size`` samples
     each have their own RNG stream, so the same seed and block layout give identical results on
-    either engine and any number of actors.
+    either engine and any number of actors. ``max_actor_restarts``: how often Ray may restart each
+    actor after its process died; the restarted actor resumes its chains from the state of the last
+    EM iteration, so the result is unchanged (``scdist.engines.ray_actors``).
 
     Returns an ``xarray.Dataset``: ``A(gene, celltype)``, ``W(bulk_sample, celltype)`` posterior
     mean proportions, ``dropout_prob(cell, gene)`` = P(S_il = 0 | data) on zero entries (0
@@ -73,6 +76,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     _check_int("map_w_steps", map_w_steps, 1)
     _check_int("cell_block_size", cell_block_size, 1)
     _check_int("bulk_block_size", bulk_block_size, 1)
+    _check_int("max_actor_restarts", max_actor_restarts, 0)
     if warm_burnin is not None:
         _check_int("warm_burnin", warm_burnin, 0)
     if bulk_burnin is not None:
@@ -122,7 +126,8 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         from ..engines.ray_actors import RayBlockExecutor   # engine adapter, imported only when asked
 
         executor = RayBlockExecutor(data.Y, data.G, data.X, data.K, layout, settings, address=ray_address,
-                                    n_actors=n_actors, actor_cpus=actor_cpus, timeout=ray_timeout)
+                                    n_actors=n_actors, actor_cpus=actor_cpus, timeout=ray_timeout,
+                                    max_actor_restarts=max_actor_restarts)
     else:
         executor = LocalExecutor(data.Y, data.G, data.X, data.K, layout, settings)
     try:

@@ -21,7 +21,8 @@ from ..errors import InputError
 from .data import COVARIATES, CellLoader, CountSource, as_source, check_counts
 from .train import CheckpointDir, History, TrainConfig, fit
 
-ENGINE_OPTIONS = ("num_workers", "use_gpu", "checkpoint_dir", "engine", "timeout_s", "ray_storage", "run_name")
+ENGINE_OPTIONS = ("num_workers", "use_gpu", "checkpoint_dir", "engine", "timeout_s", "ray_storage", "run_name",
+                  "max_failures")
 
 
 def split_options(options: dict, module_keys: tuple[str, ...]) -> tuple[dict, dict, dict]:
@@ -107,7 +108,8 @@ class VAEModel:
                 module_path=cls.module_path, module_kwargs=module_kwargs, source=source, covariates=cats,
                 config=cfg, checkpoint_dir=ckpt_url, num_workers=num_workers, use_gpu=use_gpu,
                 run_name=engine.get("run_name") or f"scdist-{cls.method}",
-                storage_path=engine.get("ray_storage"), timeout_s=engine.get("timeout_s"), fingerprint=fingerprint)
+                storage_path=engine.get("ray_storage"), timeout_s=engine.get("timeout_s"), fingerprint=fingerprint,
+                **({"max_failures": engine["max_failures"]} if "max_failures" in engine else {}))
             module = cls._module_cls()(**module_kwargs)
             module.load_state_dict(state)
         else:
