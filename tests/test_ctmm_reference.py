@@ -133,12 +133,7 @@ def test_estimates_match_reference_at_the_same_optimum(sim, method, model):
 
 
 @pytest.mark.parametrize("method,model", [
-    ("reml", "hom"), ("reml", "free"), ("ml", "hom"),
-    pytest.param("ml", "free", marks=pytest.mark.xfail(
-        reason="known defect (issue 3): on one simulated Free gene scdist's restarts miss the "
-               "optimum the reference finds (by 0.8 log-likelihood units); fix the optimiser",
-        strict=False)),
-    ("reml", "full")])
+    ("reml", "hom"), ("reml", "free"), ("ml", "hom"), ("ml", "free"), ("reml", "full")])
 def test_never_a_worse_optimum_than_the_reference(sim, method, model):
     d, fits = sim
     dll = _same_optimum(d, fits[method], model, method)

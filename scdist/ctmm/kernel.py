@@ -139,9 +139,21 @@ class _Fitter:
         if need_fisher:
             out["fisher"] = fisher(prob, st, cfg.method)
         if need_jk:
-            out["theta_jk"], out["beta_jk"], _ = jackknife_reml(
-                prob, self.layout, res.theta, cfg.method, random_start=self.random_start(model),
-                n_restarts=cfg.jk_restarts, seed=cfg.seed)
+            # only regular fits are jackknifed: at a fit on the singular-covariance edge every
+            # refit that keeps the donor defining the edge stays on it, the replicates barely
+            # move and the jackknife variance collapses (its Wald tests are reported as NaN)
+            N = int(self.layout.slots.max()) + 1
+            K, p = res.theta.shape[1], prob.X.shape[-1]
+            th_jk = np.full((prob.rows, N, K), np.nan)
+            be_jk = np.full((prob.rows, N, p), np.nan)
+            reg = np.flatnonzero(out["converged"])
+            if reg.size:
+                draw = self.random_start(model)
+                th_jk[reg], be_jk[reg], _ = jackknife_reml(
+                    prob.take(reg), self.layout, res.theta[reg], cfg.method,
+                    random_start=lambda rng, rows: draw(rng, reg[rows]),
+                    n_restarts=cfg.jk_restarts, seed=cfg.seed)
+            out["theta_jk"], out["beta_jk"] = th_jk, be_jk
         out["weight"] = donor_weights(prob, self.layout)
         return out
 
@@ -183,7 +195,9 @@ def _tests(fits: dict, fitter: _Fitter, cfg: FitConfig, labels) -> dict:
                 cov = np.linalg.inv(free["fisher"])
             except np.linalg.LinAlgError:
                 cov = np.linalg.pinv(free["fisher"])
-        out["free_vs_hom_wald"] = wald_f(free["theta"][:, vsel], cov[:, vsel][:, :, vsel], df2)
+        p_wald = wald_f(free["theta"][:, vsel], cov[:, vsel][:, :, vsel], df2)
+        # the Fisher information of a fit on the singular-covariance edge is not a variance
+        out["free_vs_hom_wald"] = np.where(free["converged"], p_wald, np.nan)
     if "free_vs_hom_jackknife" in labels:
         jc = jackknife_cov(free["theta_jk"][:, :, vsel], weight)
         out["free_vs_hom_jackknife"] = wald_f(free["theta"][:, vsel], jc, df2)

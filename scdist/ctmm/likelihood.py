@@ -50,6 +50,7 @@ class State:
     grad: np.ndarray | None = None   # (R, K)
     ai: np.ndarray | None = None     # (R, K, K)
     edge: np.ndarray | None = None   # (R,) some block nearly singular (pivot ratio < EDGE)
+    rcmin: np.ndarray | None = None  # (R,) smallest reciprocal condition proxy over blocks
     Ws: np.ndarray | None = None     # (m, m, R, B) same W, structure-of-arrays (fast path)
     Fs: np.ndarray | None = None     # (R, m, B, p) same F (fast path)
 
@@ -133,7 +134,8 @@ def _evaluate_shared(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bo
         ll = -0.5 * (n * LOG2PI + logdet_sum + quad)
     ll = np.where(ok, ll, -np.inf)
     st = State(theta=theta, ok=ok, loglik=ll, beta=beta, Hinv=Hinv, W=None, F=None,
-               s=np.moveaxis(ss, 0, 2), Ws=Ws, Fs=Fs, edge=(piv.min(axis=1) < EDGE) & ok)
+               s=np.moveaxis(ss, 0, 2), Ws=Ws, Fs=Fs, edge=(piv.min(axis=1) < EDGE) & ok,
+               rcmin=np.where(ok, piv.min(axis=1), 0.0))
     if not (want_grad or want_ai):
         return st
     K = prob.K[:, 0]                                              # (Kc, m, m)

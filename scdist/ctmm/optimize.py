@@ -17,6 +17,10 @@ import numpy as np
 from .design import Problem
 from .likelihood import evaluate, fisher
 
+# a converged optimum with a covariance block closer to singular than this (reciprocal
+# condition proxy, see likelihood.RCOND) is re-examined by the random restarts
+NEAR_EDGE = 1e-2
+
 
 @dataclass
 class FitResult:
@@ -150,21 +154,45 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
                      iterations=iters)
 
 
+def near_edge(prob: Problem, theta: np.ndarray, method: str) -> np.ndarray:
+    """(R,) rows whose covariance has a block within ``NEAR_EDGE`` of singular at ``theta``.
+
+    There the likelihood is rugged (every donor whose noise ``nu_ic`` is small adds a bump as
+    its block approaches singularity once variance components go negative), so a converged
+    fit may be a poor local maximum."""
+    st = evaluate(prob, theta, method, grad=False, ai=False)
+    if st.rcmin is None:
+        return np.zeros(theta.shape[0], bool)
+    return st.ok & (st.rcmin < NEAR_EDGE)
+
+
 def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "reml", *,
                            random_start, n_restarts: int = 10, seed: int = 0, **kw) -> FitResult:
-    """:func:`maximize`, then up to ``n_restarts`` random restarts for rows that failed.
+    """:func:`maximize`, then up to ``n_restarts`` random restarts for rows without a regular
+    optimum, keeping the best: a regular optimum beats any other end point, and among regular
+    optima (or among the others) the higher likelihood wins.
+
+    Regular means converged (Newton decrement below ``tol``) with every covariance block at
+    least ``NEAR_EDGE`` away from singular (:func:`near_edge`). Near that edge the likelihood
+    is rugged -- each donor whose noise ``nu_ic`` is small adds a bump as its block approaches
+    singularity once variance components go negative -- so an optimum there cannot be
+    certified as the maximum (another start finds a higher bump); such fits are restarted like
+    failed ones and, if no restart finds a regular optimum, reported with ``converged=False``.
 
     ``random_start(rng, rows) -> (len(rows), K)`` draws starting points.
     """
     res = maximize(prob, theta0, method, **kw)
+    res.converged &= ~near_edge(prob, res.theta, method)
     rng = np.random.default_rng(seed)
     for _ in range(n_restarts):
         bad = np.flatnonzero(~res.converged)
         if bad.size == 0:
             break
         start = random_start(rng, bad)
-        r2 = maximize(prob.take(bad), start, method, **kw)
-        better = r2.converged | (~res.converged[bad] & (r2.loglik > res.loglik[bad]))
+        sub = prob.take(bad)
+        r2 = maximize(sub, start, method, **kw)
+        r2.converged &= ~near_edge(sub, r2.theta, method)
+        better = r2.converged | (r2.loglik > res.loglik[bad])
         sel = bad[better]
         res.theta[sel] = r2.theta[better]
         res.loglik[sel] = r2.loglik[better]

@@ -53,11 +53,15 @@ def jackknife_cov(reps: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Delete-one jackknife covariance ``(n-1)/n sum_j (t_j - tbar)(t_j - tbar)'``.
 
     reps (R, N, q): leave-donor-j-out estimates; weight (R, N) bool: donor j is in the data
-    (donors without observations for that gene are not resampled).
+    (donors without observations for that gene are not resampled). Rows with a missing
+    (NaN) replicate of an included donor get a NaN covariance.
     """
     w = weight.astype(float)
     n = w.sum(axis=1)
     mean = np.einsum("rn,rnq->rq", w, reps) / n[:, None]
     d = (reps - mean[:, None]) * w[..., None]
+    missing = ~np.where(weight[..., None], np.isfinite(reps), True).all(axis=(1, 2))
     d = np.nan_to_num(d)
-    return ((n - 1) / n)[:, None, None] * np.einsum("rnq,rns->rqs", d, d)
+    cov = ((n - 1) / n)[:, None, None] * np.einsum("rnq,rns->rqs", d, d)
+    cov[missing] = np.nan          # a row without its replicates (not jackknifed) has none
+    return cov
