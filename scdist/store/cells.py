@@ -33,7 +33,7 @@ import zarr
 from anndata.io import read_elem, write_elem
 
 from ..errors import InputError
-from . import _fs, layout, validate
+from . import _fs, layout, markers, validate
 
 DEFAULT_CHUNK_CELLS = 10_000
 NNZ_CHUNK = 1 << 19  # stored entries per chunk of X/data and X/indices (2 MiB of int32)
@@ -46,6 +46,7 @@ def _x_compressors():
 
     return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]
 TMP_DIR = "_scdist_tmp"
+RESUME_PREFIX = "resume-"  # temporary group of a resumable writer: cells-resume-<key>
 OBS_CODES_DTYPE = "int32"  # categorical codes: the number of categories is not known up front
 _ARRAY_ATTRS = {"encoding-type": "array", "encoding-version": "0.2.0"}
 OBS_STANDARD = (layout.OBS_DONOR, layout.OBS_CELLTYPE, layout.OBS_BATCH)
@@ -81,6 +82,21 @@ class _ChunkAppender:
     def flush(self) -> None:
         if self._n:
             self._write(self._n)
+
+    def truncate(self, length: int) -> None:
+        """Resume at ``length`` values: drop what follows, re-buffer the last partial chunk.
+
+        Only values below the durable size (whole chunks written before a resume marker)
+        are read back; the chunks after them are rewritten with the same bytes later.
+        """
+        base = length // self.chunk * self.chunk
+        tail = np.asarray(self.arr[base:length]) if length > base else None
+        if tail is not None and tail.dtype.kind == "T":  # zarr's StringDType -> object, as pushed
+            tail = tail.astype(object)
+        self.arr.resize((base,))
+        self.size = base
+        self._buf = [tail] if tail is not None else []
+        self._n = 0 if tail is None else tail.size
 
     def _write(self, n: int) -> None:
         buf = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
@@ -153,6 +169,22 @@ class _ObsColumn:
             arr = obs_group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(chunk,))
         arr.attrs.update(_ARRAY_ATTRS)
         self.out = _ChunkAppender(arr)
+
+    @classmethod
+    def reopen(cls, obs_group: zarr.Group, name: str, *, sort_categories: bool,
+               labels: Sequence[str] | None) -> "_ObsColumn":
+        """The column of an interrupted writer (its categories from the resume marker)."""
+        self = cls.__new__(cls)
+        self.name, self.sort_categories = name, sort_categories
+        node = obs_group[name]
+        self.categorical = isinstance(node, zarr.Group)
+        if self.categorical:
+            self.group, self.cats = node, _Categories(labels or ())
+            self.out = _ChunkAppender(node["codes"])
+        else:
+            self.dtype = np.dtype(node.dtype)
+            self.out = _ChunkAppender(node)
+        return self
 
     def values(self, col: pd.Series) -> np.ndarray:
         """The block's values as stored (global codes, or numbers in the first block's dtype)."""
@@ -262,11 +294,19 @@ class CellWriter:
     blocks arrive. What is kept is per category (labels; each donor's covariate values,
     to check they are constant within donor) and, at :meth:`close`, 8 bytes per cell to
     find duplicated cell names.
+
+    ``resume_key`` (a string identifying the input and its parameters) makes the writer
+    resumable: its temporary group is named after the key and keeps what was written when
+    the writer fails for any reason other than bad input (InputError); after each block a
+    completion marker (:mod:`scdist.store.markers`) records the writer's state. A later
+    writer with the same key continues after the last complete chunk: :attr:`n_cells` is
+    then the first cell the caller must append next, and the published ``cells/`` is
+    byte-for-byte the one an uninterrupted writer produces.
     """
 
     def __init__(self, study, gene_names: Sequence[str], *, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                  covariates: Sequence[str] = (), source_keys: Mapping[str, str] | None = None,
-                 count_dtype="int32", field: str = "X"):
+                 count_dtype="int32", field: str = "X", resume_key: str | None = None):
         if int(chunk_cells) < 1:
             raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}", field="chunk_cells",
                              fix="use e.g. 10000")
@@ -286,11 +326,28 @@ class CellWriter:
         self.field = field
         self.n_cells = 0
         self.nnz = 0
-        self._tmp = f"{TMP_DIR}/{layout.CELLS}-{uuid.uuid4().hex}"
+        self.resume_key = resume_key
+        name = f"{RESUME_PREFIX}{resume_key}" if resume_key else uuid.uuid4().hex
+        self._tmp = f"{TMP_DIR}/{layout.CELLS}-{name}"
         self._closed = False
+        # obs/ is created with the first block (its column types come from it)
+        self._obs_group: zarr.Group | None = None
+        self._index: _ChunkAppender | None = None
+        self._cols: dict[str, _ObsColumn] = {}
+        self._has_batch: bool | None = None
+        # per donor (global donor code): seen with cells, and each covariate's value
+        self._donor_seen = np.zeros(0, bool)
+        self._donor_cov: dict[str, np.ndarray] = {}
+        zkw = _fs.zarr_kwargs(study.url, study.storage_options)
+        state = self._resume_state() if resume_key else None
+        if state is not None:
+            self._group = zarr.open_group(store=study.group_url(self._tmp), mode="r+",
+                                          zarr_format=3, **zkw)
+            self._restore(state)
+            return
         n_genes = len(self.gene_names)
         self._group = zarr.open_group(store=study.group_url(self._tmp), mode="w", zarr_format=3,
-                                      **_fs.zarr_kwargs(study.url, study.storage_options))
+                                      **zkw)
         x = self._group.create_group("X")
         x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
                         "shape": [0, n_genes]})
@@ -303,14 +360,86 @@ class CellWriter:
                                       chunks=(self.chunk_cells,), compressors=comp)
         self._indptr[:] = np.zeros(1, dtype="int64")
         self._out = [_ChunkAppender(a) for a in (self._data, self._indices, self._indptr)]
-        # obs/ is created with the first block (its column types come from it)
-        self._obs_group: zarr.Group | None = None
-        self._index: _ChunkAppender | None = None
-        self._cols: dict[str, _ObsColumn] = {}
-        self._has_batch: bool | None = None
-        # per donor (global donor code): seen with cells, and each covariate's value
-        self._donor_seen = np.zeros(0, bool)
-        self._donor_cov: dict[str, np.ndarray] = {}
+
+    # ---- resuming -----------------------------------------------------------------------
+    def _marker_url(self) -> str:
+        return self.study.group_url(self._tmp)
+
+    def _resume_state(self) -> dict | None:
+        """The newest state marker of an interrupted writer with this key, if any."""
+        url, so = self._marker_url(), self.study.storage_options
+        done = [c for c in markers.done_set(url, storage_options=so) if c.startswith("upto-")]
+        if not done:
+            return None
+        meta = markers.read_marker(url, max(done), storage_options=so)["meta"]
+        if meta.get("chunk_cells") != self.chunk_cells or meta.get("count_dtype") != str(
+                self.count_dtype) or meta.get("covariates") != self.covariates:
+            return None  # written with other parameters: start again
+        return meta
+
+    def _appenders(self) -> dict[str, _ChunkAppender]:
+        """Every array the writer appends to, by name (X's three, obs index and columns)."""
+        out = dict(zip(("data", "indices", "indptr"), self._out))
+        if self._index is not None:
+            out["_index"] = self._index
+            out.update({f"obs/{k}": c.out for k, c in self._cols.items()})
+        return out
+
+    def _save_state(self) -> None:
+        """Record (after the block's data) how far the writer got and what it has seen."""
+        state = {"n_cells": self.n_cells, "nnz": self.nnz, "chunk_cells": self.chunk_cells,
+                 "count_dtype": str(self.count_dtype), "covariates": self.covariates,
+                 "has_batch": self._has_batch,
+                 "sizes": {k: a.size for k, a in self._appenders().items()},  # durable lengths
+                 "categories": {k: c.cats.labels.tolist() for k, c in self._cols.items()
+                                if c.categorical},
+                 "donor_seen": np.flatnonzero(self._donor_seen).tolist(),
+                 "donor_cov": {k: v.tolist() for k, v in self._donor_cov.items()}}
+        markers.mark_done(self._marker_url(), f"upto-{self.n_cells:015d}", state,
+                          storage_options=self.study.storage_options)
+
+    def _restore(self, state: dict) -> None:
+        """Reopen the arrays and continue after the last cell whose data is all durable."""
+        g = self._group
+        x = g["X"]
+        self._data, self._indices, self._indptr = x["data"], x["indices"], x["indptr"]
+        self._out = [_ChunkAppender(a) for a in (self._data, self._indices, self._indptr)]
+        self._has_batch = state["has_batch"]
+        if self._has_batch is not None:
+            self._obs_group = og = g["obs"]
+            self._index = _ChunkAppender(og["_index"])
+            cats = state["categories"]
+            for name in (*OBS_STANDARD, *self.covariates):
+                self._cols[name] = _ObsColumn.reopen(og, name, sort_categories=name in self.covariates,
+                                                     labels=cats.get(name))
+        n_donors = len(self._cols[layout.OBS_DONOR].cats) if self._cols else 0
+        self._donor_seen = np.zeros(n_donors, bool)
+        self._donor_seen[state["donor_seen"]] = True
+        for c, v in state["donor_cov"].items():
+            col = self._cols[c]
+            self._donor_cov[c] = np.asarray(v, dtype=OBS_CODES_DTYPE if col.categorical else col.dtype)
+        sizes = state["sizes"]
+        apps = self._appenders()
+        # cells whose every value lies in the durable prefix of every array
+        last = min(sizes["indptr"] - 1, *(sizes[k] for k in apps if k.startswith(("_index", "obs/"))))
+        durable_nnz = min(sizes["data"], sizes["indices"])
+        ip, step = self._indptr, self._indptr.chunks[0]
+        stop = last + 1
+        while True:  # scan indptr backwards a chunk at a time for the last start <= durable nnz
+            a = (stop - 1) // step * step
+            k = int(np.searchsorted(ip[a:stop], durable_nnz, side="right"))
+            if k:
+                start = a + k - 1
+                break
+            stop = a
+        nnz = int(ip[start:start + 1][0])
+        for name, app in apps.items():
+            app.truncate(start + 1 if name == "indptr" else nnz if name in ("data", "indices")
+                         else start)
+        self.n_cells, self.nnz = start, nnz
+        # markers past `start` describe arrays longer than they now are: keep only this state
+        markers.clear_markers(self._marker_url(), storage_options=self.study.storage_options)
+        self._save_state()
 
     # ---- context manager ----------------------------------------------------------------
     def __enter__(self) -> "CellWriter":
@@ -319,6 +448,13 @@ class CellWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Discard the temporary group, or keep it for a resume (not after bad input)."""
+        if self.resume_key and not isinstance(exc, InputError):
+            self._closed = True  # what is marked stays for the next writer with this key
         else:
             self.abort()
 
@@ -329,8 +465,8 @@ class CellWriter:
             raise RuntimeError("CellWriter is closed")
         try:
             self._append(counts, obs)
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._fail(exc)
             raise
 
     def _append(self, counts, obs: pd.DataFrame) -> None:
@@ -363,6 +499,8 @@ class CellWriter:
             (self._index if name is None else self._cols[name].out).push(values)
         self.n_cells += n
         self.nnz += m.nnz
+        if self.resume_key:
+            self._save_state()
 
     def _obs_block(self, obs: pd.DataFrame) -> dict:
         """Check a block's obs and turn it into the values to append, per column."""
@@ -462,8 +600,8 @@ class CellWriter:
             return
         try:
             self._finish()
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self._fail(exc)
             raise
         self._closed = True
         replace_group(self.study, self._tmp, layout.CELLS)
@@ -484,6 +622,8 @@ class CellWriter:
         for col in self._cols.values():
             col.finish()
         self._make_index_unique()
+        if self.resume_key:  # cells/ carries no markers (it is published whole)
+            markers.clear_markers(self._marker_url(), storage_options=self.study.storage_options)
         g = self._group
         g["X"].attrs["shape"] = [self.n_cells, len(self.gene_names)]
         _write_elem(g, "var", pd.DataFrame(index=pd.Index(self.gene_names, dtype=object)))

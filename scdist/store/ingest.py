@@ -119,15 +119,18 @@ def _matrix_elem(root, layer: str | None):
 
 
 # ---- the shared pipeline -------------------------------------------------------------------
-def _prefetched(matrix: _Matrix, n: int, chunk_cells: int) -> Iterator[tuple[int, int, Any]]:
-    """Blocks ``(start, stop, csr)`` in order, reading block k+1 while block k is written.
+def _prefetched(matrix: _Matrix, n: int, chunk_cells: int, first: int = 0
+                ) -> Iterator[tuple[int, int, Any]]:
+    """Blocks ``(start, stop, csr)`` from cell ``first`` on, reading block k+1 while block k is
+    written (blocks end on multiples of ``chunk_cells``).
 
     Reading (h5py decompression) and writing (zarr compression) overlap; at most two blocks
     are in memory.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    bounds = [(a, min(a + chunk_cells, n)) for a in range(0, n, chunk_cells)]
+    edges = [first, *range((first // chunk_cells + 1) * chunk_cells, n, chunk_cells), n]
+    bounds = [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scdist-ingest-read") as pool:
         nxt = pool.submit(matrix.block, *bounds[0]) if bounds else None
         for i, (a, b) in enumerate(bounds):
@@ -176,7 +179,8 @@ def _prepare_obs(obs: pd.DataFrame, *, donor_key, celltype_key, batch_key, covar
 
 def _ingest(study_or_url, matrix: _Matrix, obs: pd.DataFrame, gene_names, *, donor_key,
             celltype_key, batch_key, covariates, chunk_cells, overwrite, storage_options,
-            count_dtype, source: str, layer, progress=None) -> Study:
+            count_dtype, source: str, layer, progress=None, resume_key: str | None = None
+            ) -> Study:
     n, g = matrix.shape
     if len(obs) != n:
         raise InputError(f"obs has {len(obs)} rows but the matrix has {n}", field="obs",
@@ -195,13 +199,16 @@ def _ingest(study_or_url, matrix: _Matrix, obs: pd.DataFrame, gene_names, *, don
         source_keys[layout.OBS_BATCH] = batch_key
     try:
         with CellWriter(study, genes, chunk_cells=chunk_cells, covariates=list(covariates),
-                        source_keys=source_keys, count_dtype=count_dtype, field=matrix.field) as w:
-            for start, stop, block in _prefetched(matrix, n, chunk_cells):
+                        source_keys=source_keys, count_dtype=count_dtype, field=matrix.field,
+                        resume_key=resume_key) as w:
+            if w.n_cells and progress is not None:  # resumed: these cells are already written
+                progress(w.n_cells)
+            for start, stop, block in _prefetched(matrix, n, chunk_cells, w.n_cells):
                 w.append(block, std_obs.iloc[start:stop])
                 if progress is not None:
                     progress(stop - start)
-    except BaseException:
-        if created:
+    except BaseException as exc:
+        if created and not (resume_key and not isinstance(exc, InputError)):
             fs, path = _fs.filesystem(study.url, storage_options)
             fs.rm(path, recursive=True)
         raise
@@ -230,7 +237,7 @@ def ingest_h5ad(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
                 batch_key: str | None = None, covariates: Sequence[str] = (),
                 layer: str | None = None, chunk_cells: int = DEFAULT_CHUNK_CELLS,
                 overwrite: bool = False, storage_options: dict | None = None,
-                count_dtype="int32", progress=None) -> Study:
+                count_dtype="int32", progress=None, resume: bool = True) -> Study:
     import h5py
 
     path = os.fspath(path)
@@ -245,11 +252,24 @@ def ingest_h5ad(study_or_url, path: str | os.PathLike, *, donor_key: str, cellty
         elem, field, var_elem = _matrix_elem(f, layer)
         matrix = _Matrix(elem, field)
         obs, var = _read_elem(f["obs"]), _read_elem(var_elem)
+        key = _resume_key(path, donor_key, celltype_key, batch_key, list(covariates), layer,
+                          int(chunk_cells), str(np.dtype(count_dtype))) if resume else None
         return _ingest(study_or_url, matrix, obs, var.index.to_numpy(), donor_key=donor_key,
                        celltype_key=celltype_key, batch_key=batch_key, covariates=covariates,
                        chunk_cells=chunk_cells, overwrite=overwrite,
                        storage_options=storage_options, count_dtype=count_dtype,
-                       source=os.path.abspath(path), layer=layer, progress=progress)
+                       source=os.path.abspath(path), layer=layer, progress=progress,
+                       resume_key=key)
+
+
+def _resume_key(path: str, *params) -> str:
+    """Names an ingest of this file (path, size, modification time) with these parameters."""
+    import hashlib
+    import json
+
+    st = os.stat(path)
+    ident = [os.path.abspath(path), st.st_size, st.st_mtime_ns, *params]
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:24]
 
 
 def ingest_zarr(study_or_url, path: str | os.PathLike, *, donor_key: str, celltype_key: str,
@@ -319,7 +339,14 @@ def ingest_anndata(study_or_url, adata=None, *, donor_key: str, celltype_key: st
 
 
 ingest_h5ad.__doc__ = ("Ingest an .h5ad file into the study (read by blocks of cells; bounded "
-                       "memory).\n" + _DOC_COMMON)
+                       "memory).\n" + _DOC_COMMON + """
+
+    resume : an ingest of the same file (path, size, modification time) with the same
+        parameters that was interrupted (exception, killed process) continues after its last
+        complete chunk of cells instead of starting again; the result is byte-for-byte the
+        same. Its partial copy waits in ``_scdist_tmp/cells-resume-<key>`` (removed by
+        ``study.clean_tmp()``). Bad input (InputError) discards it. ``False``: always start
+        from the first cell.""")
 ingest_zarr.__doc__ = ("Ingest an AnnData .zarr directory (Zarr v2 or v3; path or fsspec URL, "
                        "``source_storage_options`` for its credentials).\n" + _DOC_COMMON)
 ingest_anndata.__doc__ = ("Ingest an in-memory AnnData (``ingest_anndata(store, adata, ...)``; "
