@@ -214,3 +214,16 @@ def test_ray_train_max_failures_is_validated_before_ray_starts():
         with pytest.raises(InputError, match=r"\[max_failures\]"):
             train_distributed(module_path="x:y", module_kwargs={}, source=None, covariates={}, config=None,
                               checkpoint_dir=None, max_failures=bad)
+
+
+def test_spec_options_reach_the_engines():
+    """``stages.ursm.options.max_actor_restarts`` and ``stages.<vae>.options.max_failures`` are known
+    options (unknown ones are refused by name at plan time)."""
+    from scdist.errors import InputError
+    from scdist.plan.stages.ursm import UrsmConfig, UrsmStage
+    from scdist.vae.base import split_options
+
+    UrsmStage().check(UrsmConfig(options={"max_actor_restarts": 5}), None)
+    with pytest.raises(InputError, match=r"max_actor_restart\b"):
+        UrsmStage().check(UrsmConfig(options={"max_actor_restart": 5}), None)
+    assert split_options({"max_failures": 1}, ())[2] == {"max_failures": 1}
