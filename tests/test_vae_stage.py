@@ -85,6 +85,7 @@ def test_cli_verbs_registered():
         assert out.exit_code == 0 and flag in out.output
 
 
+@pytest.mark.slow
 def test_mrvi_stage_runs_analyses_and_resumes(h5ad, tmp_store, dask_client):
     """``analyses`` in the mrvi stage: results in the store with markers; changing one analysis'
     parameters recomputes only that one (the model is not retrained, the others are reused)."""
