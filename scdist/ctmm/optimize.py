@@ -28,6 +28,7 @@ class FitResult:
     loglik: np.ndarray      # (R,)
     converged: np.ndarray   # (R,) bool
     iterations: np.ndarray  # (R,) int (summed over restarts)
+    rcmin: np.ndarray | None = None  # (R,) smallest block condition proxy at theta (fast path)
 
 
 def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -68,7 +69,7 @@ def _accept(st, ll_old: np.ndarray) -> np.ndarray:
     return st.ok & (st.loglik >= ll_old - 1e-10 * np.abs(ll_old))
 
 
-def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge) -> None:
+def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge, rcmin) -> None:
     """Store accepted candidates ``cand[sel]`` (state ``st``) for ``rows``."""
     new_ll = st.loglik[sel]
     small = (new_ll - ll[rows]) <= 1e-10 * np.maximum(np.abs(ll[rows]), 1.0)
@@ -79,6 +80,8 @@ def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge) -> None:
     AI[rows] = st.ai[sel]
     if st.edge is not None:
         edge[rows] = st.edge[sel]
+    if rcmin is not None and st.rcmin is not None:
+        rcmin[rows] = st.rcmin[sel]
 
 
 def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_iter: int = 60,
@@ -102,6 +105,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     hard = np.zeros(R, bool)
     edge = np.zeros(R, bool) if st.edge is None else st.edge.copy()
     flat = np.zeros(R, int)   # consecutive accepted steps that changed l by < 1e-10 |l|
+    rcmin = None if st.rcmin is None else st.rcmin.copy()
     for _ in range(max_iter):
         if active.size == 0:
             break
@@ -121,7 +125,8 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         # the rows that did not improve in ONE batched evaluation (few rows, many steps)
         st1 = evaluate(prob.take(active), theta[active] + d, method)
         better = _accept(st1, ll[active])
-        _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge)
+        _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge,
+              rcmin)
         pending = np.flatnonzero(~better)
         if pending.size:
             rows = active[pending]
@@ -135,7 +140,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             pick = np.flatnonzero(hit) * alphas.size + first[hit]
             sel = np.zeros(rep.size, bool)
             sel[pick] = True
-            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge)
+            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge, rcmin)
             hard[rows[hit & (first >= 2)]] = True
             pending = pending[~hit]
         if pending.size:
@@ -151,19 +156,18 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     # created by negative variance components, not a regular optimum: report it as failed
     # so that restarts look for the regular maximum
     return FitResult(theta=theta, loglik=ll, converged=conv & np.isfinite(ll) & ~edge,
-                     iterations=iters)
+                     iterations=iters, rcmin=rcmin)
 
 
-def near_edge(prob: Problem, theta: np.ndarray, method: str) -> np.ndarray:
-    """(R,) rows whose covariance has a block within ``NEAR_EDGE`` of singular at ``theta``.
+def near_edge(res: FitResult) -> np.ndarray:
+    """(R,) fits whose covariance has a block within ``NEAR_EDGE`` of singular.
 
     There the likelihood is rugged (every donor whose noise ``nu_ic`` is small adds a bump as
     its block approaches singularity once variance components go negative), so a converged
     fit may be a poor local maximum."""
-    st = evaluate(prob, theta, method, grad=False, ai=False)
-    if st.rcmin is None:
-        return np.zeros(theta.shape[0], bool)
-    return st.ok & (st.rcmin < NEAR_EDGE)
+    if res.rcmin is None:
+        return np.zeros(res.theta.shape[0], bool)
+    return res.rcmin < NEAR_EDGE
 
 
 def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "reml", *,
@@ -182,7 +186,7 @@ def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "rem
     ``random_start(rng, rows) -> (len(rows), K)`` draws starting points.
     """
     res = maximize(prob, theta0, method, **kw)
-    res.converged &= ~near_edge(prob, res.theta, method)
+    res.converged &= ~near_edge(res)
     rng = np.random.default_rng(seed)
     for _ in range(n_restarts):
         bad = np.flatnonzero(~res.converged)
@@ -191,11 +195,13 @@ def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "rem
         start = random_start(rng, bad)
         sub = prob.take(bad)
         r2 = maximize(sub, start, method, **kw)
-        r2.converged &= ~near_edge(sub, r2.theta, method)
+        r2.converged &= ~near_edge(r2)
         better = r2.converged | (r2.loglik > res.loglik[bad])
         sel = bad[better]
         res.theta[sel] = r2.theta[better]
         res.loglik[sel] = r2.loglik[better]
         res.converged[sel] = r2.converged[better]
+        if res.rcmin is not None and r2.rcmin is not None:
+            res.rcmin[sel] = r2.rcmin[better]
         res.iterations[bad] += r2.iterations
     return res
