@@ -42,17 +42,36 @@ def simulate(n_donors: int, reps: int, model: str, free_v, seed: int):
                         V=V, seed=seed)
 
 
-def positive_rates(ds, client) -> dict:
-    """{(data, test label): positive rate, n} for CTP and OP."""
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial confidence interval of a rate k / n."""
+    from scipy import stats
+
+    a = (1 - level) / 2
+    lo = stats.beta.ppf(a, k, n - k + 1) if k > 0 else 0.0
+    hi = stats.beta.ppf(1 - a, k + 1, n - k) if k < n else 1.0
+    return float(lo), float(hi)
+
+
+def positive_rates(ds, client, op: bool = True) -> dict:
+    """{(data, test label): positive rate, n, 95% CI} for CTP (and OP).
+
+    Wald and jackknife p-values are NaN for genes without a regular Free fit (an optimum on
+    the singular-covariance edge, ``converged=False``); the rate is over the tested genes and
+    ``rate_all`` counts the untested ones as not significant."""
     import scdist.ctmm as ctmm
 
     out = {}
     fits = {
         "reml": ctmm.fit(ds, models=["hom", "free"], method="reml",
-                         tests=["lrt", "wald", "jackknife"], client=client, op=True),
+                         tests=["lrt", "wald", "jackknife"], client=client, op=op),
         "he": ctmm.fit(ds, models=["hom", "free"], method="he", tests=["jackknife"],
-                       client=client, op=True),
+                       client=client, op=op),
     }
+    for data, prefix in (("CTP", ""), ("OP", "op_")):
+        var = f"{prefix}converged"
+        if var in fits["reml"]:
+            out[f"{data} REML regular Free fits"] = {
+                "rate": float(fits["reml"][var].sel(model="free").mean()), "n": ds.sizes["gene"]}
     for name, method, label in TESTS:
         for data, var in (("CTP", "pvalue"), ("OP", "op_pvalue")):
             res = fits[method]
@@ -60,8 +79,10 @@ def positive_rates(ds, client) -> dict:
                 continue
             p = res[var].sel(test=label).values
             ok = np.isfinite(p)
-            out[f"{data} {name}"] = {"rate": float(np.mean(p[ok] < ALPHA)), "n": int(ok.sum()),
-                                     "n_nan": int((~ok).sum())}
+            k = int((p[ok] < ALPHA).sum())
+            out[f"{data} {name}"] = {"rate": k / max(int(ok.sum()), 1), "n": int(ok.sum()),
+                                     "n_nan": int((~ok).sum()), "rate_all": k / p.size,
+                                     "ci95": clopper_pearson(k, int(ok.sum()))}
     return out
 
 
@@ -72,6 +93,9 @@ def main(argv=None) -> None:
     ap.add_argument("--free-v", type=float, nargs="+", default=[0.25, 0.1, 0.05, 0.0],
                     help="diagonal of V under Free (C = its length)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--models", nargs="+", default=["hom", "free"], choices=["hom", "free"],
+                    help="simulate under these (hom: false positive rate, free: power)")
+    ap.add_argument("--no-op", action="store_true", help="CTP only (skip the OP fits)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_calibration.json"))
     args = ap.parse_args(argv)
@@ -82,9 +106,11 @@ def main(argv=None) -> None:
     with dask_client(n_workers=args.workers) as client:
         for N in args.ns:
             for k, model in enumerate(("hom", "free")):
+                if model not in args.models:
+                    continue
                 t = time.perf_counter()
                 ds = simulate(N, args.reps, model, args.free_v, args.seed + 1000 * N + k)
-                rates = positive_rates(ds, client)
+                rates = positive_rates(ds, client, op=not args.no_op)
                 results["rates"][f"{model} N={N}"] = rates
                 print(f"{model} N={N}: {time.perf_counter() - t:.0f}s "
                       + ", ".join(f"{k}={v['rate']:.3f}" for k, v in rates.items()), flush=True)
@@ -95,21 +121,33 @@ def main(argv=None) -> None:
     print_table(results)
 
 
+def _test_rank(name: str) -> int:
+    names = [t[0] for t in TESTS]
+    return names.index(name) if name in names else -1
+
+
 def print_table(results: dict) -> None:
     ns = results["settings"]["ns"]
     reps = results["settings"]["reps"]
     cols = sorted({c for r in results["rates"].values() for c in r},
-                  key=lambda c: (c.split()[0], [t[0] for t in TESTS].index(" ".join(c.split()[1:]))))
+                  key=lambda c: (c.split()[0], _test_rank(" ".join(c.split()[1:]))))
     for model, what in (("hom", "false positive rate (Hom)"), ("free", "power (Free)")):
         print(f"\n{what} at alpha = {ALPHA}, {reps} genes per cell "
-              f"(binomial s.e. at 0.05: {np.sqrt(0.05 * 0.95 / reps):.3f})\n")
+              f"(binomial s.e. at 0.05: {np.sqrt(0.05 * 0.95 / reps):.3f}); rate over tested genes "
+              "(exact 95% CI; n tested)\n")
         print("| test | " + " | ".join(f"N = {n}" for n in ns) + " |")
         print("|---|" + "---|" * len(ns))
         for c in cols:
             cells = []
             for n in ns:
                 r = results["rates"].get(f"{model} N={n}", {}).get(c)
-                cells.append("" if r is None else f"{r['rate']:.3f}")
+                if r is None:
+                    cells.append("")
+                elif "ci95" in r:
+                    lo, hi = r["ci95"]
+                    cells.append(f"{r['rate']:.3f} ({lo:.3f}-{hi:.3f}; n={r['n']})")
+                else:
+                    cells.append(f"{r['rate']:.3f}")
             print(f"| {c} | " + " | ".join(cells) + " |")
 
 
