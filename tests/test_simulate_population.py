@@ -178,6 +178,7 @@ print(tracemalloc.get_traced_memory()[1])
 """
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_cells(tmp_path):
     """Peak traced allocations of a 4x larger simulation stay within 1.5x (chunks bound it).
 
