@@ -59,16 +59,14 @@ def test_allocations_are_multinomial_and_conserve_counts():
     W = np.array([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]])
     X = np.array([[6, 0, 3, 9], [250, 1, 40, 2]], dtype=np.int64)
     lf = kernels.log_factorials(X.max())
-    reps = 40_000
+    reps = 20_000
     n = np.zeros((M, K))
     zsum = np.zeros((N, K))
-    tot_first = []        # Z̃ of entry (j=0, i=0): X = 6, all 28 outcomes
-    X1, W1, A1, n1 = np.array([[6]]), W[:1].copy(), A[:1].copy(), np.zeros((1, K))
-    for _ in range(reps):
-        sub = np.zeros((1, K))
-        kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True)
-        tot_first.append(sub[0].copy())
-    tot_first = np.array(tot_first).astype(int)
+    # one gene, `reps` identical samples: n_out[j] is then Z̃ of that (gene, sample) entry
+    X1, W1, A1 = np.full((reps, 1), 6), np.repeat(W[:1], reps, axis=0), A[:1].copy()
+    n1, sub = np.zeros((reps, K)), np.zeros((1, K))
+    kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True)
+    tot_first = n1.astype(int)
     r = A[0] * W[0] / (A[0] @ W[0])
     keys, counts = np.unique(tot_first, axis=0, return_counts=True)
     assert (keys.sum(axis=1) == 6).all()
@@ -78,13 +76,9 @@ def test_allocations_are_multinomial_and_conserve_counts():
     exp = multinomial.pmf(np.array(outcomes), 6, r) * reps
     assert _chi2_pvalue(obs, exp) > 1e-4
     # large count entry: means and covariance of Z̃ for X = 250
-    big = []
-    X1, W1 = np.array([[250]]), W[1:].copy()
-    for _ in range(20_000):
-        sub = np.zeros((1, K))
-        kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True)
-        big.append(sub[0].copy())
-    big = np.array(big)
+    big = np.zeros((20_000, K))
+    kernels.draw_allocations(np.full((20_000, 1), 250), np.repeat(W[1:], 20_000, axis=0), A1, rng, lf, big,
+                             sub, False)
     r = A[0] * W[1] / (A[0] @ W[1])
     se = np.sqrt(250 * r * (1 - r) / len(big))
     assert np.all(np.abs(big.mean(axis=0) - 250 * r) < 5 * se)
@@ -121,12 +115,16 @@ def test_kappa_tau_draw_has_the_S3_conditional():
     S = rng.random((L, N)) < 0.6
     th = Theta(A=np.ones((N, 1)) / N, alpha=np.ones(1), mu_kappa=-0.7, s2_kappa=0.4, mu_tau=15.0, s2_tau=9.0)
     (p11, p12, p22), m = kappa_tau_conditional(omega, S, a, th)
-    reps = 40_000
-    draws = np.empty((reps, 2, L))
-    kappa, tau = np.empty(L), np.empty(L)
-    for r in range(reps):
-        kernels.kappa_tau_draw(omega, S, a, th.mu_kappa, 1 / th.s2_kappa, th.mu_tau, 1 / th.s2_tau, kappa, tau, rng)
-        draws[r, 0], draws[r, 1] = kappa, tau
+    reps, calls = 4000, 10                      # each call draws every cell `reps` times
+    om_r, S_r, a_r = (np.repeat(x, reps, axis=0) for x in (omega, S, a))
+    kappa, tau = np.empty(L * reps), np.empty(L * reps)
+    draws = np.empty((calls, 2, L, reps))
+    for c in range(calls):
+        kernels.kappa_tau_draw(om_r, S_r, a_r, th.mu_kappa, 1 / th.s2_kappa, th.mu_tau, 1 / th.s2_tau,
+                               kappa, tau, rng)
+        draws[c, 0], draws[c, 1] = kappa.reshape(L, reps), tau.reshape(L, reps)
+    draws = draws.transpose(0, 3, 1, 2).reshape(calls * reps, 2, L)
+    reps = calls * reps
     for l in range(L):
         cov = np.linalg.inv(np.array([[p11[l], p12[l]], [p12[l], p22[l]]]))
         se = np.sqrt(np.diag(cov) / reps)
