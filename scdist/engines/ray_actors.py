@@ -46,16 +46,20 @@ class BlockActor:
         self.settings = settings
         self.samplers = {}
         self.done_iter = -1          # EM iteration whose end state the samplers hold (-1: none)
-        # The samplers get private copies: arguments resolved from the object store are read-only
-        # views of shared memory, and a sampler must not depend on that memory's lifetime.
+        # The samplers get private copies of their blocks (one per block, shared by its chains):
+        # arguments resolved from the object store are read-only views of shared memory, and a
+        # sampler must not depend on that memory's lifetime.
+        blocks = {}
         for key in keys:
             _, kind, b = key
-            if kind == CELL:
-                a, z = layout.cell_blocks[b]
-                self.samplers[key] = make_sampler(kind, Y[a:z].copy(), G[a:z].copy(), K, settings)
-            else:
-                a, z = layout.bulk_blocks[b]
-                self.samplers[key] = make_sampler(kind, X[a:z].copy(), None, K, settings)
+            if (kind, b) not in blocks:
+                if kind == CELL:
+                    a, z = layout.cell_blocks[b]
+                    blocks[kind, b] = (Y[a:z].copy(), G[a:z].copy())
+                else:
+                    a, z = layout.bulk_blocks[b]
+                    blocks[kind, b] = (X[a:z].copy(), None)
+            self.samplers[key] = make_sampler(kind, *blocks[kind, b], K, settings)
 
     def run(self, theta, em_iter, burnin, cold_sc, prev=None):
         """E-step of ``em_iter`` for every held block → (statistics by key, end state by key).
