@@ -8,7 +8,8 @@ random numbers: the script also checks that A is bit-identical across engines an
 Wall time of every EM iteration is taken from fit's callback; the table reports the median over
 the steady-state iterations (2nd onwards: actor start-up, data transfer and kernel loading fall in
 the first) and, separately, the first iteration. Configurations are interleaved over ``--repeats``
-rounds so that a change in machine load hits all of them alike; the load average is printed.
+rounds, every other round in reverse order, so that a drift in machine load hits all of them
+alike; the load average is printed.
 Starts a local Ray with all CPUs of this machine, its workers at the driver's priority.
 """
 from __future__ import annotations
@@ -52,8 +53,9 @@ def main():
     ref = None
     same = {c: True for c in configs}
     load0 = os.getloadavg()
-    for _ in range(a.repeats):
-        for c in configs:
+    for rnd in range(a.repeats):
+        # odd rounds run the configurations in reverse order, so a load drift hits them alike
+        for c in (configs if rnd % 2 == 0 else configs[::-1]):
             stamps = [time.perf_counter()]
             cb = lambda it, th, pooled: stamps.append(time.perf_counter())  # noqa: E731
             if c[0] == "in-process":
