@@ -117,6 +117,17 @@ def main():
                              "between_within_ratio": float(np.nanmean(between) / np.nanmean(within)),
                              "mean_distance": float(np.nanmean(D[iu]))}
     res["distances"] = per_type
+    # does u keep the donor groups apart inside a cell type? (kNN top-group agreement, 0.5 = mixed)
+    from mrvi_u_leak import knn_group_agreement
+    u = model.latent("u", study).values
+    obs = study.obs()
+    ct_all = obs["celltype"].astype(str).to_numpy()
+    top_all = truth["donor_top_group"].to_series().reindex(obs["donor"].astype(str).to_numpy()).to_numpy()
+    rng = np.random.default_rng(0)
+    res["u_top_group_agreement"] = {}
+    for ct in sorted(set(ct_all)):
+        idx = rng.choice(np.flatnonzero(ct_all == ct), min(3000, int((ct_all == ct).sum())), replace=False)
+        res["u_top_group_agreement"][ct] = knn_group_agreement(u[idx], top_all[idx])
     res["de_type"], res["da_type"] = de_type, da_type
 
     t0 = time.perf_counter()
@@ -148,4 +159,6 @@ def main():
 
 
 if __name__ == "__main__":
+    import sys
+    sys.path.insert(0, str(HERE))
     main()
