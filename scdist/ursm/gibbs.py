@@ -37,12 +37,6 @@ def block_rng(seed: int, chain: int, kind: int, block: int, em_iter: int) -> np.
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chain, kind, block, em_iter)))
 
 
-def pg_mean(psi: np.ndarray) -> np.ndarray:
-    """E[ω] for ω ~ PG(1, ψ): tanh(ψ/2) / (2ψ), with the limit 1/4 at ψ = 0."""
-    x = np.where(np.abs(psi) < 1e-8, 1e-8, psi)
-    return np.tanh(x / 2.0) / (2.0 * x)
-
-
 def _half(t: int, samples: int) -> int:
     """Which half of the kept sweeps draw t belongs to for split R-hat (−1: the middle draw of an odd T)."""
     h = samples // 2
