@@ -1,6 +1,7 @@
 """URSM: unified single-cell + bulk RNA-seq model (Zhu, Lei, Devlin & Roeder, AoAS 2018).
 
-Gibbs-EM with a vectorised E-step (numpy + polyagamma), chains/blocks on Ray actors on request.
+Gibbs-EM with a vectorised E-step (numpy + polyagamma, compiled numba kernels for the inner loops),
+chains/blocks on Ray actors on request.
 """
 from .fit import fit
 from .params import Theta, naive_profile
