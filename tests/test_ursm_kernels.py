@@ -3,6 +3,7 @@ distributions they claim (chi-square against the closed-form pmf), on both sampl
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy.stats import binom, chi2, multinomial
 
 from scdist.ursm import kernels
@@ -130,3 +131,15 @@ def test_kappa_tau_draw_has_the_S3_conditional():
         se = np.sqrt(np.diag(cov) / reps)
         assert np.all(np.abs(draws[:, :, l].mean(axis=0) - m[:, l]) < 5 * se)
         np.testing.assert_allclose(np.cov(draws[:, :, l].T), cov, rtol=0.05, atol=1e-12)
+
+
+def test_impossible_allocation_raises_instead_of_looping():
+    """Reads of a gene that no type expresses ((AW)_ij = 0, possible only with eps_A = 0) and a NaN
+    probability raise, as numpy's sampler did, rather than spinning in the inversion loop."""
+    lf = kernels.log_factorials(10)
+    A = np.array([[0.0, 0.0], [1.0, 1.0]])
+    with pytest.raises(ValueError, match="eps_A"):
+        kernels.draw_allocations(np.array([[3, 1]]), np.array([[0.5, 0.5]]), A, np.random.default_rng(0), lf,
+                                 np.zeros((1, 2)), np.zeros((2, 2)), False)
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.binomial_many(5, float("nan"), 1, np.random.default_rng(0), lf)

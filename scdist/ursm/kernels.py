@@ -70,6 +70,8 @@ def _btrd(n, p, rng, lf):
 def binomial(n, p, rng, lf):
     """One exact Bin(n, p) draw (n ≤ len(lf) − 1): inversion from 0 for n·min(p, 1−p) < 24,
     else BTRD."""
+    if not p == p:
+        raise ValueError("binomial draw with p = NaN")
     if n <= 0 or p <= 0.0:
         return 0
     if p >= 1.0:
@@ -126,6 +128,9 @@ def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum):
             tot = 0.0
             for k in range(K):
                 tot += A[i, k] * W[j, k]
+            if not tot > 0.0:
+                raise ValueError("bulk reads of a gene with (AW)_ij = 0: no cell type can have produced "
+                                 "them; use eps_A > 0")
             rem = x
             remp = 1.0
             for k in range(K - 1):
