@@ -147,13 +147,14 @@ class _Fitter:
             th_jk = np.full((prob.rows, N, K), np.nan)
             be_jk = np.full((prob.rows, N, p), np.nan)
             reg = np.flatnonzero(out["converged"])
+            jk_reg = np.zeros((prob.rows, N), bool)
             if reg.size:
                 draw = self.random_start(model)
-                th_jk[reg], be_jk[reg], _ = jackknife_reml(
+                th_jk[reg], be_jk[reg], jk_reg[reg] = jackknife_reml(
                     prob.take(reg), self.layout, res.theta[reg], cfg.method,
                     random_start=lambda rng, rows: draw(rng, reg[rows]),
                     n_restarts=cfg.jk_restarts, seed=cfg.seed)
-            out["theta_jk"], out["beta_jk"] = th_jk, be_jk
+            out["theta_jk"], out["beta_jk"], out["jk_regular"] = th_jk, be_jk, jk_reg
         out["weight"] = donor_weights(prob, self.layout)
         return out
 
@@ -198,14 +199,24 @@ def _tests(fits: dict, fitter: _Fitter, cfg: FitConfig, labels) -> dict:
         p_wald = wald_f(free["theta"][:, vsel], cov[:, vsel][:, :, vsel], df2)
         # the Fisher information of a fit on the singular-covariance edge is not a variance
         out["free_vs_hom_wald"] = np.where(free["converged"], p_wald, np.nan)
+    if "free_vs_hom_jackknife" in labels or "mean_jackknife" in labels:
+        # the jackknife needs every replicate to be a regular optimum of its leave-one-out
+        # data: a refit on the singular-covariance edge is pinned there by the donor with the
+        # smallest noise, the replicates stop varying and the variance collapses (inflated
+        # false positives); such genes get no jackknife p-value
+        jk_ok = free["converged"].copy()
+        if "jk_regular" in free:
+            jk_ok &= np.where(weight, free["jk_regular"], True).all(axis=1)
     if "free_vs_hom_jackknife" in labels:
         jc = jackknife_cov(free["theta_jk"][:, :, vsel], weight)
-        out["free_vs_hom_jackknife"] = wald_f(free["theta"][:, vsel], jc, df2)
+        p_jk = wald_f(free["theta"][:, vsel], jc, df2)
+        out["free_vs_hom_jackknife"] = np.where(jk_ok, p_jk, np.nan)
     if "mean_jackknife" in labels:
         L = mean_contrasts(C)
         est = free["beta"][:, :C] @ L.T
         reps = free["beta_jk"][:, :, :C] @ L.T
-        out["mean_jackknife"] = wald_f(est, jackknife_cov(reps, weight), df2)
+        p_mean = wald_f(est, jackknife_cov(reps, weight), df2)
+        out["mean_jackknife"] = np.where(jk_ok, p_mean, np.nan)
     return out
 
 
