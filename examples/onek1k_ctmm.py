@@ -67,6 +67,8 @@ def summarise(res: xr.Dataset) -> dict:
     for test in ("free_vs_hom_jackknife", "free_vs_hom_lrt", "free_vs_hom_wald"):
         if test in res["test"].values:
             p = res.pvalue.sel(test=test).values
+            # NaN (untested: no regular Free fit / leave-one-out refit) counts as not significant
+            out[f"genes_tested_{test}"] = int(np.isfinite(p).sum())
             out[f"frac_significant_{test}_bonferroni"] = float(np.mean(p < ALPHA / G))
             out[f"frac_significant_{test}_nominal"] = float(np.mean(p < ALPHA))
     V = np.diagonal(free.V.values, axis1=-2, axis2=-1)[ok]

@@ -29,15 +29,20 @@ def test_null_calibration_and_power():
     assert float(regular.mean()) > 0.85
     fpr = (res.pvalue < ALPHA).mean("gene")
     assert abs(float(fpr.sel(test="free_vs_hom_lrt")) - ALPHA) < BAND
-    # jackknife Wald: inflated at N <= 100 as the paper reports; measured values in the README
-    jk = res.pvalue.sel(test="free_vs_hom_jackknife").where(regular, drop=True)
-    assert float((jk < ALPHA).mean()) < 0.15
+    # jackknife Wald: tested only where the fit and all leave-one-out refits are regular
+    # (NaN otherwise); slightly inflated at N <= 100 as the paper reports (README figures)
+    jk = res.pvalue.sel(test="free_vs_hom_jackknife").values
+    tested = np.isfinite(jk)
+    assert not tested[~regular.values].any()
+    assert tested.mean() > 0.6
+    assert float((jk[tested] < ALPHA).mean()) < 0.15
     # p-values of the LRT are roughly uniform above the boundary mass
     p = res.pvalue.sel(test="free_vs_hom_lrt").values
     assert 0.35 < np.mean(p > 0.5) < 0.75
 
     alt = ctmm.simulate_ctp(100, 100, 4, hom2=0.2, V=[0.3, 0.0, 0.0, 0.1], seed=42)
-    pw = (ctmm.fit(alt, models=("hom", "free"), tests=("lrt", "jackknife"), op=False).pvalue
-          < ALPHA).mean("gene")
-    assert float(pw.sel(test="free_vs_hom_lrt")) > 0.9
-    assert float(pw.sel(test="free_vs_hom_jackknife")) > 0.8
+    pv = ctmm.fit(alt, models=("hom", "free"), tests=("lrt", "jackknife"), op=False).pvalue
+    assert float((pv.sel(test="free_vs_hom_lrt") < ALPHA).mean()) > 0.9
+    pj = pv.sel(test="free_vs_hom_jackknife").values
+    assert np.isfinite(pj).mean() > 0.6
+    assert float((pj[np.isfinite(pj)] < ALPHA).mean()) > 0.8
