@@ -25,7 +25,9 @@ def fit_in_memory(client, ds: xr.Dataset, slices, cfg: FitConfig, *, progress=No
 
     # the blocks go to the workers by scatter, not inside the task graph: embedded, a
     # transcriptome-sized cube made an ~80 MiB graph ("Sending large graph" warning)
-    blocks = client.scatter([ds.isel(gene=sl) for sl in slices])
+    # hash=False: fresh keys, so refitting the same data (e.g. REML then HE) never reuses a
+    # key that the previous fit is still releasing (that race left tasks waiting forever)
+    blocks = client.scatter([ds.isel(gene=sl) for sl in slices], hash=False)
     order = {b.key: i for i, b in enumerate(blocks)}
     out = [None] * len(blocks)
     for b, res in map_blocks(client, fit_block, blocks, progress=progress, cfg=cfg):
@@ -148,7 +150,7 @@ def fit_study(study, ds: xr.Dataset, cfg: FitConfig, *, client=None, gene_block=
             items = None
         with dask_client(client=client, n_workers=n_workers) as c:
             if items is None:   # imputed blocks travel by scatter, not inside the graph
-                items = c.scatter([data_blocks[sp] for sp in todo])
+                items = c.scatter([data_blocks[sp] for sp in todo], hash=False)
             for _ in map_blocks(c, _block_task, items, progress=progress, store_url=study.url,
                                 result_url=url, cfg=cfg):
                 pass
