@@ -34,6 +34,8 @@ class RunRecord:
         self.store = store
         self.doc: dict[str, Any] = {
             "run_id": run_id, "status": "running", "started": _now(), "finished": None,
+            # orders runs that start within the same second (``started`` has 1 s resolution)
+            "started_ns": time.time_ns(),
             "host": socket.gethostname(), "pid": os.getpid(), "spec": spec_source,
             "stages": [{"stage": p["stage"], "engine": p["engine"], "planned": p["status"],
                         "chunks": p["chunks"], "output_url": p["output_url"], "action": None,
@@ -101,4 +103,5 @@ def list_runs(store: str) -> list[dict]:
                     if st.get("action") == "running":
                         st["action"] = "interrupted"
             out.append(rec)
-    return sorted(out, key=lambda r: r.get("run_id", ""))
+    # records written before ``started_ns`` existed fall back to their id within a second
+    return sorted(out, key=lambda r: (r.get("started", ""), r.get("started_ns", 0), r.get("run_id", "")))
