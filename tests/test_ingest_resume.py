@@ -33,6 +33,14 @@ def crash_after(monkeypatch, blocks: int):
     return calls
 
 
+def interrupted_ingest(monkeypatch, url, h5ad, blocks: int, **kw):
+    """Run an ingest that crashes after `blocks` chunks were written."""
+    with monkeypatch.context() as m:
+        crash_after(m, blocks)
+        with pytest.raises(Crash):
+            ingest_h5ad(url, h5ad, **{**KEYS, **kw})
+
+
 def cells_files(url):
     return {k: v for k, v in snapshot(url).items() if k.startswith("/cells/")}
 
@@ -49,17 +57,11 @@ def h5ad(tmp_path_factory):
 def test_interrupted_ingest_resumes_to_the_same_bytes(tmp_path, h5ad, monkeypatch):
     ref = ingest_h5ad(str(tmp_path / "ref.zarr"), h5ad, **KEYS)
     url = str(tmp_path / "s.zarr")
-    with monkeypatch.context() as m:
-        crash_after(m, 9)
-        with pytest.raises(Crash):
-            ingest_h5ad(url, h5ad, **KEYS)
+    interrupted_ingest(monkeypatch, url, h5ad, 9)
     assert not open_study(url).has("cells")
     # a second interruption, before the resumed run got as far as the first
     firsts = []
-    with monkeypatch.context() as m:
-        crash_after(m, 2)
-        with pytest.raises(Crash):
-            ingest_h5ad(url, h5ad, progress=firsts.append, **KEYS)
+    interrupted_ingest(monkeypatch, url, h5ad, 2, progress=firsts.append)
     assert 0 < firsts[0] < 9 * 500, firsts  # resumed after the last durable cell, not at 0
     seen = []
     st = ingest_h5ad(url, h5ad, progress=seen.append, **KEYS)
@@ -72,19 +74,13 @@ def test_interrupted_ingest_resumes_to_the_same_bytes(tmp_path, h5ad, monkeypatc
 
 def test_resume_off_and_bad_input_start_again(tmp_path, h5ad, monkeypatch):
     url = str(tmp_path / "s.zarr")
-    with monkeypatch.context() as m:
-        crash_after(m, 4)
-        with pytest.raises(Crash):
-            ingest_h5ad(url, h5ad, **KEYS)
+    interrupted_ingest(monkeypatch, url, h5ad, 4)
     seen = []
     ingest_h5ad(url, h5ad, progress=seen.append, resume=False, overwrite=True, **KEYS)
     assert seen[0] == 500  # from the first cell
     # other parameters (chunk size) are another ingest: its leftovers are not reused
     url2 = str(tmp_path / "t.zarr")
-    with monkeypatch.context() as m:
-        crash_after(m, 4)
-        with pytest.raises(Crash):
-            ingest_h5ad(url2, h5ad, **KEYS)
+    interrupted_ingest(monkeypatch, url2, h5ad, 4)
     seen = []
     ingest_h5ad(url2, h5ad, progress=seen.append, **{**KEYS, "chunk_cells": 1000})
     assert seen[0] == 1000

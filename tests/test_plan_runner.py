@@ -174,13 +174,20 @@ def _wait_idle(client, timeout=30):
         time.sleep(0.05)
 
 
+def _interrupted_run(stage, spec, client, after):
+    """Run `spec` with `stage` failing after `after` chunks; return once its cancelled tasks ended."""
+    stage.fail_after = after
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            scdist.run(spec, client=client, rich=False)
+    finally:
+        stage.fail_after = None
+    _wait_idle(client)
+
+
 def test_interrupted_stage_resumes_only_missing_chunks(stages, tmp_store, dask_client):
     spec = _spec(tmp_store, a={"n_chunks": 30, "sleep": 0.1}, b={"n_chunks": 30})
-    StageA.fail_after = 3
-    with pytest.raises(RuntimeError, match="interrupted"):
-        scdist.run(spec, client=dask_client, rich=False)
-    StageA.fail_after = None
-    _wait_idle(dask_client)
+    _interrupted_run(StageA, spec, dask_client, 3)
     finished = {c for c in done_set(f"{tmp_store}/t_a") if not c.startswith("__")}
     assert 3 <= len(finished) < 30
     graph = scdist.plan(spec)
@@ -200,11 +207,7 @@ def test_interrupted_stage_resumes_only_missing_chunks(stages, tmp_store, dask_c
 
 
 def test_resume_under_a_different_config_recomputes(stages, tmp_store, dask_client):
-    StageA.fail_after = 1
-    with pytest.raises(RuntimeError):
-        scdist.run(_spec(tmp_store, a={"n_chunks": 8, "sleep": 0.1}), client=dask_client, rich=False)
-    StageA.fail_after = None
-    _wait_idle(dask_client)
+    _interrupted_run(StageA, _spec(tmp_store, a={"n_chunks": 8, "sleep": 0.1}), dask_client, 1)
     assert scdist.plan(_spec(tmp_store, a={"n_chunks": 8, "sleep": 0.1})).node("t_a").status == PARTIAL
     node = scdist.plan(_spec(tmp_store, a={"n_chunks": 8, "value": 7})).node("t_a")
     assert node.status == STALE and "another config" in node.reason and node.done_chunks == 0
@@ -297,11 +300,7 @@ def test_sigkilled_driver_is_reported_and_resumed(stages, tmp_store, dask_client
 
 def test_interrupted_stage_whose_input_changed_is_recomputed(stages, tmp_store, dask_client):
     scdist.run(_spec(tmp_store, a={"n_chunks": 8}), client=dask_client, rich=False)
-    StageB.fail_after = 1
-    with pytest.raises(RuntimeError):
-        scdist.run(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1}), client=dask_client, rich=False)
-    StageB.fail_after = None
-    _wait_idle(dask_client)
+    _interrupted_run(StageB, _spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1}), dask_client, 1)
     assert scdist.plan(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1})).node("t_b").status == PARTIAL
     scdist.run(_spec(tmp_store, a={"n_chunks": 8, "value": 3}), client=dask_client, rich=False)
     node = scdist.plan(_spec(tmp_store, b={"n_chunks": 8, "sleep": 0.1})).node("t_b")

@@ -1,7 +1,6 @@
 """Completion markers on local paths, file:// and memory:// (and from concurrent writers)."""
 from __future__ import annotations
 
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import anndata as ad
@@ -12,14 +11,12 @@ import pytest
 from scdist.store import CellWriter, create_study
 from scdist.store.markers import STAGE, clear_markers, done_set, is_done, mark_done, read_marker
 
+from url_kinds import KINDS, url_of_kind
 
-@pytest.fixture(params=["path", "file", "memory"])
+
+@pytest.fixture(params=KINDS)
 def group_url(request, tmp_path):
-    if request.param == "path":
-        return str(tmp_path / "g")
-    if request.param == "file":
-        return f"file://{tmp_path}/g"
-    return f"memory://{uuid.uuid4().hex}/g"
+    return url_of_kind(request.param, tmp_path, "g")
 
 
 def test_mark_query_clear(group_url):

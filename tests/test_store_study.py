@@ -12,18 +12,16 @@ from scdist.errors import InputError, SchemaError
 from scdist.store import Study, create_study, open_study
 from scdist.store import layout
 
+from url_kinds import KINDS, url_of_kind
+
 
 def _mem() -> str:
     return f"memory://{uuid.uuid4().hex}/study.zarr"
 
 
-@pytest.fixture(params=["path", "file", "memory"])
+@pytest.fixture(params=KINDS)
 def any_url(request, tmp_path):
-    if request.param == "path":
-        return str(tmp_path / "s.zarr")
-    if request.param == "file":
-        return f"file://{tmp_path}/s.zarr"
-    return _mem()
+    return url_of_kind(request.param, tmp_path, "s.zarr")
 
 
 def test_create_then_open_has_schema_attrs(any_url):
