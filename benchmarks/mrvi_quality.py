@@ -58,6 +58,59 @@ def ari(a, b):
     return float((s_ij - exp) / (0.5 * (s_a + s_b) - exp))
 
 
+def design_tag(design: dict) -> str:
+    import hashlib
+    return hashlib.sha1(json.dumps(design, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def build_study(cells: int, seed: int = 0, design: dict | None = None):
+    """The benchmark's study (created once): 40 donors in 2 batches, 500 genes, 4 cell types,
+    ``simulate_study`` defaults plus ``design`` knobs; the path names the simulator's design
+    version and the knobs, so a changed simulator never reuses a stale store."""
+    from scdist.simulate import simulate_study
+    from scdist.simulate.population import MRVI_DESIGN_VERSION
+    from scdist.store import open_study
+    design = design or {}
+    name = f"mrvi_quality_{cells}_v{MRVI_DESIGN_VERSION}" + (f"_{design_tag(design)}" if design else "")
+    if seed:
+        name += f"_s{seed}"
+    url = str(OUT / f"{name}.zarr")
+    if not Path(url, "zarr.json").exists():
+        simulate_study(url, n_donors=40, n_cells=cells, n_genes=500, n_celltypes=4, seed=seed,
+                       chunk_cells=4096, overwrite=True, **design)
+    return open_study(url)
+
+
+def tree_of(donors, truth):
+    """Leaf labels, top-group labels and the true tree distance (0 same leaf, 1 same top group,
+    2 otherwise) of ``donors`` (in that order)."""
+    leaf = truth["donor_group"].to_series().reindex(donors).to_numpy()
+    top = truth["donor_top_group"].to_series().reindex(donors).to_numpy()
+    tree = np.where(leaf[:, None] == leaf[None], 0, np.where(top[:, None] == top[None], 1, 2))
+    return leaf, top, tree
+
+
+def distance_figures(dist_by_type: dict, donors, truth, n_clusters: int = 8) -> dict:
+    """Per cell type: ARI of average-linkage clustering at ``n_clusters`` vs the true leaves,
+    Spearman of distances vs the tree distance, between / within-leaf ratio, mean distance.
+    ``dist_by_type``: cell type -> donors x donors aggregated distance matrix."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    leaf, _, tree = tree_of(donors, truth)
+    iu = np.triu_indices(len(donors), 1)
+    off = ~np.eye(len(donors), dtype=bool)
+    out = {}
+    for ct, D in dist_by_type.items():
+        D = np.asarray(D, float)
+        ok = ~np.isnan(D[iu])
+        Z = linkage(np.nan_to_num(D[iu], nan=np.nanmax(D)), method="average")
+        cl = fcluster(Z, n_clusters, criterion="maxclust")
+        out[str(ct)] = {"ari_8": ari(cl, leaf),
+                        "tree_spearman": float(spearmanr(D[iu][ok], tree[iu][ok]).correlation),
+                        "between_within_ratio": float(np.nanmean(D[tree > 0]) / np.nanmean(D[(tree == 0) & off])),
+                        "mean_distance": float(np.nanmean(D[iu]))}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=20_000)
@@ -66,24 +119,21 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--options", default="{}", help="JSON of further train_mrvi options")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--design", default="{}", help="JSON of simulate_study design knobs (default: its defaults)")
     a = ap.parse_args()
     options = json.loads(a.options)
     import torch
     torch.set_num_threads(a.threads)
-    from scdist.simulate import simulate_study
-    from scdist.store import open_study
+    from scdist.simulate.population import MRVI_DESIGN_VERSION
     from scdist.vae import MrVI, train_mrvi
-    from scdist.vae import analysis as A
 
-    url = str(OUT / f"mrvi_quality_{a.cells}.zarr")
-    if not Path(url, "zarr.json").exists():
-        simulate_study(url, n_donors=40, n_cells=a.cells, n_genes=500, n_celltypes=4, seed=a.seed,
-                       chunk_cells=4096, overwrite=True)
-    study = open_study(url)
+    study = build_study(a.cells, a.seed, json.loads(a.design))
     truth = study.truth()
     import hashlib
     tag = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
-    run = f"q_{a.epochs}_{a.variant}_{a.seed}_{tag}"
+    run = f"q{MRVI_DESIGN_VERSION}_{a.epochs}_{a.variant}_{a.seed}_{tag}"
+    if a.design != "{}":
+        run += "_d" + design_tag(json.loads(a.design))
     mdir = OUT / f"mrvi_quality_model_{a.cells}_{run}"
     t0 = time.perf_counter()
     if (mdir / "config.json").exists():
@@ -98,25 +148,14 @@ def main():
     top = truth["donor_top_group"].to_series().reindex(donors).to_numpy()
     tree = np.where(leaf[:, None] == leaf[None], 0, np.where(top[:, None] == top[None], 1, 2))
     de_type, da_type = truth.attrs["mrvi_celltype"], truth.attrs["da_celltype"]
-    res = {"cells": a.cells, "epochs": a.epochs, "variant": a.variant, "options": options, "train_s": train_s,
+    res = {"cells": a.cells, "study": study.url, "epochs": a.epochs, "variant": a.variant, "options": options, "train_s": train_s,
            "epochs_run": len(model.history.epoch)}
 
     t0 = time.perf_counter()
     agg = model.sample_distances(data=study, groupby="celltype")
     res["distances_s"] = time.perf_counter() - t0
-    cl = A.cluster_samples(agg, method="average", n_clusters=8)
-    iu = np.triu_indices(len(donors), 1)
-    per_type = {}
-    for ct in agg["group"].values:
-        D = agg.sel(group=ct).values
-        ok = ~np.isnan(D[iu])
-        within = D[(tree == 0) & ~np.eye(len(donors), dtype=bool)]
-        between = D[tree > 0]
-        per_type[str(ct)] = {"ari_8": ari(cl["cluster"].sel(group=ct).values, leaf),
-                             "tree_spearman": float(spearmanr(D[iu][ok], tree[iu][ok]).correlation),
-                             "between_within_ratio": float(np.nanmean(between) / np.nanmean(within)),
-                             "mean_distance": float(np.nanmean(D[iu]))}
-    res["distances"] = per_type
+    res["distances"] = distance_figures({str(ct): agg.sel(group=ct).values for ct in agg["group"].values},
+                                        donors, truth)
     # does u keep the donor groups apart inside a cell type? (kNN top-group agreement, 0.5 = mixed)
     from mrvi_u_leak import knn_group_agreement
     u = model.latent("u", study).values
