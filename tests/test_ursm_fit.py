@@ -136,6 +136,7 @@ def test_fewer_single_cell_types_than_bulk_types():
     (dict(sc=None, ct=None, n_types=3), "markers"),
     (dict(n_types=4), "markers"),
     (dict(markers={0: ["nope"]}), "markers"),
+    (dict(pg_sampler="saddle"), "pg_sampler"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ class EMSettings:
     eps_alpha: float = 1e-2
     sc_warm_start: bool = True
     s_update: str = "gamma"
+    pg_sampler: str = "compiled"
     rao_blackwell: bool = True
     seed: int = 0
     a_max_iter: int = 500
@@ -73,7 +74,8 @@ class BlockLayout:
 
 def make_sampler(kind: int, data: np.ndarray, G, K: int, s: EMSettings):
     if kind == CELL:
-        return CellBlockSampler(data, G, K, s_update=s.s_update, rao_blackwell=s.rao_blackwell)
+        return CellBlockSampler(data, G, K, s_update=s.s_update, rao_blackwell=s.rao_blackwell,
+                                pg_sampler=s.pg_sampler)
     return BulkBlockSampler(data, K, rao_blackwell=s.rao_blackwell)
 
 

@@ -7,7 +7,7 @@ import xarray as xr
 from ..errors import InputError
 from .data import UrsmData, prepare
 from .em import BlockLayout, EMSettings, GibbsEM, LocalExecutor
-from .gibbs import S_UPDATES
+from .gibbs import PG_SAMPLERS, S_UPDATES
 from .params import Theta, initial_theta
 
 ENGINES = ("local", "ray")
@@ -24,7 +24,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         init_dropout="wide", eps_A=1e-6, eps_alpha=None, map_w_steps=1, final_estep=True,
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
         min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500,
-        max_actor_restarts=3,
+        max_actor_restarts=3, pg_sampler="compiled",
         a_solver="scaled", theta0: Theta | None = None, callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
@@ -49,6 +49,8 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     auxiliary-variable S update) or 'sequential' (the paper's gene-by-gene update),
     ``rao_blackwell`` conditional expectations in the statistics; ``bulk_burnin`` /
     ``bulk_samples`` a shorter (warm-started) bulk chain than the single-cell one.
+    ``pg_sampler``: 'compiled' (scdist's exact Devroye sampler, ``scdist.ursm.polya_gamma``, ~2×
+    faster) or 'polyagamma' (the ``polyagamma`` package) for the ω ~ PG(1, ψ) draws.
 
     Engine: ``engine='local'`` runs in-process; ``'ray'`` runs (chain, block) samplers on Ray
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
@@ -87,6 +89,9 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         raise InputError(f"unknown engine {engine!r}", field="engine", fix=f"use one of {ENGINES}")
     if s_update not in S_UPDATES:
         raise InputError(f"unknown S update {s_update!r}", field="s_update", fix=f"use one of {S_UPDATES}")
+    if pg_sampler not in PG_SAMPLERS:
+        raise InputError(f"unknown Polya-Gamma sampler {pg_sampler!r}", field="pg_sampler",
+                         fix=f"use one of {PG_SAMPLERS}")
     if a_solver not in ("scaled", "euclidean"):
         raise InputError(f"unknown solver {a_solver!r}", field="a_solver", fix="use 'scaled' or 'euclidean'")
     if init_dropout not in ("wide", "pinned"):
@@ -115,7 +120,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
                           eps_alpha=eps_alpha, sc_warm_start=warm_start, s_update=s_update,
                           rao_blackwell=rao_blackwell, seed=int(seed), final_estep=final_estep,
                           a_max_iter=a_max_iter, a_solver=a_solver, bulk_burnin=bulk_burnin,
-                          bulk_samples=bulk_samples, thin=thin)
+                          bulk_samples=bulk_samples, thin=thin, pg_sampler=pg_sampler)
     theta = theta0.copy() if theta0 is not None else initial_theta(
         data.Y, data.G, data.X, data.K, data.markers, eps_A=eps_A, init_dropout=init_dropout,
         alpha0=max(1.0, eps_alpha))

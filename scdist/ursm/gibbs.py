@@ -5,12 +5,13 @@ independent given θ, so each runs its B burn-in + T kept sweeps alone and retur
 sufficient statistics (spec §1.2). Nothing here knows about Ray or Dask.
 
 Single cells (per sweep, reference scan order ω → S → (κ, τ) → ψ):
-  (S1) ω_il ~ PG(1, ψ_il)                       [polyagamma, all (i, l) at once]
+  (S1) ω_il ~ PG(1, ψ_il)                       [exact Devroye sampler, compiled (``polya_gamma``),
+                                                 or the ``polyagamma`` package: ``pg_sampler``]
   (S2) S_il | rest on entries with Y_il = 0     ['gamma': v_l ~ Gamma(R_l, U_l), then
        S_il ~ Bern(σ(ψ_il − v_l a_il)) for all zeros at once; 'sequential': the paper's
        logit b_il = ψ_il − R_l ln(1 + a_il / U_{−i,l}) gene after gene, cells at once]
   (S3) (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹)              [closed-form 2 × 2 Cholesky per cell]
-  (S2), (S3), ψ and the kept-sweep products run in one compiled pass (``kernels.cell_sweep``).
+  (S1), (S2), (S3), ψ and the kept-sweep products run in one compiled pass (``kernels.cell_sweep``).
 Bulk samples (per sweep, W → Z̃):
   (B1) W_·j ~ Dir(α + Σ_i Z̃_ij·)                [normalised gammas]
   (B2) Z̃_ij ~ Mult(X_ij, r_ij·)                 [K − 1 conditional binomials over all (i, j),
@@ -25,9 +26,11 @@ from polyagamma import random_polyagamma
 from scipy.special import digamma, gammaln
 
 from . import kernels
+from .polya_gamma import WEIGHT_TABLE
 from .params import Theta
 
 S_UPDATES = ("gamma", "sequential")
+PG_SAMPLERS = ("compiled", "polyagamma")
 
 
 def block_rng(seed: int, chain: int, kind: int, block: int, em_iter: int) -> np.random.Generator:
@@ -92,9 +95,12 @@ class CellBlockSampler:
     """Gibbs state and sweeps for one block of cells (rows of Y, cells × genes)."""
 
     def __init__(self, Y: np.ndarray, G: np.ndarray, K: int, *, s_update: str = "gamma",
-                 rao_blackwell: bool = True):
+                 rao_blackwell: bool = True, pg_sampler: str = "compiled"):
         if s_update not in S_UPDATES:
             raise ValueError(f"s_update must be one of {S_UPDATES}")
+        if pg_sampler not in PG_SAMPLERS:
+            raise ValueError(f"pg_sampler must be one of {PG_SAMPLERS}")
+        self.pg_sampler = pg_sampler
         self.Y = np.ascontiguousarray(Y)
         self.pos = self.Y > 0
         self.R = self.Y.sum(axis=1).astype(float)
@@ -142,14 +148,18 @@ class CellBlockSampler:
         halves = np.zeros((2, 4, Lb)) if track else None
         lps = np.zeros(samples) if track else None
         sequential = self.s_update == "sequential"
+        compiled_pg = self.pg_sampler == "compiled"
         if track:
             ylna = np.einsum("ln,ln->l", self.Y, np.log(a)).sum()
         for s in range(burnin + samples * thin):
-            random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)   # (S1)
+            if not compiled_pg:
+                random_polyagamma(1.0, psi, out=omega, disable_checks=True, random_state=rng)   # (S1)
             keep = s >= burnin and (s - burnin + 1) % thin == 0
-            # (S2), (S3), ψ and, if kept, the within-sweep products of spec §2.4 (compiled)
+            # (S1) unless drawn above, (S2), (S3), ψ and, if kept, the within-sweep products of
+            # spec §1.2 (compiled)
             kernels.cell_sweep(S, self.pos, psi, a, self.R, omega, kappa, tau, theta.mu_kappa, ik2,
-                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES, T1, T2)
+                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES, T1, T2,
+                               WEIGHT_TABLE, compiled_pg)
             if not keep:
                 continue
             t = (s - burnin) // thin

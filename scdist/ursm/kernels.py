@@ -12,6 +12,8 @@ generator state), so a block's stream still fixes the result.
   (i, j), accumulated straight into n_jk = Σ_i Z̃_ijk (and optionally Σ_j Z̃_ijk) without the
   (M × N) temporaries of the numpy version.
 * ``sequential_s``: the paper's gene-by-gene S update (S2) for a block of cells, compiled.
+* ``cell_sweep``: one whole single-cell sweep, ω (S1, exact PG(1, ψ) draws from
+  ``polya_gamma``) → S (S2) → (κ, τ) (S3) → ψ, plus the kept-sweep products.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import math
 import numba as nb
 import numpy as np
 from scipy.special import gammaln
+
+from .polya_gamma import pg1
 
 # below this n·min(p, 1 − p): inversion; above: transformed rejection (BTRD needs ≥ 10). 24 is
 # where the two cost the same here (~55 ns per draw).
@@ -152,16 +156,23 @@ def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum):
                 zsum[i, K - 1] += rem
 
 
+@nb.njit(cache=True, inline="always")
+def _expressed_mass(S, a, l):
+    """U_l = Σ_i a_il S_il, the profile mass on cell l's expressed genes."""
+    U = 0.0
+    for i in range(S.shape[1]):
+        if S[l, i]:
+            U += a[l, i]
+    return U
+
+
 @nb.njit(cache=True)
 def sequential_s(S, pos, psi, a, R, rng):
     """(S2) gene after gene within each cell (spec §1.1): for zeros, logit b_il = ψ_il −
     R_l ln(1 + a_il / U_{−i,l}), U refreshed after every gene; cells with R_l = 0 use σ(ψ_il)."""
     Lb, N = S.shape
     for l in range(Lb):
-        U = 0.0
-        for i in range(N):
-            if S[l, i]:
-                U += a[l, i]
+        U = _expressed_mass(S, a, l)
         for i in range(N):
             if pos[l, i]:
                 continue
@@ -182,10 +193,7 @@ def gamma_s(S, pos, psi, a, R, rng):
     U_l), then S_il ~ Bern(σ(ψ_il − v_l a_il)) independently over genes (v_l = 0 when R_l = 0)."""
     Lb, N = S.shape
     for l in range(Lb):
-        U = 0.0
-        for i in range(N):
-            if S[l, i]:
-                U += a[l, i]
+        U = _expressed_mass(S, a, l)
         v = rng.standard_gamma(R[l]) / U if R[l] > 0 else 0.0
         for i in range(N):
             if pos[l, i]:
@@ -231,16 +239,21 @@ def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
 
 @nb.njit(cache=True)
 def cell_sweep(S, pos, psi, a, R, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, sequential, keep, rb,
-               ES, T1, T2):
-    """One single-cell sweep after the ω draw (S1): S (S2), (κ, τ) (S3), ψ_il = κ_l + τ_l a_il, and,
-    on kept sweeps, the within-sweep products of spec §1.2: ES += S, T1 += τ(S − ½) − κτw,
+               ES, T1, T2, pg_table, draw_omega):
+    """One single-cell sweep: ω (S1, ``polya_gamma.pg1``; if ``draw_omega``, else ``omega`` holds
+    this sweep's draws already), S (S2), (κ, τ) (S3), ψ_il = κ_l + τ_l a_il,
+    and, on kept sweeps, the within-sweep products of spec §1.2: ES += S, T1 += τ(S − ½) − κτw,
     T2 += wτ², with w = E[ω | ψ] = tanh(ψ/2)/(2ψ) (``rb``) or the drawn ω."""
+    Lb, N = S.shape
+    if draw_omega:
+        for l in range(Lb):
+            for i in range(N):
+                omega[l, i] = pg1(psi[l, i], rng, pg_table)
     if sequential:
         sequential_s(S, pos, psi, a, R, rng)
     else:
         gamma_s(S, pos, psi, a, R, rng)
     kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng)
-    Lb, N = S.shape
     for l in range(Lb):
         k = kappa[l]
         t = tau[l]
