@@ -115,14 +115,15 @@ def test_getting_it_right_prior_marginals():
     check(ws[:, 0, 0], th.alpha[0] / a0, th.alpha[0] * (a0 - th.alpha[0]) / (a0 ** 2 * (a0 + 1)))
 
 
-def test_sampler_at_true_theta_recovers_dropouts_and_curves():
+@pytest.mark.parametrize("pg_sampler", ["compiled", "polyagamma"])
+def test_sampler_at_true_theta_recovers_dropouts_and_curves(pg_sampler):
     sim = simulate(seed=21)
     N = sim.A.shape[0]
     eps = 1e-6
     A = np.maximum(sim.A, eps)
     A /= A.sum(0)
     th = Theta(A=A, alpha=sim.alpha, mu_kappa=-1.0, s2_kappa=0.25, mu_tau=1.5 * N, s2_tau=(0.15 * N) ** 2)
-    sm = CellBlockSampler(sim.Y, sim.cell_types, 3)
+    sm = CellBlockSampler(sim.Y, sim.cell_types, 3, pg_sampler=pg_sampler)
     st = sm.run(th, np.random.default_rng(0), 50, 100, cold=True)
     zero = sim.Y == 0
     truth_rate = (sim.S[zero] == 0).mean()
