@@ -35,17 +35,32 @@ class Problem:
     X: np.ndarray
     K: np.ndarray
     n_vc: int
+    # Rows that share data (the jackknife's gene x left-out donor rows) without copies:
+    # row r uses data row src[r] with block drop[r] left out (-1: none). Only for layouts with
+    # one donor per block; dense() materialises the masked copies for the numpy code paths.
+    src: np.ndarray | None = None
+    drop: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
-        return self.y.shape[0]
+        return self.y.shape[0] if self.src is None else len(self.src)
+
+    def dense(self) -> "Problem":
+        """The same problem with one data row per row (masked copies where rows share data)."""
+        if self.src is None:
+            return self
+        mask = self.mask[self.src].copy()
+        keep = self.drop >= 0
+        mask[np.flatnonzero(keep), self.drop[keep]] = False
+        return Problem(y=self.y[self.src], nu=self.nu[self.src], mask=mask, X=self.X, K=self.K,
+                       n_vc=self.n_vc)
 
     @property
     def all_observed(self) -> bool:
         """No masked entry in any row (lets the likelihood skip masking)."""
         v = self.__dict__.get("_all_obs")
         if v is None:
-            v = bool(self.mask.all())
+            v = bool(self.mask.all()) and (self.drop is None or not (self.drop >= 0).any())
             self.__dict__["_all_obs"] = v
         return v
 
@@ -61,6 +76,8 @@ class Problem:
 
     def take(self, idx) -> "Problem":
         """The same problem restricted to rows ``idx``."""
+        if self.src is not None:
+            return replace(self, src=self.src[idx], drop=self.drop[idx])
         return replace(self, y=self.y[idx], nu=self.nu[idx], mask=self.mask[idx])
 
 

@@ -45,13 +45,22 @@ def _pattern_terms(mask: np.ndarray, X: np.ndarray, K: np.ndarray):
 
 def he_fit(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
     """HE estimates ``theta`` (R, K) and OLS fixed effects (R, p) for every row."""
+    prob = prob.dense()
+    R, B, m = prob.mask.shape
+    pats, inv = np.unique(prob.mask.reshape(R, B * m), axis=0, return_inverse=True)
+    terms = _pattern_terms(pats.reshape(-1, B, m), prob.X, prob.K)
+    return he_rows(prob, terms, inv.ravel())
+
+
+def he_rows(prob: Problem, terms, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`he_fit` with the mask-pattern terms given: ``terms`` from :func:`_pattern_terms`
+    on U patterns and ``inv (R,)`` the pattern of each row (the jackknife computes the
+    leave-one-out patterns once for all genes instead of per chunk of rows)."""
+    A, diag, G0inv, okp = terms
     mask = prob.mask
     R, B, m = mask.shape
     X = prob.X
     p = X.shape[-1]
-    pats, inv = np.unique(mask.reshape(R, B * m), axis=0, return_inverse=True)
-    inv = inv.ravel()
-    A, diag, G0inv, okp = _pattern_terms(pats.reshape(-1, B, m), X, prob.K)
     mf = mask.astype(float)
     y = np.where(mask, prob.y, 0.0)
     X2 = X.reshape(B * m, p)

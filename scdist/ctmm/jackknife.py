@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from .design import Layout, Problem
-from .he import he_fit
+from .he import _pattern_terms, he_rows
 from .likelihood import evaluate
+from .linalg import _SMALL
 from .optimize import maximize_with_restarts
 
 _ROW_BUDGET = 1_500_000  # elements of one (rows, B, m, m) array per chunk (cache-sized)
@@ -32,10 +33,24 @@ def donor_weights(prob: Problem, layout: Layout) -> np.ndarray:
     return w
 
 
-def _loo_problem(prob: Problem, layout: Layout, genes: np.ndarray) -> Problem:
+def _shares_data(prob: Problem, layout: Layout) -> bool:
+    """Leave-one-out rows can share their gene's data (one donor per block, compiled kernel)."""
+    return (layout.slots.shape[1] == 1 and prob.K.shape[1] == 1
+            and prob.K.shape[-1] <= _SMALL)
+
+
+def _loo_problem(prob: Problem, layout: Layout, genes: np.ndarray, share: bool = False) -> Problem:
     doe = layout.donor_of_entry()                          # (B, m)
     N = int(layout.slots.max()) + 1
     g = len(genes)
+    if share:
+        # row (gene i, donor j) reads gene i's data with block j (= donor j) left out
+        blocks = layout.slots[:, 0]
+        block_of = np.empty(N, int)
+        block_of[blocks] = np.arange(len(blocks))
+        return Problem(y=prob.y[genes], nu=prob.nu[genes], mask=prob.mask[genes], X=prob.X,
+                       K=prob.K, n_vc=prob.n_vc, src=np.repeat(np.arange(g), N),
+                       drop=np.tile(block_of, g))
     drop = doe[None] == np.arange(N)[:, None, None]        # (N, B, m)
     mask = prob.mask[genes][:, None] & ~drop[None]         # (g, N, B, m)
     B, m = doe.shape
@@ -44,10 +59,11 @@ def _loo_problem(prob: Problem, layout: Layout, genes: np.ndarray) -> Problem:
                    X=prob.X, K=prob.K, n_vc=prob.n_vc)
 
 
-def _chunks(prob: Problem, layout: Layout):
+def _chunks(prob: Problem, layout: Layout, share: bool = False):
     N = int(layout.slots.max()) + 1
     B, m = layout.slots.shape[0], layout.m
-    per_gene = max(1, N * B * m * m)
+    # shared-data rows hold no per-row arrays beyond the optimiser's (R, K, K) state
+    per_gene = max(1, N * (B * m if share else B * m * m))
     step = max(1, _ROW_BUDGET // per_gene)
     for start in range(0, prob.rows, step):
         yield np.arange(start, min(prob.rows, start + step))
@@ -65,8 +81,9 @@ def jackknife_reml(prob: Problem, layout: Layout, theta: np.ndarray, method: str
     th = np.full((R, N, K), np.nan)
     be = np.full((R, N, p), np.nan)
     cv = np.zeros((R, N), bool)
-    for genes in _chunks(prob, layout):
-        sub = _loo_problem(prob, layout, genes)
+    share = _shares_data(prob, layout)
+    for genes in _chunks(prob, layout, share):
+        sub = _loo_problem(prob, layout, genes, share)
         start = np.repeat(theta[genes], N, axis=0)
         bad = ~np.isfinite(start).all(axis=1)
         if bad.any():
@@ -91,9 +108,19 @@ def jackknife_he(prob: Problem, layout: Layout, beta_fn):
     p = prob.X.shape[-1]
     th = np.full((R, N, K), np.nan)
     be = np.full((R, N, p), np.nan)
+    # the HE normal equations' left side depends only on which entries are observed: compute
+    # it once per (gene mask pattern, left-out donor) for the whole block
+    B, m = prob.mask.shape[1:]
+    pats, pat_of_gene = np.unique(prob.mask.reshape(R, B * m), axis=0, return_inverse=True)
+    pat_of_gene = pat_of_gene.ravel()
+    doe = layout.donor_of_entry()
+    drop = doe[None] == np.arange(N)[:, None, None]                       # (N, B, m)
+    loo_masks = (pats.reshape(-1, 1, B, m) & ~drop[None]).reshape(-1, B, m)  # (U * N, B, m)
+    terms = _pattern_terms(loo_masks, prob.X, prob.K)
     for genes in _chunks(prob, layout):
         sub = _loo_problem(prob, layout, genes)
-        t, _ = he_fit(sub)
+        inv = (pat_of_gene[genes][:, None] * N + np.arange(N)[None]).ravel()
+        t, _ = he_rows(sub, terms, inv)
         th[genes] = t.reshape(len(genes), N, K)
         be[genes] = beta_fn(sub, t).reshape(len(genes), N, p)
     return th, be

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Problem
+from .blockkernel import evaluate_shared
 from .linalg import _SMALL, spd_inverse, spd_inverse_soa
 
 LOG2PI = float(np.log(2.0 * np.pi))
@@ -183,11 +184,52 @@ def _inverse_shared(prob: Problem, theta: np.ndarray):
     return spd_inverse_soa(a, RCOND, pivots=True)
 
 
+def _compiled_arrays(prob: Problem):
+    """Contiguous float64 / bool views of a problem for the compiled kernel (cached)."""
+    v = prob.__dict__.get("_nb")
+    if v is None:
+        v = (np.ascontiguousarray(prob.y, dtype=np.float64),
+             np.ascontiguousarray(prob.nu, dtype=np.float64),
+             np.ascontiguousarray(prob.mask, dtype=np.bool_),
+             np.ascontiguousarray(prob.X, dtype=np.float64),
+             np.ascontiguousarray(prob.K[:, 0], dtype=np.float64),
+             bool(prob.mask.all()))
+        prob.__dict__["_nb"] = v
+    return v
+
+
+def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bool,
+                       want_ai: bool, rows) -> State:
+    y, nu, mask, X, Kb, full = _compiled_arrays(prob)
+    idx = np.arange(theta.shape[0]) if rows is None else np.asarray(rows)
+    drop = None
+    if prob.src is not None:
+        idx, drop = prob.src[idx], prob.drop[idx]
+    o = evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full, reml, want_grad, want_ai,
+                        RCOND)
+    ok = o["ok"]
+    return State(theta=theta, ok=ok, loglik=o["ll"], beta=o["beta"], Hinv=o["Hinv"], W=None,
+                 F=None, s=None, grad=o["grad"], ai=o["ai"], edge=(o["rcmin"] < EDGE) & ok,
+                 rcmin=o["rcmin"])
+
+
 def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bool = True,
-             ai: bool = True) -> State:
-    """Log-likelihood (and gradient / AI matrix) of ``method`` ("ml" or "reml") at ``theta``."""
+             ai: bool = True, rows=None, compiled: bool = True) -> State:
+    """Log-likelihood (and gradient / AI matrix) of ``method`` ("ml" or "reml") at ``theta``.
+
+    ``rows`` (optional, one per row of ``theta``) picks the problem's rows to evaluate,
+    i.e. ``evaluate(prob.take(rows), theta)`` without copying the data. With a shared small
+    basis the compiled kernel (:mod:`scdist.ctmm.blockkernel`) runs unless ``compiled=False``
+    (the numpy version, kept as its reference); its State carries no W / F (``fisher``
+    recomputes them)."""
     theta = np.asarray(theta, float)
-    if prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL:
+    shared = prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL
+    if shared and compiled:
+        return _evaluate_compiled(prob, theta, method == "reml", grad, ai, rows)
+    if rows is not None:
+        prob = prob.take(rows)
+    prob = prob.dense()
+    if shared:
         return _evaluate_shared(prob, theta, method == "reml", grad, ai)
     R = theta.shape[0]
     reml = method == "reml"
@@ -270,6 +312,9 @@ def _derivatives(prob: Problem, st: State, reml: bool, want_grad: bool, want_ai:
 
 def fisher(prob: Problem, st: State, method: str = "reml") -> np.ndarray:
     """Expected information ``1/2 tr(P K_k P K_l)`` (REML) or ``1/2 tr(W K_k W K_l)`` (ML)."""
+    prob = prob.dense()
+    if st.W is None and st.Ws is None:      # compiled kernel's state: W / F not kept
+        st = _evaluate_shared(prob, st.theta, method == "reml", False, False)
     st.aos()
     return 0.5 * trace_pkpk(prob.K, st.W, st.F, st.Hinv, reml=(method == "reml"))
 

@@ -123,7 +123,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         iters[active] += 1
         # full step for every active row, then all shorter steps 2^-1 .. 2^-max_halvings for
         # the rows that did not improve in ONE batched evaluation (few rows, many steps)
-        st1 = evaluate(prob.take(active), theta[active] + d, method)
+        st1 = evaluate(prob, theta[active] + d, method, rows=active)
         better = _accept(st1, ll[active])
         _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge,
               rcmin)
@@ -133,7 +133,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             alphas = 0.5 ** np.arange(1, max_halvings + 1)
             cand = (theta[rows][:, None] + alphas[None, :, None] * d[pending][:, None]).reshape(-1, K)
             rep = np.repeat(rows, alphas.size)
-            stc = evaluate(prob.take(rep), cand, method)
+            stc = evaluate(prob, cand, method, rows=rep)
             good = _accept(stc, ll[rep]).reshape(rows.size, alphas.size)
             first = np.where(good.any(axis=1), good.argmax(axis=1), -1)
             hit = first >= 0

@@ -1,0 +1,379 @@
+"""Compiled (numba) ML / REML likelihood, gradient and AI matrix for a shared block basis.
+
+Same quantities as :func:`scdist.ctmm.likelihood.evaluate` (see its docstring for the
+notation: ``Sigma_b = sum_k theta_k K_k + diag(nu_b)`` per donor block b, ``W_b = Sigma_b^{-1}``,
+``H = sum_b X_b' W_b X_b``, ``beta = H^{-1} sum_b X_b' W_b y_b``, ``s_b = W_b (y_b - X_b beta)``),
+for the common case where every block has the same small basis ``K_k`` (m x m, m <= 8: CTP
+without extra random effects). The numpy version streams every intermediate through
+(rows x blocks) arrays, i.e. memory; here one row's blocks are processed in two passes with
+W_b and F_b = W_b X_b kept in an L1-sized scratch buffer:
+
+- pass 1 (per block): Cholesky of Sigma_b, W_b, log|Sigma_b|, the condition proxy
+  ``1 / (tr(W_b) max diag Sigma_b)``, and the sums H, X'Wy, sum_b W_b;
+- then beta = H^{-1} X'Wy;
+- pass 2 (per block): s_b, r_b' W_b r_b, sum_b s_b s_b', sum_b F_b H^{-1} F_b' (REML),
+  u_bk = K_k s_b, sum_b u_bk' W_b u_bl and sum_b F_b' u_bk.
+
+    grad_k = -1/2 sum_xy K_k[x,y] (sum_b W_b - sum_b s_b s_b' - [REML] sum_b F_b H^-1 F_b')[x,y]
+    AI_kl  =  1/2 [ sum_b u_bk' W_b u_bl - [REML] (sum_b F_b'u_bk)' H^-1 (sum_b F_b'u_bl) ]
+
+Masked entries (missing pairs, a left-out donor) get a unit row/column in Sigma_b and a zero
+row/column in W_b, so they drop out of every sum; blocks with nothing observed are skipped.
+Rows are independent; ``idx`` selects which rows of y / nu / mask each theta row uses, so the
+optimiser's active sets need no copies of the data.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(cache=True, inline="always")
+def _chol_inv(A, m, W, out_piv):
+    """In-place Cholesky of the lower triangle of A (m x m) and W = A^{-1}.
+
+    Returns (ok, logdet, trW); ``out_piv`` unused except as scratch for 1/L_jj."""
+    ok = True
+    det = 1.0
+    for j in range(m):
+        d = A[j, j]
+        for k in range(j):
+            d -= A[j, k] * A[j, k]
+        if not d > 0.0:
+            ok = False
+            d = 1.0
+        ljj = math.sqrt(d)
+        det *= d
+        A[j, j] = ljj
+        inv = 1.0 / ljj
+        out_piv[j] = inv
+        for i in range(j + 1, m):
+            v = A[i, j]
+            for k in range(j):
+                v -= A[i, k] * A[j, k]
+            A[i, j] = v * inv
+    # M = L^{-1} stored in the upper triangle of A transposed: use W as scratch for M first
+    for i in range(m):
+        W[i, i] = out_piv[i]
+        for j in range(i):
+            v = A[i, j] * W[j, j]
+            for k in range(j + 1, i):
+                v += A[i, k] * W[k, j]
+            W[i, j] = -v * out_piv[i]
+    # W = M' M; M is lower triangular in W's lower triangle. Fill upper triangle of A with W.
+    trW = 0.0
+    for i in range(m):
+        for j in range(i, m):
+            v = 0.0
+            for k in range(j, m):
+                v += W[k, i] * W[k, j]
+            A[i, j] = v   # upper triangle of A (row i, col j >= i) holds W[i, j]
+    for i in range(m):
+        for j in range(i, m):
+            W[i, j] = A[i, j]
+            W[j, i] = A[i, j]
+        trW += W[i, i]
+    # one logarithm of the product of the pivots (m <= 8 moderate pivots cannot overflow)
+    return ok, math.log(det), trW
+
+
+@nb.njit(cache=True, inline="always")
+def _small_spd_inv(H, p, Hinv, scratch, piv):
+    for i in range(p):
+        for j in range(p):
+            scratch[i, j] = H[i, j]
+    ok, logdet, _ = _chol_inv(scratch, p, Hinv, piv)
+    return ok, logdet
+
+
+@nb.njit(cache=True)
+def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, reml, want_grad, want_ai, rcond,
+                ll, ok_out, beta, Hinv_out, grad, ai, rcmin):
+    """Fill ``ll, ok_out, beta, Hinv_out, grad, ai, rcmin`` for every row of ``theta``.
+
+    theta (R, Kc); idx (R,) row of y/nu/mask; drop (R,) block left out (-1: none); full: no
+    entry of ``mask`` is False (skips the per-entry checks); Kb (Kc, m, m); y, nu (G, B, m) float;
+    mask (G, B, m) bool; X (B, m, p). Outputs are preallocated with leading dim R."""
+    R = theta.shape[0]
+    Kc = len(kt)
+    B = X.shape[0]
+    # m and p from the lengths of tuple arguments: the lengths are part of the type, so the
+    # compiled code has constant trip counts for the m x m loops (fully unrolled)
+    m = len(mt)
+    p = len(pt)
+    log2pi = math.log(2.0 * math.pi)
+    A = np.empty((m, m))
+    S = np.empty((m, m))
+    Wb = np.empty((B, m, m))
+    Fb = np.empty((B, m, p))
+    piv = np.empty(max(m, p))
+    Wsum = np.empty((m, m))
+    Ssum = np.empty((m, m))
+    Esum = np.empty((m, m))
+    H = np.empty((p, p))
+    Hinv = np.empty((p, p))
+    Hs = np.empty((p, p))
+    c = np.empty(p)
+    b = np.empty(p)
+    r = np.empty(m)
+    s = np.empty(m)
+    u = np.empty((Kc, m))
+    Wu = np.empty((Kc, m))
+    Fu = np.empty((Kc, p))
+    HFu = np.empty((Kc, p))
+    FH = np.empty((m, p))
+    AIl = np.empty((Kc, Kc))
+    has = np.empty(B, np.bool_)
+    base = np.empty((m, m))
+    for row in range(R):
+        g = idx[row]
+        # shared part of Sigma_b
+        for x in range(m):
+            for z in range(m):
+                v = 0.0
+                for k in range(Kc):
+                    v += theta[row, k] * Kb[k, x, z]
+                base[x, z] = v
+        ok = True
+        logdet = 0.0
+        rc_min = np.inf
+        n_obs = 0
+        for x in range(m):
+            for z in range(m):
+                Wsum[x, z] = 0.0
+        for i in range(p):
+            c[i] = 0.0
+            for j in range(p):
+                H[i, j] = 0.0
+        dr = drop[row]
+        for bb in range(B):
+            if full:
+                nob = m
+            else:
+                nob = 0
+                for x in range(m):
+                    if mask[g, bb, x]:
+                        nob += 1
+            if bb == dr:
+                nob = 0
+            has[bb] = nob > 0
+            if nob == 0:
+                rc_min = min(rc_min, 1.0 / m)
+                continue
+            n_obs += nob
+            dmax = 0.0
+            for x in range(m):
+                ox = full or mask[g, bb, x]
+                for z in range(x + 1):
+                    if ox and (full or mask[g, bb, z]):
+                        v = base[x, z]
+                        if x == z:
+                            v += nu[g, bb, x]
+                    elif x == z:
+                        v = 1.0
+                    else:
+                        v = 0.0
+                    A[x, z] = v
+                if abs(A[x, x]) > dmax:
+                    dmax = abs(A[x, x])
+            okb, ld, trW = _chol_inv(A, m, S, piv)
+            rc = 1.0 / (trW * dmax) if trW * dmax > 0 else 0.0
+            if rcond > 0 and not rc > rcond:
+                okb = False
+            if rc < rc_min:
+                rc_min = rc
+            if not okb:
+                ok = False
+                break
+            logdet += ld
+            W = Wb[bb]
+            for x in range(m):
+                ox = full or mask[g, bb, x]
+                for z in range(m):
+                    W[x, z] = S[x, z] if (ox and (full or mask[g, bb, z])) else 0.0
+                    Wsum[x, z] += W[x, z]
+            if ident:       # X_b = I: F_b = W_b, H += W_b
+                F = W
+                for i in range(p):
+                    for j in range(i, p):
+                        H[i, j] += W[i, j]
+            else:
+                F = Fb[bb]
+                for x in range(m):
+                    for q in range(p):
+                        v = 0.0
+                        for z in range(m):
+                            v += W[x, z] * X[bb, z, q]
+                        F[x, q] = v
+                for i in range(p):
+                    for j in range(i, p):
+                        v = 0.0
+                        for x in range(m):
+                            v += X[bb, x, i] * F[x, j]
+                        H[i, j] += v
+            for i in range(p):
+                v = 0.0
+                for x in range(m):
+                    if full or mask[g, bb, x]:
+                        v += F[x, i] * y[g, bb, x]
+                c[i] += v
+        if ok:
+            for i in range(p):
+                for j in range(i):
+                    H[i, j] = H[j, i]
+            okH, logdetH = _small_spd_inv(H, p, Hinv, Hs, piv)
+            ok = okH
+        ok_out[row] = ok
+        rcmin[row] = rc_min if ok else 0.0
+        if not ok:
+            ll[row] = -np.inf
+            for i in range(p):
+                beta[row, i] = 0.0
+                for j in range(p):
+                    Hinv_out[row, i, j] = 1.0 if i == j else 0.0
+            if want_grad:
+                for k in range(Kc):
+                    grad[row, k] = 0.0
+            if want_ai:
+                for k in range(Kc):
+                    for l in range(Kc):
+                        ai[row, k, l] = 0.0
+            continue
+        for i in range(p):
+            v = 0.0
+            for j in range(p):
+                v += Hinv[i, j] * c[j]
+                Hinv_out[row, i, j] = Hinv[i, j]
+            b[i] = v
+            beta[row, i] = v
+        # pass 2
+        quad = 0.0
+        for x in range(m):
+            for z in range(m):
+                Ssum[x, z] = 0.0
+                Esum[x, z] = 0.0
+        for k in range(Kc):
+            for q in range(p):
+                Fu[k, q] = 0.0
+            for l in range(Kc):
+                AIl[k, l] = 0.0
+        for bb in range(B):
+            if not has[bb]:
+                continue
+            W = Wb[bb]
+            F = W if ident else Fb[bb]
+            for x in range(m):
+                if full or mask[g, bb, x]:
+                    v = y[g, bb, x]
+                    for q in range(p):
+                        v -= X[bb, x, q] * b[q]
+                    r[x] = v
+                else:
+                    r[x] = 0.0
+            for x in range(m):
+                v = 0.0
+                for z in range(m):
+                    v += W[x, z] * r[z]
+                s[x] = v
+                quad += v * r[x]
+            if want_grad:
+                for x in range(m):
+                    for z in range(m):
+                        Ssum[x, z] += s[x] * s[z]
+                if reml:
+                    for x in range(m):
+                        for q in range(p):
+                            v = 0.0
+                            for t in range(p):
+                                v += F[x, t] * Hinv[t, q]
+                            FH[x, q] = v
+                    for x in range(m):
+                        for z in range(x, m):
+                            v = 0.0
+                            for q in range(p):
+                                v += FH[x, q] * F[z, q]
+                            Esum[x, z] += v
+            if want_ai:
+                for k in range(Kc):
+                    for x in range(m):
+                        v = 0.0
+                        for z in range(m):
+                            v += Kb[k, x, z] * s[z]
+                        u[k, x] = v
+                    for x in range(m):
+                        v = 0.0
+                        for z in range(m):
+                            v += W[x, z] * u[k, z]
+                        Wu[k, x] = v
+                    for q in range(p):
+                        v = 0.0
+                        for x in range(m):
+                            v += F[x, q] * u[k, x]
+                        Fu[k, q] += v
+                for k in range(Kc):
+                    for l in range(k + 1):
+                        v = 0.0
+                        for x in range(m):
+                            v += u[k, x] * Wu[l, x]
+                        AIl[k, l] += v
+        n_fix = p if reml else 0
+        tot = logdet + quad + (n_obs - n_fix) * log2pi
+        if reml:
+            tot += logdetH
+        ll[row] = -0.5 * tot
+        if want_grad:
+            if reml:
+                for x in range(m):
+                    for z in range(x):
+                        Esum[x, z] = Esum[z, x]
+            for k in range(Kc):
+                v = 0.0
+                for x in range(m):
+                    for z in range(m):
+                        e = Wsum[x, z] - Ssum[x, z]
+                        if reml:
+                            e -= Esum[x, z]
+                        v += Kb[k, x, z] * e
+                grad[row, k] = -0.5 * v
+        if want_ai:
+            if reml:
+                for k in range(Kc):
+                    for q in range(p):
+                        v = 0.0
+                        for t in range(p):
+                            v += Hinv[q, t] * Fu[k, t]
+                        HFu[k, q] = v
+            for k in range(Kc):
+                for l in range(k + 1):
+                    v = AIl[k, l]
+                    if reml:
+                        for q in range(p):
+                            v -= Fu[k, q] * HFu[l, q]
+                    ai[row, k, l] = 0.5 * v
+                    ai[row, l, k] = 0.5 * v
+
+
+def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool, want_grad: bool,
+                    want_ai: bool, rcond: float):
+    """Allocate the outputs and run :func:`shared_eval`; returns a dict of arrays."""
+    theta = np.ascontiguousarray(theta, dtype=np.float64)
+    R, Kc = theta.shape
+    p = X.shape[-1]
+    out = dict(ll=np.empty(R), ok=np.empty(R, bool), beta=np.empty((R, p)),
+               Hinv=np.empty((R, p, p)), rcmin=np.empty(R),
+               grad=np.empty((R, Kc) if want_grad else (1, Kc)),
+               ai=np.empty((R, Kc, Kc) if want_ai else (1, Kc, Kc)))
+    m = X.shape[1]
+    ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    drop = np.full(R, -1, np.int64) if drop is None else np.ascontiguousarray(drop, np.int64)
+    shared_eval((0,) * m, (0,) * p, (0,) * Kc, ident, theta, idx, drop, bool(full), Kb, y, nu, mask, X,
+                bool(reml), bool(want_grad), bool(want_ai), float(rcond), out["ll"], out["ok"],
+                out["beta"], out["Hinv"], out["grad"], out["ai"], out["rcmin"])
+    if not want_grad:
+        out["grad"] = None
+    if not want_ai:
+        out["ai"] = None
+    return out
