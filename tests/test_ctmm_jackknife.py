@@ -29,7 +29,7 @@ def test_batched_jackknife_equals_explicit_leave_one_out(method):
     if method == "he":
         th_jk, be_jk = jk.jackknife_he(prob, f.layout, f._he_beta)
     else:
-        th_jk, be_jk, conv = jk.jackknife_reml(prob, f.layout, theta, "reml",
+        th_jk, be_jk, conv, _ = jk.jackknife_reml(prob, f.layout, theta, "reml",
                                                random_start=f.random_start("free"))
         assert conv.mean() > 0.9
     checked = 0

@@ -15,7 +15,7 @@ import xarray as xr
 
 from ..errors import InputError
 from . import covariance as cov_models
-from .kernel import METHODS, TESTS, FitConfig, fit_block, test_labels
+from .kernel import JK_RULES, METHODS, TESTS, FitConfig, fit_block, test_labels
 
 DEFAULT_GENE_BLOCK = 256
 
@@ -33,7 +33,7 @@ def _as_tuple(x, field: str) -> tuple[str, ...]:
 
 
 def make_config(data: xr.Dataset, *, models, method, tests, covariates, random_effects, op,
-                n_restarts: int, seed: int) -> FitConfig:
+                n_restarts: int, seed: int, jk_rule: str = "regular") -> FitConfig:
     """Validate the arguments against ``data`` (a pseudobulk cube) and build a FitConfig."""
     models = cov_models.check_models(models)
     method = str(method).lower()
@@ -95,9 +95,12 @@ def make_config(data: xr.Dataset, *, models, method, tests, covariates, random_e
     if N <= n_par:
         raise InputError(f"{N} donors but the Free model has {n_par} parameters", field="donor",
                          fix="use more donors or fewer covariates")
+    if jk_rule not in JK_RULES:
+        raise InputError(f"unknown jk_rule {jk_rule!r}", field="jk_rule",
+                         fix=f"use one of {JK_RULES}")
     return FitConfig(models=models, method=method, tests=tests, covariates=cov,
                      random_effects=re, op=bool(op), n_restarts=int(n_restarts), seed=int(seed),
-                     test_labels=test_labels(models, method, tests))
+                     jk_rule=jk_rule, test_labels=test_labels(models, method, tests))
 
 
 def check_values(block: xr.Dataset) -> None:
@@ -142,8 +145,8 @@ def fit(data, *, models: Sequence[str] = ("hom", "free"), method: str = "reml",
         random_effects: Sequence[str] | None = None, client=None,
         gene_block: int | None = None, missing: str = "drop", op: bool | None = None,
         run: str = "default", genes: Sequence[str] | None = None, n_restarts: int = 10,
-        seed: int = 0, overwrite: bool = False, progress=None, n_workers: int | None = None
-        ) -> xr.Dataset:
+        seed: int = 0, overwrite: bool = False, progress=None, n_workers: int | None = None,
+        jk_rule: str = "regular") -> xr.Dataset:
     """Fit CTMM (Chen & Dahl) per gene and test for cell type-specific variance.
 
     Model (Eq 3, CTP): ``y_ic = beta_c + z_i' gamma + alpha_i + Gamma_ic + delta_ic`` with
@@ -170,6 +173,9 @@ def fit(data, *, models: Sequence[str] = ("hom", "free"), method: str = "reml",
     op : fit OP too (default: when the data have it).
     run : result name under ``results/ctmm/`` (study only); ``overwrite`` replaces a run made
         with other settings. ``genes``: subset of gene names. ``seed``: restarts' random starts.
+    jk_rule : which ML/REML leave-one-out refits the jackknife tests may use (genes whose
+        refits break the rule get NaN): "regular" (default: full fit and every refit regular
+        optima), "edge", "drop" or "all" -- see ``scdist.ctmm.kernel.jackknife_usable``.
 
     Returns
     -------
@@ -201,7 +207,8 @@ def fit(data, *, models: Sequence[str] = ("hom", "free"), method: str = "reml",
                              fix="use names from the cube's gene coordinate")
         ds = ds.sel(gene=genes)
     cfg = make_config(ds, models=models, method=method, tests=tests, covariates=covariates,
-                      random_effects=random_effects, op=op, n_restarts=n_restarts, seed=seed)
+                      random_effects=random_effects, op=op, n_restarts=n_restarts, seed=seed,
+                      jk_rule=jk_rule)
     if study is not None:
         from .distributed import fit_study
 
@@ -238,7 +245,7 @@ def result_attrs(cfg: FitConfig, missing: str) -> dict:
     return {"method": cfg.method, "models": list(cfg.models), "tests": list(cfg.tests),
             "covariates": list(cfg.covariates), "random_effects": list(cfg.random_effects),
             "missing": missing, "op": bool(cfg.op), "seed": cfg.seed,
-            "n_restarts": cfg.n_restarts,
+            "n_restarts": cfg.n_restarts, "jk_rule": cfg.jk_rule,
             "loglik": ("log-likelihood including constants: ML -1/2[n log 2pi + log|S| + r'S^-1 r]; "
                        "REML -1/2[(n-p) log 2pi + log|S| + log|X'S^-1 X| + y'Py]; NaN for HE"),
             "scdist_version": __version__}

@@ -73,7 +73,9 @@ def jackknife_reml(prob: Problem, layout: Layout, theta: np.ndarray, method: str
                    random_start, n_restarts: int = 3, seed: int = 0):
     """Leave-one-donor-out ML/REML refits.
 
-    Returns ``theta_jk (R, N, K)``, ``beta_jk (R, N, p)``, ``converged (R, N)``.
+    Returns ``theta_jk (R, N, K)``, ``beta_jk (R, N, p)``, ``converged (R, N)`` (a regular
+    optimum) and ``rcmin (R, N)`` (the refit's smallest block condition proxy; small values
+    mean the refit sits on the singular-covariance edge).
     """
     N = int(layout.slots.max()) + 1
     R, K = theta.shape
@@ -81,6 +83,7 @@ def jackknife_reml(prob: Problem, layout: Layout, theta: np.ndarray, method: str
     th = np.full((R, N, K), np.nan)
     be = np.full((R, N, p), np.nan)
     cv = np.zeros((R, N), bool)
+    rc = np.zeros((R, N))
     share = _shares_data(prob, layout)
     for genes in _chunks(prob, layout, share):
         sub = _loo_problem(prob, layout, genes, share)
@@ -94,7 +97,10 @@ def jackknife_reml(prob: Problem, layout: Layout, theta: np.ndarray, method: str
         th[genes] = res.theta.reshape(len(genes), N, K)
         be[genes] = st.beta.reshape(len(genes), N, p)
         cv[genes] = res.converged.reshape(len(genes), N)
-    return th, be, cv
+        r = res.rcmin if res.rcmin is not None else st.rcmin
+        # without a condition proxy (general blocks) the regular flag is all that is known
+        rc[genes] = (np.where(res.converged, 1.0, 0.0) if r is None else r).reshape(len(genes), N)
+    return th, be, cv, rc
 
 
 def jackknife_he(prob: Problem, layout: Layout, beta_fn):

@@ -23,6 +23,8 @@ from .tests import jackknife_cov, lrt, mean_contrasts, wald_f
 
 METHODS = ("reml", "ml", "he")
 TESTS = ("lrt", "wald", "jackknife")
+# Which ML/REML leave-one-out refits a jackknife test may use (see jackknife_usable)
+JK_RULES = ("regular", "edge", "drop", "all")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class FitConfig:
     op: bool = False
     n_restarts: int = 10
     jk_restarts: int = 2
+    jk_rule: str = "regular"
     max_iter: int = 60
     tol: float = 1e-9
     seed: int = 0
@@ -146,15 +149,20 @@ class _Fitter:
             K, p = res.theta.shape[1], prob.X.shape[-1]
             th_jk = np.full((prob.rows, N, K), np.nan)
             be_jk = np.full((prob.rows, N, p), np.nan)
-            reg = np.flatnonzero(out["converged"])
+            if cfg.jk_rule == "all":
+                reg = np.flatnonzero(np.isfinite(res.theta).all(axis=1) & st.ok)
+            else:
+                reg = np.flatnonzero(out["converged"])
             jk_reg = np.zeros((prob.rows, N), bool)
+            jk_rc = np.zeros((prob.rows, N))
             if reg.size:
                 draw = self.random_start(model)
-                th_jk[reg], be_jk[reg], jk_reg[reg] = jackknife_reml(
+                th_jk[reg], be_jk[reg], jk_reg[reg], jk_rc[reg] = jackknife_reml(
                     prob.take(reg), self.layout, res.theta[reg], cfg.method,
                     random_start=lambda rng, rows: draw(rng, reg[rows]),
                     n_restarts=cfg.jk_restarts, seed=cfg.seed)
             out["theta_jk"], out["beta_jk"], out["jk_regular"] = th_jk, be_jk, jk_reg
+            out["jk_rcmin"] = jk_rc
         out["weight"] = donor_weights(prob, self.layout)
         return out
 
@@ -200,24 +208,62 @@ def _tests(fits: dict, fitter: _Fitter, cfg: FitConfig, labels) -> dict:
         # the Fisher information of a fit on the singular-covariance edge is not a variance
         out["free_vs_hom_wald"] = np.where(free["converged"], p_wald, np.nan)
     if "free_vs_hom_jackknife" in labels or "mean_jackknife" in labels:
-        # the jackknife needs every replicate to be a regular optimum of its leave-one-out
-        # data: a refit on the singular-covariance edge is pinned there by the donor with the
-        # smallest noise, the replicates stop varying and the variance collapses (inflated
-        # false positives); such genes get no jackknife p-value
-        jk_ok = free["converged"].copy()
-        if "jk_regular" in free:
-            jk_ok &= np.where(weight, free["jk_regular"], True).all(axis=1)
-    if "free_vs_hom_jackknife" in labels:
-        jc = jackknife_cov(free["theta_jk"][:, :, vsel], weight)
-        p_jk = wald_f(free["theta"][:, vsel], jc, df2)
-        out["free_vs_hom_jackknife"] = np.where(jk_ok, p_jk, np.nan)
-    if "mean_jackknife" in labels:
-        L = mean_contrasts(C)
-        est = free["beta"][:, :C] @ L.T
-        reps = free["beta_jk"][:, :, :C] @ L.T
-        p_mean = wald_f(est, jackknife_cov(reps, weight), df2)
-        out["mean_jackknife"] = np.where(jk_ok, p_mean, np.nan)
-    return out
+        rule = cfg.jk_rule if "jk_regular" in free else "he"
+        out.update(jackknife_pvalues(free, weight, C, df2, rule))
+    return {k: v for k, v in out.items() if k in labels}
+
+
+def jackknife_usable(free: dict, weight: np.ndarray, rule: str):
+    """(genes tested (R,), replicates used (R, N)) of a Free fit's jackknife under ``rule``.
+
+    A refit on the singular-covariance edge is pinned there by the donor with the smallest
+    noise; if many replicates are pinned together they stop varying and the jackknife
+    variance collapses (inflated false positives). The rules, from strict to lax:
+
+    - ``regular``: the full fit and every replicate are regular optima (rcmin >= NEAR_EDGE);
+    - ``edge``: the full fit is regular, every replicate converged off the spike itself
+      (rcmin >= likelihood.EDGE, a hundred times closer to singular than ``regular``);
+    - ``drop``: the full fit is regular; replicates that are not regular optima are left
+      out of the jackknife (like donors without data) when they are at most 10 % of the
+      donors, otherwise the gene is not tested;
+    - ``all``: every gene with a finite fit and replicates (the reference package's rule);
+    - ``he``: HE (closed form, nothing to check) -- every gene with finite replicates.
+    """
+    from .likelihood import EDGE
+
+    reps_ok = np.isfinite(free["theta_jk"]).all(axis=2)
+    full_ok = free["converged"]
+    used = weight
+    if rule in ("he", "all"):
+        full_ok = np.isfinite(free["theta"]).all(axis=1)
+        rep_ok = reps_ok
+    elif rule == "regular":
+        rep_ok = free["jk_regular"] & reps_ok
+    elif rule == "edge":
+        rep_ok = (free["jk_rcmin"] >= EDGE) & reps_ok
+    elif rule == "drop":
+        good = free["jk_regular"] & reps_ok
+        n_bad = (weight & ~good).sum(axis=1)
+        used = weight & good
+        return full_ok & (n_bad <= 0.1 * weight.sum(axis=1)) & (used.sum(axis=1) >= 2), used
+    else:
+        raise ValueError(f"unknown jackknife rule {rule!r}")
+    return full_ok & np.where(weight, rep_ok, True).all(axis=1), used
+
+
+def jackknife_pvalues(free: dict, weight: np.ndarray, C: int, df2, rule: str) -> dict:
+    """Jackknife Wald p-values of V_11 = .. = V_CC = 0 and of equal means (NaN where the
+    gene is not tested under ``rule``, see :func:`jackknife_usable`)."""
+    tested, used = jackknife_usable(free, weight, rule)
+    vsel = np.arange(1, C + 1)
+    jc = jackknife_cov(np.where(used[..., None], free["theta_jk"][:, :, vsel], 0.0), used)
+    p_v = wald_f(free["theta"][:, vsel], jc, df2)
+    L = mean_contrasts(C)
+    est = free["beta"][:, :C] @ L.T
+    reps = np.where(used[..., None], free["beta_jk"][:, :, :C] @ L.T, 0.0)
+    p_m = wald_f(est, jackknife_cov(reps, used), df2)
+    return {"free_vs_hom_jackknife": np.where(tested, p_v, np.nan),
+            "mean_jackknife": np.where(tested, p_m, np.nan)}
 
 
 def _assemble(fits: dict, tests: dict, fitter: _Fitter, cfg: FitConfig, prefix: str,

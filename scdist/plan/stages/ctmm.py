@@ -29,6 +29,8 @@ class CtmmConfig(StageConfig):
     gene_block: int | None = Field(None, ge=1, description="Genes per task (whole stored chunks)")
     n_restarts: int = Field(10, ge=0, description="Random restarts for failed fits")
     seed: int = Field(0, ge=0, description="Random seed of restarts")
+    jk_rule: Literal["regular", "edge", "drop", "all"] = Field(
+        "regular", description="Which leave-one-out refits a jackknife test may use")
 
 
 class CtmmStage(Stage):
@@ -43,7 +45,7 @@ class CtmmStage(Stage):
     def _kwargs(self, cfg: CtmmConfig) -> dict:
         return dict(models=tuple(cfg.models), method=cfg.method, tests=tuple(cfg.tests),
                     covariates=cfg.covariates, random_effects=cfg.random_effects, op=cfg.op,
-                    n_restarts=cfg.n_restarts, seed=cfg.seed)
+                    n_restarts=cfg.n_restarts, seed=cfg.seed, jk_rule=cfg.jk_rule)
 
     def check(self, cfg: CtmmConfig, study) -> None:
         if study is None or not study.has("pseudobulk"):
