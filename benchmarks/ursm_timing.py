@@ -4,8 +4,10 @@ Usage: .venv/bin/python benchmarks/ursm_timing.py [--genes 200 1000] [--iters 5]
 
 Measures CPU seconds (time.process_time, BLAS pinned to one thread) per warm EM iteration of
 scdist.ursm on the §4.1 simulation (L = 100 cells, M = 150 bulk samples, K = 3), B + T = 150
-sweeps, for bulk Gibbs and MAP-W, and splits one iteration into single-cell E-step, bulk E-step
-and M-step. Prints a Markdown table.
+sweeps, for bulk Gibbs (with scdist's compiled Pólya-Gamma sampler and with the ``polyagamma``
+package) and MAP-W, and splits one iteration into single-cell and bulk E-step. Variants are
+interleaved round by round in one process, so a change in machine load hits all of them alike.
+Prints a Markdown table and the load average.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from scdist.ursm.gibbs import BulkBlockSampler, CellBlockSampler  # noqa: E402
 from scdist.ursm.params import initial_theta  # noqa: E402
 
 
-VARIANTS = {"bulk Gibbs": {}, "MAP-W": dict(map_w=True),
+VARIANTS = {"bulk Gibbs": {}, "bulk Gibbs, polyagamma package": dict(pg_sampler="polyagamma"),
+            "MAP-W": dict(map_w=True),
             "bulk Gibbs, bulk chain 10 + 30 sweeps": dict(bulk_burnin=10, bulk_samples=30)}
 
 
@@ -37,13 +40,12 @@ def per_iteration(sim, iters, kw):
     t0 = time.process_time()
     fit(sim.Y, sim.cell_types, sim.X, em_iters=1, burnin=50, samples=100, final_estep=False, **kw)
     return (t1 - (time.process_time() - t0)) / iters
-    return (time.process_time() - t0) / iters
 
 
-def split(sim):
+def split(sim, pg_sampler="compiled"):
     th = initial_theta(sim.Y, sim.cell_types, sim.X, 3, {}, eps_A=1e-6)
     rng = np.random.default_rng(0)
-    c = CellBlockSampler(sim.Y, sim.cell_types, 3)
+    c = CellBlockSampler(sim.Y, sim.cell_types, 3, pg_sampler=pg_sampler)
     b = BulkBlockSampler(sim.X, 3)
     t0 = time.process_time()
     c.run(th, rng, 50, 100, cold=True)
@@ -60,16 +62,28 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=None)
     a = ap.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     print("| N genes | variant | CPU s / EM iteration (median) | single-cell E-step | bulk E-step |")
     print("|---|---|---|---|---|")
+    names = [n for n in VARIANTS if not a.variants or n in a.variants]
     for N in a.genes:
         sim = simulate(n_genes=N, seed=1)
-        sc, bk = np.median([split(sim) for _ in range(a.repeats)], axis=0)
-        for name, kw in VARIANTS.items():
-            if a.variants and name not in a.variants:
-                continue
-            t = np.median([per_iteration(sim, a.iters, kw) for _ in range(a.repeats)])
-            print(f"| {N} | {name} | {t:.2f} | {sc:.2f} | {'-' if 'MAP' in name else f'{bk:.2f}'} |", flush=True)
+        # E-step split, both Pólya-Gamma samplers interleaved in this process (load drift hits both)
+        sp = {pg: [] for pg in ("compiled", "polyagamma")}
+        for _ in range(a.repeats):
+            for pg in sp:
+                sp[pg].append(split(sim, pg))
+        sp = {pg: np.median(v, axis=0) for pg, v in sp.items()}
+        # whole EM iterations: the variants interleaved round by round for the same reason
+        ts = {n: [] for n in names}
+        for _ in range(a.repeats):
+            for n in names:
+                ts[n].append(per_iteration(sim, a.iters, VARIANTS[n]))
+        for name in names:
+            sc, bk = sp["polyagamma" if "polyagamma" in name else "compiled"]
+            print(f"| {N} | {name} | {np.median(ts[name]):.2f} | {sc:.2f} | {'-' if 'MAP' in name else f'{bk:.2f}'} |",
+                  flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
