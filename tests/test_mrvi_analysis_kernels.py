@@ -172,3 +172,38 @@ def test_design_matrix_columns_and_errors():
         design_matrix(t.assign(age=1.0), ["age"])
     with pytest.raises(InputError, match=r"\[covariates\]"):
         design_matrix(t.assign(age2=t["sex"] * 2.0), ["sex", "age2"])
+
+
+def test_group_distance_sums_match_per_cell_sums():
+    from scdist.vae.analysis.kernels import distance_block, group_distance_sums
+    g = torch.Generator().manual_seed(3)
+    B, S = 3 * distance_block(9) + 5, 9                        # several blocks and a partial one
+    Z = torch.randn(B, S, 4, generator=g) + 5.0
+    codes = torch.randint(-1, 3, (B,), generator=g)           # -1: cell in no group
+    ref = torch.zeros(3, S, S, dtype=torch.float64)
+    D = torch.linalg.norm(Z.double()[:, :, None] - Z.double()[:, None], dim=-1)
+    for k in range(3):
+        ref[k] = D[codes == k].sum(0)
+    torch.testing.assert_close(group_distance_sums(Z, codes, 3), ref, rtol=1e-5, atol=1e-4)
+    mu, sd = torch.rand(B, generator=g) + 1, torch.rand(B, generator=g) + 0.5
+    Dz = (D - mu.double()[:, None, None]) / sd.double()[:, None, None]
+    Dz[:, torch.arange(S), torch.arange(S)] = (-mu / sd).double()[:, None]
+    ref = torch.stack([Dz[codes == k].sum(0) for k in range(3)])
+    torch.testing.assert_close(group_distance_sums(Z, codes, 3, mu, sd), ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("encoder_sample", [True, False])
+def test_encoder_from_csr_equals_module(encoder_sample):
+    import scipy.sparse as sp
+
+    from scdist.vae.analysis.encode import encode_log_counts, log1p_csr
+    torch.manual_seed(0)
+    m = MrVIModule(40, n_sample=5, encoder_sample=encoder_sample).eval()
+    rng = np.random.default_rng(0)
+    X = sp.random(23, 40, density=0.3, format="csr", random_state=1, data_rvs=lambda n: rng.integers(1, 30, n))
+    s = torch.from_numpy(rng.integers(0, 5, 23))
+    with torch.no_grad():
+        ref = m.encode(torch.from_numpy(X.toarray().astype(np.float32)), s)
+        got = encode_log_counts(m, torch.from_numpy(log1p_csr(X).toarray()), s)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

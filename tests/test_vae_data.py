@@ -149,3 +149,15 @@ def test_study_source_streams_from_the_store(tmp_store):
     assert np.array_equal(np.concatenate(idx), np.arange(900))
     import pickle
     assert pickle.loads(pickle.dumps(src)).n_cells == 900  # ships to Ray workers by URL
+
+
+def test_csr_rows_is_a_view_with_the_same_rows():
+    import scipy.sparse as sp
+
+    from scdist.vae.data import csr_rows
+    X = sp.random(50, 30, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    for a, b in [(0, 50), (7, 19), (49, 50), (10, 10)]:
+        R = csr_rows(X, a, b)
+        assert R.shape == (b - a, 30)
+        np.testing.assert_array_equal(R.toarray(), X[a:b].toarray())
+    assert np.shares_memory(csr_rows(X, 0, 50).data, X.data)

@@ -56,32 +56,46 @@ def _attention_states(module, u: torch.Tensor, samples: torch.Tensor) -> torch.T
     B, S = u.shape[0], samples.shape[0]
     C, H, nh = att.n_channels, att.n_hidden, mha.num_heads
     hd = H // nh
-    # per cell: normalised query and its projections
-    qn = att.q_norm(u)                                           # B x Lu
-    q = att.q_proj(qn).view(B, C, H)
-    # per sample: keys / values from the sample embedding e_s
-    kv = att.kv_proj(att.kv_norm(module.sample_emb(samples))).view(S, C, H)
+    # Layout: the sample axis leads and the cell axis is last ("s ... b"), so every per-pair
+    # step is one matrix product per sample with the cells as its long free dimension and no
+    # per-pair tensor is ever permuted (copies of the B x S x 32 blocks cost more than the math).
+    qn = att.q_norm(u)                                           # B x Lu, per cell
     Wq, Wk, Wv = mha.in_proj_weight.chunk(3)
     bq, bk, bv = mha.in_proj_bias.chunk(3)
-    Q = F.linear(q, Wq, bq).view(B, C, nh, hd) / math.sqrt(hd)
+    scale = 1.0 / math.sqrt(hd)
+    # the query projection q_proj (Lu -> C x H) and the head projection Wq (H -> H) are both
+    # linear: one product M qn^T gives the queries already laid out as (h d) x (i b)
+    Wp = att.q_proj.weight.view(C, H, -1)                        # i x k x Lu
+    M = torch.einsum("ek,ikl->eil", Wq, Wp).reshape(H * C, -1) * scale
+    c = (torch.einsum("ek,ik->ei", Wq, att.q_proj.bias.view(C, H)) + bq[:, None]).reshape(H * C, 1) * scale
+    Qt = torch.addmm(c, M, qn.T).view(H, C * B)                  # (h d) x (i b)
+    # per sample: keys / values from the sample embedding e_s
+    kv = att.kv_proj(att.kv_norm(module.sample_emb(samples))).view(S, C, H)
     K = F.linear(kv, Wk, bk).view(S, C, nh, hd)
     V = F.linear(kv, Wv, bv).view(S, C, nh, hd)
-    # per pair: scores over the C key channels of each head
-    # key channel j leads so that the softmax reductions over j are elementwise operations
-    # between C contiguous slabs (a reduction over a trailing axis of length C = 4 is slow)
-    scores = torch.einsum("bihd,sjhd->jbshi", Q, K).contiguous()    # C_j x B x S x nh x C_i
-    attn = (scores - scores.amax(dim=0, keepdim=True)).exp_()
-    attn = attn.div_(attn.sum(dim=0, keepdim=True))
-    # out_proj (linear) folded into the first post layer: W1a (hid x C x H) . Wo (H x H)
+    # block-diagonal keys: row (s, h, j) holds K[s, j, h] in head h's columns, so one product
+    # gives the scores of all heads at once: scores[s, h, j, i, b] = <Q[b, i, h], K[s, j, h]>
+    Kbd = torch.zeros(S, nh, C, nh, hd, dtype=u.dtype)
+    for h in range(nh):  # a handful of heads, on an S x C block
+        Kbd[:, h, :, h, :] = K[:, :, h, :]
+    scores = (Kbd.view(S * nh * C, H) @ Qt).view(S, nh, C, C, B)
+    attn = torch.softmax(scores, dim=2)                          # over the key channels j
+    # out_proj (linear) folded into the first post layer: W1a (hid x C x H) . Wo (H x H), then
+    # with the values: VW[s, x, (h, j, i)] = sum_d W1a.Wo[x, i, h, d] V[s, j, h, d]
     lin1 = att.post[0]
     hid = lin1.out_features
     W1a = lin1.weight[:, :C * H].view(hid, C, H)
-    W1q = lin1.weight[:, C * H:]
     Wc = torch.einsum("xik,kh->xih", W1a, mha.out_proj.weight).view(hid, C, nh, hd)
-    const = torch.einsum("xik,k->x", W1a, mha.out_proj.bias)
-    VW = torch.einsum("sjhd,xihd->sjhix", V, Wc)                 # S x C_j x nh x C_i x hid (per sample)
-    pre = torch.einsum("jbshi,sjhix->bsx", attn, VW)
-    pre = pre + (F.linear(qn, W1q, lin1.bias) + const)[:, None, :]
-    h = att.post[2](torch.relu(pre))
-    g = att.post[4](torch.relu(h))                               # B x S x Lz
-    return module.z_base(u)[:, None, :] + g
+    VW = torch.einsum("sjhd,xihd->sxhji", V, Wc).reshape(S, hid, nh * C * C)
+    cell = F.linear(qn, lin1.weight[:, C * H:], lin1.bias + torch.einsum("xik,k->x", W1a, mha.out_proj.bias))
+    # (bias terms are added in place after each product: baddbmm would first copy a broadcast
+    # bias into its output, a slow strided pass)
+    pre = torch.bmm(VW, attn.view(S, nh * C * C, B)).add_(cell.T).relu_()   # S x hid x B
+    lin2, lin3 = att.post[2], att.post[4]
+    # batched products with the (small) weights expanded over samples: torch.matmul would fold
+    # the sample axis into the rows and copy the transposed operand
+    h = torch.bmm(lin2.weight.expand(S, -1, -1), pre).add_(lin2.bias[:, None]).relu_()
+    # the last layer transposes for free inside the product: S x B x Lz, returned as a
+    # B x S x Lz view (cells lead for the per-cell Gram products downstream)
+    g = torch.bmm(h.transpose(1, 2), lin3.weight.T.expand(S, -1, -1)).add_(lin3.bias + module.z_base(u))
+    return g.transpose(0, 1)

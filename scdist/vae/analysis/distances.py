@@ -19,7 +19,7 @@ import xarray as xr
 
 from ...errors import InputError
 from .counterfactual import counterfactual_states
-from .kernels import group_sums, pairwise_distances, same_sample_distance_stats
+from .kernels import group_distance_sums, pairwise_distances, same_sample_distance_stats
 from .stream import group_codes, map_chunks, resolve_cells
 
 MAX_LOCAL_ELEMENTS = 200_000_000  # cells x S x S floats returned by local_sample_distances
@@ -30,16 +30,20 @@ def _generator(seed: int, chunk_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk_id]).generate_state(1)[0]))
 
 
+def _mc_stats(module, b: dict, mc_samples: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte Carlo mean and s.d. per cell of the same-sample distance (the normalisation)."""
+    qm, qs = b["u_mean"], b["u_std"]
+    eps = torch.randn((2 * mc_samples,) + tuple(qm.shape), generator=gen)
+    z_own = module.z_from_u(qm + qs * eps, b["sample"].expand(2 * mc_samples, -1))
+    return same_sample_distance_stats(z_own)
+
+
 def _local_distances(module, b: dict, sidx: torch.Tensor, normalize: bool, mc_samples: int,
                      gen: torch.Generator | None) -> torch.Tensor:
     """D(n) (B x S x S) for one encoded minibatch, optionally z-scored."""
     D = pairwise_distances(counterfactual_states(module, b["u_mean"], sidx))
     if normalize:
-        qm, qs = b["u_mean"], b["u_std"]
-        eps = torch.randn((2 * mc_samples,) + tuple(qm.shape), generator=gen)
-        u = qm + qs * eps
-        z_own = module.z_from_u(u, b["sample"].expand(2 * mc_samples, -1))
-        mu, sd = same_sample_distance_stats(z_own)
+        mu, sd = _mc_stats(module, b, mc_samples, gen)
         D = (D - mu[:, None, None]) / sd[:, None, None]
     return D
 
@@ -51,8 +55,9 @@ def _aggregate_kernel(model, batches, *, chunk, local, sidx, n_groups, normalize
     sums = torch.zeros((n_groups, S, S), dtype=torch.float64)
     for b in batches:
         codes = torch.from_numpy(local["group"][b["index"].numpy() - chunk[1]])
-        D = _local_distances(model.module, b, sidx, normalize, mc_samples, gen)
-        sums += group_sums(D, codes, n_groups).double()  # float32 within a minibatch, float64 across
+        Z = counterfactual_states(model.module, b["u_mean"], sidx)
+        mu, sd = _mc_stats(model.module, b, mc_samples, gen) if normalize else (None, None)
+        sums += group_distance_sums(Z, codes, n_groups, mu, sd)  # float32 within a block, float64 across
     return sums.numpy()
 
 

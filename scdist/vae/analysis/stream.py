@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ...errors import InputError
+from ..data import csr_rows
+from .encode import encode_log_counts, log1p_csr
 
 Kernel = Callable[..., Any]
 
@@ -45,11 +47,12 @@ def light_copy(model):
 @torch.no_grad()
 def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None = None,
                     batch_size: int = 1024) -> Iterator[dict]:
-    """Minibatches of one cell chunk with q(u | x) attached: ``x`` (B x G counts), ``index``
-    (global cell index), ``sample``, ``batch`` (codes), ``u_mean``, ``u_std`` (B x L).
+    """Minibatches of one cell chunk with q(u | x) attached: ``index`` (global cell index),
+    ``sample``, ``batch`` (codes), ``u_mean``, ``u_std`` (B x L).
     ``keep``: sorted global indices inside the chunk to restrict to (None: all its cells).
 
-    The chunk is read once as CSR; only one minibatch is dense at a time.
+    The chunk is read once as CSR (log1p taken on its nonzeros); only one minibatch is dense
+    at a time.
     """
     module = model.module
     if module.training:
@@ -57,16 +60,17 @@ def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None 
     a, b = source.chunks[chunk_id]
     X = source.read(a, b)
     idx = np.arange(a, b, dtype=np.int64)
-    if keep is not None:
+    if keep is not None and keep.size != b - a:  # a strict subset (sorted, unique, inside [a, b))
         X = X[keep - a]
         idx = np.asarray(keep, dtype=np.int64)
+    X = log1p_csr(X)
     for s in range(0, idx.size, batch_size):
         ib = idx[s:s + batch_size]
-        out = {"x": torch.from_numpy(X[s:s + batch_size].toarray().astype(np.float32, copy=False)),
-               "index": torch.from_numpy(ib)}
+        out = {"index": torch.from_numpy(ib)}
         for name in ("sample", "batch"):
             out[name] = torch.from_numpy(np.ascontiguousarray(cats[name].codes[ib], dtype=np.int64))
-        out["u_mean"], out["u_std"] = module.encode(out["x"], out["sample"])
+        xlog = torch.from_numpy(csr_rows(X, s, min(s + batch_size, idx.size)).toarray())
+        out["u_mean"], out["u_std"] = encode_log_counts(module, xlog, out["sample"])
         yield out
 
 
