@@ -17,6 +17,11 @@ client=...)``.  Usage::
 
     .venv/bin/python benchmarks/ctmm_calibration.py                       # ~1,000 reps
     .venv/bin/python benchmarks/ctmm_calibration.py --reps 200 --ns 20 50
+    .venv/bin/python benchmarks/ctmm_calibration.py --jk-rules --reps 1000   # jackknife rules
+
+``--jk-rules`` fits CTP (REML with every gene jackknifed, and HE) once per gene block on the
+workers and reports, for each jackknife rule of ``scdist.ctmm.kernel.jackknife_usable``, the
+positive rate over the genes the rule tests (exact 95% CI) and the share of genes it tests.
 """
 from __future__ import annotations
 
@@ -86,6 +91,72 @@ def positive_rates(ds, client, op: bool = True) -> dict:
     return out
 
 
+JK_RULES = ("regular", "edge", "drop", "all")
+
+
+def block_pvalues(block, op: bool = False) -> dict:
+    """Per-gene p-values of one gene block for every test and every jackknife rule.
+
+    One REML fit with ``jk_rule="all"`` (every gene jackknifed) gives the replicates; each
+    rule of ``scdist.ctmm.kernel.jackknife_usable`` then decides which genes it tests, so the
+    rules are compared on the same fits. Runs on a Dask worker."""
+    from scdist.ctmm.kernel import (FitConfig, _fit_kind, jackknife_pvalues, test_labels,
+                                    wald_df2)
+
+    out = {}
+    kinds = [("CTP", "mean", "nu", None)]
+    if op:
+        kinds.append(("OP", "op_mean", "op_nu", "P"))
+    for data, ym, nm, pn in kinds:
+        if pn is None:
+            Y = block[ym].transpose("gene", "donor", "celltype").values
+            NU = block[nm].transpose("gene", "donor", "celltype").values
+            P = None
+        else:
+            Y = block[ym].transpose("gene", "donor").values[..., None]
+            NU = block[nm].transpose("gene", "donor").values[..., None]
+            P = block[pn].transpose("donor", "celltype").values
+        mask = np.isfinite(Y) & np.isfinite(NU)
+        C = block.sizes["celltype"]
+        tests = ("lrt", "wald", "jackknife")
+        models = ("hom", "free")
+        cfg = FitConfig(models=models, method="reml", tests=tests, jk_rule="all",
+                        test_labels=test_labels(models, "reml", tests))
+        fitter, fits, pv = _fit_kind(Y, NU, mask, None, [], P, C, cfg)
+        free = fits["free"]
+        out[f"{data} REML (LRT)"] = pv["free_vs_hom_lrt"]
+        out[f"{data} REML (Wald)"] = pv["free_vs_hom_wald"]
+        df2 = wald_df2(fitter, free["weight"])
+        for rule in JK_RULES:
+            out[f"{data} REML (JK, {rule})"] = jackknife_pvalues(
+                free, free["weight"], C, df2, rule)["free_vs_hom_jackknife"]
+        out[f"{data} regular Free fit"] = free["converged"].astype(float)
+        he = FitConfig(models=models, method="he", tests=("jackknife",),
+                       test_labels=test_labels(models, "he", ("jackknife",)))
+        out[f"{data} HE (JK)"] = _fit_kind(Y, NU, mask, None, [], P, C, he)[2]["free_vs_hom_jackknife"]
+    return out
+
+
+def rule_rates(ds, client, block: int = 50, op: bool = False) -> dict:
+    """Positive rate over tested genes (exact CI), share of genes tested, for every test."""
+    G = ds.sizes["gene"]
+    blocks = [ds.isel(gene=slice(s, min(G, s + block))) for s in range(0, G, block)]
+    futs = client.map(block_pvalues, blocks, op=op, pure=False)
+    parts = client.gather(futs)
+    out = {}
+    for name in parts[0]:
+        p = np.concatenate([q[name] for q in parts])
+        if name.endswith("regular Free fit"):
+            out[name] = {"rate": float(p.mean()), "n": int(p.size)}
+            continue
+        ok = np.isfinite(p)
+        k = int((p[ok] < ALPHA).sum())
+        out[name] = {"rate": k / max(int(ok.sum()), 1), "n": int(ok.sum()),
+                     "tested": float(ok.mean()), "rate_all": k / p.size,
+                     "ci95": clopper_pearson(k, int(ok.sum()))}
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ns", type=int, nargs="+", default=[20, 50, 100, 300])
@@ -97,6 +168,9 @@ def main(argv=None) -> None:
                     help="simulate under these (hom: false positive rate, free: power)")
     ap.add_argument("--no-op", action="store_true", help="CTP only (skip the OP fits)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--jk-rules", action="store_true",
+                    help="compare the jackknife rules on the same REML fits (CTP; OP with --op)")
+    ap.add_argument("--op", action="store_true", help="with --jk-rules: also OP")
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_calibration.json"))
     args = ap.parse_args(argv)
     from scdist.engines.dask import dask_client
@@ -110,7 +184,10 @@ def main(argv=None) -> None:
                     continue
                 t = time.perf_counter()
                 ds = simulate(N, args.reps, model, args.free_v, args.seed + 1000 * N + k)
-                rates = positive_rates(ds, client, op=not args.no_op)
+                if args.jk_rules:
+                    rates = rule_rates(ds, client, op=args.op)
+                else:
+                    rates = positive_rates(ds, client, op=not args.no_op)
                 results["rates"][f"{model} N={N}"] = rates
                 print(f"{model} N={N}: {time.perf_counter() - t:.0f}s "
                       + ", ".join(f"{k}={v['rate']:.3f}" for k, v in rates.items()), flush=True)
@@ -122,7 +199,8 @@ def main(argv=None) -> None:
 
 
 def _test_rank(name: str) -> int:
-    names = [t[0] for t in TESTS]
+    names = (["regular Free fit"] + [t[0] for t in TESTS[:3]]
+             + [f"REML (JK, {r})" for r in JK_RULES] + [TESTS[3][0]])
     return names.index(name) if name in names else -1
 
 
@@ -143,6 +221,9 @@ def print_table(results: dict) -> None:
                 r = results["rates"].get(f"{model} N={n}", {}).get(c)
                 if r is None:
                     cells.append("")
+                elif "ci95" in r and "tested" in r:
+                    lo, hi = r["ci95"]
+                    cells.append(f"{r['rate']:.3f} ({lo:.3f}-{hi:.3f}); {100 * r['tested']:.0f} %")
                 elif "ci95" in r:
                     lo, hi = r["ci95"]
                     cells.append(f"{r['rate']:.3f} ({lo:.3f}-{hi:.3f}; n={r['n']})")

@@ -182,16 +182,13 @@ class _Fitter:
 
 def _tests(fits: dict, fitter: _Fitter, cfg: FitConfig, labels) -> dict:
     C = fitter.C
-    p = fitter.X.shape[-1]
     out = {}
     free = fits.get("free")
     if free is not None:
         weight = free.get("weight")
         if weight is None:
             weight = donor_weights(fitter.problem("free"), fitter.layout)
-        n_donors = weight.sum(axis=1)
-        n_par = (C + 1) + fitter.n_re + p
-        df2 = np.maximum(n_donors - n_par, 1)
+        df2 = wald_df2(fitter, weight)
         vsel = np.arange(1, C + 1)
     if "free_vs_hom_lrt" in labels:
         out["free_vs_hom_lrt"] = lrt(free["loglik"], fits["hom"]["loglik"], C)
@@ -211,6 +208,13 @@ def _tests(fits: dict, fitter: _Fitter, cfg: FitConfig, labels) -> dict:
         rule = cfg.jk_rule if "jk_regular" in free else "he"
         out.update(jackknife_pvalues(free, weight, C, df2, rule))
     return {k: v for k, v in out.items() if k in labels}
+
+
+def wald_df2(fitter: _Fitter, weight: np.ndarray) -> np.ndarray:
+    """Denominator df N - R of the Wald F tests: donors with data minus the Free model's
+    parameters (C + 1 variances, extra random effects, fixed effects; 2C + 1 plain)."""
+    n_par = (fitter.C + 1) + fitter.n_re + fitter.X.shape[-1]
+    return np.maximum(weight.sum(axis=1) - n_par, 1)
 
 
 def jackknife_usable(free: dict, weight: np.ndarray, rule: str):
