@@ -38,7 +38,7 @@ def log_factorials(nmax: int) -> np.ndarray:
     return np.stack([gammaln(k + 1.0), inv])
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def _btrd(n, p, rng, lf):
     """Bin(n, p) for p ≤ ½, n·p ≥ 10 by transformed rejection with decomposition (Hörmann 1993,
     "The generation of binomial random variates", algorithm BTRD). The hat's immediate-acceptance
@@ -73,7 +73,7 @@ def _btrd(n, p, rng, lf):
             return k
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def binomial(n, p, rng, lf):
     """One exact Bin(n, p) draw (n ≤ lf.shape[1] − 1): inversion from 0 for n·min(p, 1−p) < 24,
     else BTRD."""

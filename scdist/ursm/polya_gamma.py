@@ -70,7 +70,7 @@ def _right_weight(z):
     return p / (p + q)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def _goes_right(z, rng, table):
     """Bernoulli(w(z)) with the table bracket; exact."""
     if z >= Z_MAX:
@@ -84,7 +84,7 @@ def _goes_right(z, rng, table):
     return u < _right_weight(z)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def _left_proposal(z, rng):
     """IG(1/z, 1) truncated to (0, t]."""
     if z * T < 1.0:
@@ -136,7 +136,7 @@ def _series_accepts(x, v):
                 return False
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")
 def pg1(psi, rng, table):
     """One PG(1, ψ) draw."""
     z = 0.5 * abs(psi)
