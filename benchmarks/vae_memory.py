@@ -31,47 +31,40 @@ from scdist.vae.ldvae import LDVAEModule
 url, steps = sys.argv[1], int(sys.argv[2])
 
 
-def peak_mib():
-    # VmHWM of this process image (ru_maxrss would carry over the parent's peak across fork+exec)
+def status_mib(field):
+    # VmHWM: peak of this process image (ru_maxrss would carry over the parent's peak across
+    # fork+exec); VmRSS: now
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
+
 
 src = as_source(open_study(url))
 loader = CellLoader(src, {}, batch_size=256, buffer_chunks=4, seed=0)
 module = LDVAEModule(src.n_genes, 10)
 opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+rss_open = status_mib("VmRSS")
 t0 = time.perf_counter(); n = 0
 for i, b in enumerate(loader):
     if i < steps:
         out = module(b); opt.zero_grad(); out["loss"].backward(); opt.step()
+    if i == steps:
+        rss_steps = status_mib("VmRSS")
     n += b["x"].shape[0]
 dt = time.perf_counter() - t0
-print(json.dumps({"cells_streamed": n, "seconds": dt,
-                  "peak_rss_mib": peak_mib()}))
+print(json.dumps({"cells_streamed": n, "seconds": dt, "rss_open_mib": rss_open, "rss_after_steps_mib": rss_steps,
+                  "rss_end_mib": status_mib("VmRSS"), "peak_rss_mib": status_mib("VmHWM")}))
 """
 
 
 def make_study(url: str, n_cells: int, n_genes: int, chunk: int) -> None:
-    import anndata as ad
-    import numpy as np
-    import pandas as pd
-    import scipy.sparse as sp
-
-    from scdist.store.ingest import ingest_anndata
-    rng = np.random.default_rng(0)
-    base = np.exp(rng.normal(0, 1, n_genes))
-    base /= base.sum()
-    blocks = []
-    for s in range(0, n_cells, 20000):  # build the CSR block-wise (dense only per block)
-        m = min(20000, n_cells - s)
-        blocks.append(sp.csr_matrix(rng.poisson(base * 800, (m, n_genes)).astype(np.int32)))
-    X = sp.vstack(blocks, format="csr")
-    obs = pd.DataFrame({"donor": rng.choice([f"d{i}" for i in range(20)], n_cells),
-                        "ct": rng.choice(["A", "B", "C"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
-    a = ad.AnnData(X, obs=obs)
-    a.var_names = [f"g{i}" for i in range(n_genes)]
-    ingest_anndata(url, a, donor_key="donor", celltype_key="ct", chunk_cells=chunk, overwrite=True)
+    """scdist's population simulator, chunks generated on a 2-worker Dask cluster (memory per
+    chunk, not per study; the same generator for every size)."""
+    from scdist.engines.dask import dask_client
+    from scdist.simulate import simulate_study
+    with dask_client(n_workers=2) as client:
+        simulate_study(url, n_donors=20, n_cells=n_cells, n_genes=n_genes, n_celltypes=4, n_batches=2, seed=0,
+                       chunk_cells=chunk, overwrite=True, client=client)
 
 
 def main() -> None:
@@ -84,9 +77,9 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     rows = []
     for n in [int(c) for c in args.cells.split(",")]:
-        url = str(OUT / f"vae_mem_{n}.zarr")
+        url = str(OUT / f"vae_mem_sim_{n}_{args.genes}_{args.chunk}.zarr")
         t0 = time.perf_counter()
-        if not Path(url).exists():
+        if not Path(url, "zarr.json").exists():
             make_study(url, n, args.genes, args.chunk)
         built = time.perf_counter() - t0
         env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 
 from ...errors import InputError
-from .kernels import gaussian_log_density, per_sample_log_density
+from .kernels import ComponentScorer, gaussian_log_density
 from .posteriors import SampleComponents, sample_components
 from .stream import map_chunks, resolve_cells
 
@@ -34,12 +34,11 @@ def reference_thresholds(comps: SampleComponents, quantile: float) -> np.ndarray
 
 @torch.no_grad()
 def _score_kernel(model, batches, *, chunk, local, comp_mean, comp_std, comp_index, comp_valid, reduce):
+    scorer = ComponentScorer(comp_mean, comp_std, comp_index, comp_valid)
     idx, out = [], []
     for b in batches:
-        for s in range(0, b["u_mean"].shape[0], 256):  # bounds the B x S x M block
-            u, i = b["u_mean"][s:s + 256], b["index"][s:s + 256]
-            out.append(per_sample_log_density(u, i, comp_mean, comp_std, comp_index, comp_valid, reduce).numpy())
-            idx.append(i.numpy())
+        out.append(scorer(b["u_mean"], b["index"], reduce).numpy())
+        idx.append(b["index"].numpy())
     return np.concatenate(idx), np.concatenate(out)
 
 

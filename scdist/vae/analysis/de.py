@@ -22,18 +22,21 @@ import torch
 import xarray as xr
 
 from ...errors import InputError
-from .admissibility import admissibility as _admissibility
+from .admissibility import reference_thresholds
 from .counterfactual import counterfactual_states
 from .design import design_matrix, sample_table
-from .kernels import covariate_statistics, group_sums, weighted_least_squares
+from .kernels import ComponentScorer, covariate_statistics, group_sums, weighted_least_squares
+from .posteriors import sample_components
 from .stream import group_codes, map_chunks, resolve_cells
 
 LN2 = float(np.log(2.0))
 
 
 @torch.no_grad()
-def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups):
+def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=None):
     module = model.module
+    # admissibility scored here, on the same encoded minibatches (no second pass over the counts)
+    scorer = None if filter is None else (ComponentScorer(*filter["components"]), filter["threshold"])
     sidx = torch.arange(X.shape[0])
     Xt = torch.from_numpy(X)
     P = X.shape[1]
@@ -46,7 +49,10 @@ def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups):
     kept_idx, kept_lfc = [], []
     for b in batches:
         r = b["index"].numpy() - chunk[1]
-        W = torch.from_numpy(local["admissible"][r]).double()
+        if scorer is None:
+            W = torch.from_numpy(local["admissible"][r]).double()
+        else:
+            W = (scorer[0](b["u_mean"], b["index"], "max") > scorer[1]).double()
         Z = counterfactual_states(module, b["u_mean"], sidx)
         fit = weighted_least_squares(Z, Xt, W)
         st = covariate_statistics(fit)
@@ -79,7 +85,7 @@ def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups):
 
 def differential_expression(model, covariates: Sequence[str] | str, data=None, *, groupby=None, cells=None,
                             admissible=True, lfc_cells=None, quantile: float = 0.05, max_cells: int = 1000,
-                            seed: int = 0, client=None, batch_size: int = 256, progress=None) -> xr.Dataset:
+                            seed: int = 0, client=None, batch_size: int = 512, progress=None) -> xr.Dataset:
     """Per-cell multivariate DE of sample covariates (obs columns constant within samples).
 
     ``covariates``: sample-level obs columns c^s (categorical: one-hot after the first level;
@@ -112,10 +118,15 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
     source, _ = model._resolve(data)
     n, S = source.n_cells, len(model.samples)
     keep = resolve_cells(n, cells)
-    if admissible is True:
-        admissible = _admissibility(model, data, quantile=quantile, max_cells=max_cells, cells=keep, seed=seed,
-                                    client=client)
-    if admissible is False or admissible is None:
+    filt, adm_full = None, None
+    if admissible is True:  # tau_s here, the per-cell scores inside the DE pass
+        if not 0 < quantile < 1:
+            raise InputError(f"quantile={quantile}", field="quantile", fix="use a quantile in (0, 1), default 0.05")
+        comps = sample_components(model, data, max_cells=max_cells, seed=seed, client=client)
+        tau = reference_thresholds(comps, quantile)
+        filt = {"components": (comps.mean, comps.std, comps.index, comps.valid),
+                "threshold": torch.from_numpy(np.where(np.isnan(tau), np.inf, tau))[None, :]}
+    elif admissible is False or admissible is None:
         adm_full = np.ones((n, S), bool)
     elif isinstance(admissible, xr.Dataset) and "admissible" in admissible:
         if list(admissible["sample"].values) != list(model.samples):
@@ -138,8 +149,10 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
                          field="lfc_cells", fix="pass fewer lfc_cells; group means are always returned")
     parts = [p for _, p in map_chunks(model, data, _de_kernel, cells=keep, client=client, batch_size=batch_size,
                                       progress=progress,
-                                      cell_params={"admissible": adm_full, "group": codes, "lfc_cell": lfc_mask},
-                                      X=design.X, low=design.lfc_low, high=design.lfc_high, n_groups=len(groups))]
+                                      cell_params={"group": codes, "lfc_cell": lfc_mask,
+                                                   **({} if adm_full is None else {"admissible": adm_full})},
+                                      X=design.X, low=design.lfc_low, high=design.lfc_high, n_groups=len(groups),
+                                      filter=filt)]
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("index", "chi2", "pvalue", "beta_norm", "beta", "n_adm",
                                                               "lfc_index", "lfc")}
     lfc_sum = sum(p["lfc_sum"] for p in parts)
