@@ -7,12 +7,10 @@ them with its serial jackknife, which is very slow); scdist runs in this process
 ``--genes`` genes of the same seeded set (which start with the reference's genes), best of
 ``--repeats``.  Both with one BLAS thread.  The table gives the ratio of per-gene CPU times.
 
-Part 2 (``--part scale``): the paper's size, 11,231 genes x 94 donors x 4 cell types, written
-as a study's pseudobulk cube; ``scdist.ctmm.fit(study, ...)`` with Hom + Free REML and LRT,
-Wald and jackknife tests, then HE with its jackknife, on an embedded LocalCluster (2 workers x
-1 thread), end to end (cluster start, reading the cube, writing results/ctmm/<run>).  Peak
-memory is the largest summed RSS of this process and its children (sampled every 0.2 s).  The
-1-worker vs 2-worker speed-up is measured on ``--speedup-genes`` genes with REML + tests.
+Part 2 (``--part scale``): the transcriptome-scale runs of ``ctmm_transcriptome.py`` (shared
+code in ``ctmm_bench_common.py``): 11,231 genes x 94 donors x 4 cell types as a study, the
+``ctmm`` stage with Hom + Free REML (LRT, Wald, jackknife) then HE, on a LocalCluster with
+``--scale-workers`` workers (default 2 then 1), wall time, peak memory, 1 vs 2 speed-up.
 
 The machine is shared with other jobs: absolute figures are noisy; the ratios in part 1 are
 measured in the same run.  Usage::
@@ -34,7 +32,6 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -125,87 +122,15 @@ def part_ratio(args) -> dict:
     return {"ratio": rows, "scdist_genes": args.genes, "reference_jackknife_timing": jk_note}
 
 
-class PeakRSS:
-    """Largest summed RSS of this process and all its children, sampled in a thread."""
-
-    def __init__(self, every: float = 0.2):
-        import psutil
-
-        self.proc, self.every, self.peak = psutil.Process(), every, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        import psutil
-
-        while not self._stop.is_set():
-            total = 0
-            try:
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            self.peak = max(self.peak, total)
-            time.sleep(self.every)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
-def write_study(path: str, ds: xr.Dataset, gene_chunk: int):
-    from scdist.store import create_study
-
-    study = create_study(path, overwrite=True)
-    ds.chunk({"gene": gene_chunk}).to_zarr(study.group_url("pseudobulk"), mode="w",
-                                           consolidated=False)
-    return study
-
-
-def timed_study_fit(study, n_workers: int, *, he: bool) -> float:
-    """Wall seconds for REML (Hom + Free, all tests) [+ HE] on a fresh embedded cluster."""
-    import scdist.ctmm as ctmm
-    from scdist.engines.dask import dask_client
-
-    t = time.perf_counter()
-    with dask_client(n_workers=n_workers) as client:
-        ctmm.fit(study, models=["hom", "free"], method="reml",
-                 tests=["lrt", "wald", "jackknife"], client=client, run=f"reml{n_workers}",
-                 overwrite=True)
-        if he:
-            ctmm.fit(study, models=["hom", "free"], method="he", tests=["jackknife"],
-                     client=client, run=f"he{n_workers}", overwrite=True)
-    return time.perf_counter() - t
-
-
 def part_scale(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="ctmm_perf_", dir=HERE / "out"))
+    """The transcriptome-scale runs of ``ctmm_transcriptome.py`` (one shared implementation in
+    ``ctmm_bench_common``): 2 then 1 worker(s) on the simulated 11,231-gene study."""
+    from ctmm_bench_common import transcriptome_runs
+
+    tmp = tempfile.mkdtemp(prefix="ctmm_perf_", dir=HERE / "out")
     try:
-        sim = simulate_ctp(args.scale_genes, seed=args.seed + 1)
-        study = write_study(str(tmp / "scale.zarr"), as_cube(sim), args.gene_chunk)
-        del sim
-        print(f"transcriptome scale: {args.scale_genes} genes, 2 workers", flush=True)
-        with PeakRSS() as mem:
-            wall = timed_study_fit(study, 2, he=True)
-        out = {"genes": args.scale_genes, "donors": 94, "celltypes": 4,
-               "wall_s_2_workers": wall, "peak_rss_gib": mem.peak / 2 ** 30}
-        print(f"  end to end {wall:.1f} s, peak RSS {mem.peak / 2 ** 30:.2f} GiB", flush=True)
-        sub = simulate_ctp(args.speedup_genes, seed=args.seed + 2)
-        st2 = write_study(str(tmp / "speedup.zarr"), as_cube(sub), args.gene_chunk)
-        w1 = timed_study_fit(st2, 1, he=False)
-        w2 = timed_study_fit(st2, 2, he=False)
-        out.update({"speedup_genes": args.speedup_genes, "wall_s_1_worker": w1,
-                    "wall_s_2_workers_subset": w2, "speedup_2_vs_1": w1 / w2})
-        print(f"  {args.speedup_genes} genes: 1 worker {w1:.1f} s, 2 workers {w2:.1f} s, "
-              f"speed-up {w1 / w2:.2f}", flush=True)
-        return {"scale": out}
+        return {"scale": transcriptome_runs(args.scale_genes, args.gene_chunk,
+                                            args.scale_workers, tmp)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -217,7 +142,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ref-genes", type=int, default=6)
     ap.add_argument("--ref-jk-genes", type=int, default=1)
     ap.add_argument("--scale-genes", type=int, default=11231)
-    ap.add_argument("--speedup-genes", type=int, default=2048)
+    ap.add_argument("--scale-workers", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--gene-chunk", type=int, default=256)
     ap.add_argument("--seed", type=int, default=20240611)
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_perf.json"))

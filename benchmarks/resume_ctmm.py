@@ -21,7 +21,6 @@ Writes benchmarks/results/resume_ctmm.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,18 +30,8 @@ import time
 for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(v, "1")
 
-
-def _make_store(path: str, G: int, chunk: int, seed: int = 0) -> None:
-    import scdist.ctmm as ctmm
-    from scdist.store import create_study
-    from scdist.store.markers import STAGE, mark_done
-
-    sim = ctmm.simulate_ctp(G, 94, 4, hom2=0.2, V=[0.1, 0.2, 0.0, 0.1], seed=seed)
-    pb = sim.drop_vars([v for v in sim.data_vars if v.startswith("true_")])
-    study = create_study(path)
-    pb.chunk({"gene": chunk}).to_zarr(study.group_url("pseudobulk"), mode="w", consolidated=False,
-                                       zarr_format=3)
-    mark_done(study.group_url("pseudobulk"), STAGE, {"stage": "pseudobulk", "config_hash": "bench"})
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ctmm_bench_common import make_study, write_result  # noqa: E402
 
 
 def _marker_costs(tmp: str, n: int = 200) -> dict:
@@ -85,7 +74,7 @@ def main(argv=None) -> int:
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                          memory_limit="6GiB") as cl, Client(cl) as client:
         base = os.path.join(tmp, "base.zarr")
-        _make_store(base, args.genes, args.chunk)
+        make_study(base, args.genes, args.chunk)
         for r in range(args.repeats):
             store = os.path.join(tmp, f"run{r}.zarr")
             shutil.rmtree(store, ignore_errors=True)
@@ -112,10 +101,7 @@ def main(argv=None) -> int:
     out.update(costs, scratch_median_s=scratch, resume_median_s=resume,
                resume_over_scratch=resume / scratch, tracking_s=tracking,
                tracking_share=tracking / scratch)
-    print(json.dumps(out, indent=1))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "resume_ctmm.json"), "w") as f:
-        json.dump(out, f, indent=1)
+    write_result("resume_ctmm", out)
     return 0
 
 
