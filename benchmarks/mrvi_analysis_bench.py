@@ -72,8 +72,10 @@ def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
 
     url = str(OUT / f"mrvi_da_study_{max(sizes)}.zarr")
     if not Path(url, "zarr.json").exists():
-        simulate_study(url, n_donors=S, n_cells=max(sizes), n_genes=2000, n_celltypes=4, seed=0,
-                       chunk_cells=10_000, overwrite=True)
+        from scdist.engines.dask import dask_client
+        with dask_client(n_workers=2) as client:  # chunks generated on 2 workers, written in order
+            simulate_study(url, n_donors=S, n_cells=max(sizes), n_genes=2000, n_celltypes=4, seed=0,
+                           chunk_cells=10_000, overwrite=True, client=client)
     study = open_study(url)
     # a one-epoch model is enough for timing; train it on 300 cells of every chunk (all donors)
     import anndata as ad
@@ -92,11 +94,31 @@ def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
     top = study.truth()["donor_top_group"].to_series()
     groups = {"top1_vs_top0": ([d for d, t in top.items() if t == 1], [d for d, t in top.items() if t == 0])}
     rows = []
+    import os
     for n in sizes:
-        cpu, wall = timed(lambda: model.differential_abundance(groups, study, cells=np.arange(n)))
-        rows.append({"n_cells": n, "cpu_s": cpu, "wall_s": wall})
+        _reset_peak_rss()
+        rss0 = _status_gib("VmRSS")
+        cpu, wall = timed(lambda: model.differential_abundance(groups, study, cells=None if n == study.n_cells
+                                                               else np.arange(n)))
+        rows.append({"n_cells": n, "cpu_s": cpu, "wall_s": wall, "rss_before_gib": rss0,
+                     "peak_rss_gib": _status_gib("VmHWM"), "load_avg_1min": os.getloadavg()[0]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _status_gib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux clear_refs "5"), so each DA run's
+    peak is its own and not the model training's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _sub(args: list[str]) -> dict:
@@ -130,7 +152,10 @@ def main():
         return
     sizes = [int(s) for s in a.da_sizes.split(",")]
     if a.da_scaling_only:
-        print(json.dumps(da_scaling(sizes)))
+        rows = da_scaling(sizes)
+        OUT.mkdir(exist_ok=True)
+        (OUT / f"mrvi_da_scaling_{max(sizes)}.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps(rows))
         return
     n = a.cells
     plan = [("distances", 32, n), ("distances", 200, n), ("de", 32, min(n, 5000)), ("da", 32, n)]

@@ -100,6 +100,19 @@ def test_dask_map_equals_in_process(quick, dask_client):
     np.testing.assert_allclose(da_r["log_probs"].values, da_l["log_probs"].values, rtol=1e-5)
 
 
+def test_de_scores_admissibility_in_its_own_pass(quick):
+    """DE with admissible=True scores the pairs inside the DE pass; same pairs and statistics
+    as filtering with the separately computed admissibility result."""
+    _, model = quick
+    adm = model.admissibility(max_cells=60, seed=2)
+    assert 0 < adm["admissible"].values.mean() < 1                 # the filter drops some pairs
+    fused = model.differential_expression("group", max_cells=60, seed=2)
+    given = model.differential_expression("group", admissible=adm)
+    np.testing.assert_array_equal(fused["n_admissible"].values, adm["n_admissible"].values)
+    np.testing.assert_allclose(fused["chi2"].values, given["chi2"].values, rtol=1e-6)
+    np.testing.assert_allclose(fused["lfc_mean"].values, given["lfc_mean"].values, rtol=1e-5, atol=1e-7)
+
+
 def test_cluster_samples_result(quick):
     _, model = quick
     agg = model.sample_distances(groupby="celltype", min_cells=1)
