@@ -1,8 +1,10 @@
 """MrVI post-training analyses: throughput and memory, side by side with scvi-tools' MRVI.
 
-    .venv/bin/python benchmarks/mrvi_analysis_bench.py [--cells 20000] [--scvi] [--da-max 200000]
+    .venv/bin/python benchmarks/mrvi_analysis_bench.py [--cells 20000] [--scvi] [--repeats 3] [--only de,da]
+    .venv/bin/python benchmarks/mrvi_analysis_bench.py --da-scaling-only --da-sizes 20000,100000,1000000
 
-Measures, on one CPU thread, in a fresh process per measurement (so peak RSS is its own):
+Measures, on one CPU thread, in a fresh process per analysis (peak RSS reset after training,
+so it is the analysis's own; CPU time the median of ``--repeats``):
 local sample distances (aggregated per cell type) for S = 32 and S = 200 samples, DE
 (admissibility filter + per-cell regression + LFCs) and DA (log density ratios) in cells
 per CPU-second; DA CPU time versus cells on a streamed study store (near-linear expected).
@@ -18,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mrvi_bench_common import record, timed
+from mrvi_bench_common import record, reset_peak_rss, timed, timed_repeats
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -38,7 +40,7 @@ def prepare(S: int, n: int) -> Path:
     return p
 
 
-def ours(what: str, S: int, n: int, n_run: int) -> dict:
+def ours(what: str, S: int, n: int, n_run: int, repeats: int = 1) -> dict:
     """One measurement in this process (called in a subprocess by main)."""
     import anndata as ad
     import numpy as np
@@ -57,7 +59,8 @@ def ours(what: str, S: int, n: int, n_run: int) -> dict:
     run = {"distances": lambda: model.sample_distances(groupby="celltype", cells=cells),
            "de": lambda: model.differential_expression("group", groupby="celltype", cells=cells),
            "da": lambda: model.differential_abundance("group", groupby="celltype", cells=cells)}[what]
-    return record("scdist", what, n_run, S, *timed(run))
+    reset_peak_rss()
+    return record("scdist", what, n_run, S, *timed_repeats(run, repeats))
 
 
 def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
@@ -96,7 +99,7 @@ def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
     rows = []
     import os
     for n in sizes:
-        _reset_peak_rss()
+        reset_peak_rss()
         rss0 = _status_gib("VmRSS")
         cpu, wall = timed(lambda: model.differential_abundance(groups, study, cells=None if n == study.n_cells
                                                                else np.arange(n)))
@@ -114,13 +117,6 @@ def _status_gib(field: str) -> float:
     return float("nan")
 
 
-def _reset_peak_rss() -> None:
-    """Reset this process's VmHWM to its current RSS (Linux clear_refs "5"), so each DA run's
-    peak is its own and not the model training's."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _sub(args: list[str]) -> dict:
     r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if r.returncode:
@@ -128,11 +124,11 @@ def _sub(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _scvi(what: str, S: int, n: int, n_run: int) -> dict:
+def _scvi(what: str, S: int, n: int, n_run: int, repeats: int = 1) -> dict:
     from vae_scvi_env import scvi_python
     out = OUT / f"mrvi_scvi_{what}_{S}.json"
     r = subprocess.run([str(scvi_python()), str(HERE / "mrvi_scvi_worker.py"), str(prepare(S, n)), what, str(n_run),
-                        str(out)], capture_output=True, text=True)
+                        str(out), str(repeats)], capture_output=True, text=True)
     if r.returncode:
         return {"impl": "scvi-tools", "what": what, "error": r.stderr[-1500:]}
     return json.loads(out.read_text())
@@ -144,11 +140,13 @@ def main():
     ap.add_argument("--scvi", action="store_true")
     ap.add_argument("--da-sizes", default="25000,50000,100000,200000")
     ap.add_argument("--skip-da-scaling", action="store_true")
-    ap.add_argument("--one", nargs=4, metavar=("WHAT", "S", "N", "NRUN"), help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per analysis (median reported)")
+    ap.add_argument("--only", default="", help="comma list of distances32,distances200,de,da (default all)")
+    ap.add_argument("--one", nargs=5, metavar=("WHAT", "S", "N", "NRUN", "REPEATS"), help=argparse.SUPPRESS)
     ap.add_argument("--da-scaling-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(ours(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]))))
+        print(json.dumps(ours(a.one[0], int(a.one[1]), int(a.one[2]), int(a.one[3]), int(a.one[4]))))
         return
     sizes = [int(s) for s in a.da_sizes.split(",")]
     if a.da_scaling_only:
@@ -158,23 +156,27 @@ def main():
         print(json.dumps(rows))
         return
     n = a.cells
-    plan = [("distances", 32, n), ("distances", 200, n), ("de", 32, min(n, 5000)), ("da", 32, n)]
-    scvi_n = {"distances": min(n, 5000), "de": 300, "da": n}
+    plan = {"distances32": ("distances", 32, n), "distances200": ("distances", 200, n),
+            "de": ("de", 32, min(n, 5000)), "da": ("da", 32, n)}
+    if a.only:
+        plan = {k: v for k, v in plan.items() if k in a.only.split(",")}
+    scvi_n = {"distances32": min(n, 5000), "distances200": min(n, 2000), "de": 300, "da": n}
     results = []
-    for what, S, n_run in plan:
+    for key, (what, S, n_run) in plan.items():
         prepare(S, n)
-        r = _sub(["--one", what, str(S), str(n), str(n_run)])
+        r = _sub(["--one", what, str(S), str(n), str(n_run), str(a.repeats)])
         results.append(r)
         print(json.dumps(r), flush=True)
         if a.scvi:
-            s = _scvi(what, S, n, min(n_run, scvi_n[what]))
+            s = _scvi(what, S, n, min(n_run, scvi_n[key]), a.repeats)
             results.append(s)
             print(json.dumps(s), flush=True)
     out = {"analyses": results}
     if not a.skip_da_scaling:
         out["da_scaling"] = _sub(["--da-scaling-only", "--da-sizes", a.da_sizes])
     OUT.mkdir(exist_ok=True)
-    (OUT / "mrvi_analysis.json").write_text(json.dumps(out, indent=1))
+    (OUT / ("mrvi_analysis.json" if not a.only else f"mrvi_analysis_{a.only.replace(',', '_')}.json")).write_text(
+        json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux clear_refs "5"): the peak that follows is the
+    analysis's own, not the model training's before it."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
     """(CPU seconds, wall seconds) of ``fn()``."""
     t0, w0 = time.process_time(), time.perf_counter()
@@ -29,7 +36,17 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.process_time() - t0, time.perf_counter() - w0
 
 
-def record(impl: str, what: str, n_cells: int, n_samples: int, cpu_s: float, wall_s: float) -> dict:
-    """One benchmark row, the same fields for both implementations."""
+def timed_repeats(fn: Callable[[], object], repeats: int) -> tuple[float, float, list[float]]:
+    """Median CPU and wall seconds of ``repeats`` calls of ``fn()``, and all CPU times."""
+    runs = [timed(fn) for _ in range(max(1, int(repeats)))]
+    cpu = sorted(r[0] for r in runs)
+    wall = sorted(r[1] for r in runs)
+    return cpu[len(cpu) // 2], wall[len(wall) // 2], [r[0] for r in runs]
+
+
+def record(impl: str, what: str, n_cells: int, n_samples: int, cpu_s: float, wall_s: float,
+           cpu_s_all: list[float] | None = None) -> dict:
+    """One benchmark row, the same fields for both implementations (``cpu_s``: median of repeats)."""
     return {"impl": impl, "what": what, "n_cells": int(n_cells), "n_samples": int(n_samples), "cpu_s": cpu_s,
-            "wall_s": wall_s, "cells_per_cpu_s": n_cells / cpu_s, "peak_rss_gib": peak_rss_gib()}
+            "wall_s": wall_s, "cells_per_cpu_s": n_cells / cpu_s, "cpu_s_all": cpu_s_all or [cpu_s],
+            "peak_rss_gib": peak_rss_gib(), "load_avg_1min": os.getloadavg()[0]}

@@ -1,7 +1,7 @@
 """Runs inside benchmarks/.venv-scvi (scvi-tools 1.4.2, torch MRVI): the post-training analyses
 of MRVI timed in CPU seconds on one thread, written to JSON. Called by mrvi_analysis_bench.py.
 
-Usage: python mrvi_scvi_worker.py H5AD WHAT N_CELLS OUT.json
+Usage: python mrvi_scvi_worker.py H5AD WHAT N_CELLS OUT.json [REPEATS]
 WHAT: distances | de | da. Each runs in its own process so its peak RSS is its own.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import sys
 
-from mrvi_bench_common import record, timed
+from mrvi_bench_common import record, reset_peak_rss, timed_repeats
 
 
-def main(h5ad, what, n_cells, out):
+def main(h5ad, what, n_cells, out, repeats=1):
     import anndata as ad
     import torch
     import scvi
@@ -34,12 +34,13 @@ def main(h5ad, what, n_cells, out):
            "da": lambda: m.differential_abundance(sub, sample_cov_keys=["group"], compute_log_enrichment=True)}
     if what not in run:
         raise SystemExit(f"unknown {what}")
+    reset_peak_rss()
     res = record(f"scvi-tools {scvi.__version__} MRVI", what, sub.n_obs, adata.obs["sample"].nunique(),
-                 *timed(run[what]))
+                 *timed_repeats(run[what], repeats))
     with open(out, "w") as f:
         json.dump(res, f)
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], int(a[2]), a[3])
+    main(a[0], a[1], int(a[2]), a[3], int(a[4]) if len(a) > 4 else 1)
