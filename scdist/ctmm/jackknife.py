@@ -11,7 +11,6 @@ import numpy as np
 
 from .design import Layout, Problem
 from .he import _pattern_terms, he_rows
-from .likelihood import evaluate
 from .linalg import _SMALL
 from .optimize import maximize_with_restarts
 
@@ -93,11 +92,10 @@ def jackknife_reml(prob: Problem, layout: Layout, theta: np.ndarray, method: str
             start[bad] = random_start(np.random.default_rng(seed), np.repeat(genes, N)[bad])
         res = maximize_with_restarts(sub, start, method, random_start=lambda rng, rows: random_start(
             rng, np.repeat(genes, N)[rows]), n_restarts=n_restarts, seed=seed)
-        st = evaluate(sub, res.theta, method, grad=False, ai=False)
         th[genes] = res.theta.reshape(len(genes), N, K)
-        be[genes] = st.beta.reshape(len(genes), N, p)
+        be[genes] = res.beta.reshape(len(genes), N, p)     # GLS beta at the refit's theta
         cv[genes] = res.converged.reshape(len(genes), N)
-        r = res.rcmin if res.rcmin is not None else st.rcmin
+        r = res.rcmin
         # without a condition proxy (general blocks) the regular flag is all that is known
         rc[genes] = (np.where(res.converged, 1.0, 0.0) if r is None else r).reshape(len(genes), N)
     return th, be, cv, rc

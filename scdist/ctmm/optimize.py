@@ -29,6 +29,7 @@ class FitResult:
     converged: np.ndarray   # (R,) bool
     iterations: np.ndarray  # (R,) int (summed over restarts)
     rcmin: np.ndarray | None = None  # (R,) smallest block condition proxy at theta (fast path)
+    beta: np.ndarray | None = None   # (R, p) GLS fixed effects at theta
 
 
 def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -69,7 +70,7 @@ def _accept(st, ll_old: np.ndarray) -> np.ndarray:
     return st.ok & (st.loglik >= ll_old - 1e-10 * np.abs(ll_old))
 
 
-def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge, rcmin) -> None:
+def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge, rcmin, beta) -> None:
     """Store accepted candidates ``cand[sel]`` (state ``st``) for ``rows``."""
     new_ll = st.loglik[sel]
     small = (new_ll - ll[rows]) <= 1e-10 * np.maximum(np.abs(ll[rows]), 1.0)
@@ -78,6 +79,7 @@ def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge, rcmin) -> None:
     ll[rows] = new_ll
     grad[rows] = st.grad[sel]
     AI[rows] = st.ai[sel]
+    beta[rows] = st.beta[sel]
     if st.edge is not None:
         edge[rows] = st.edge[sel]
     if rcmin is not None and st.rcmin is not None:
@@ -106,6 +108,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     edge = np.zeros(R, bool) if st.edge is None else st.edge.copy()
     flat = np.zeros(R, int)   # consecutive accepted steps that changed l by < 1e-10 |l|
     rcmin = None if st.rcmin is None else st.rcmin.copy()
+    beta = st.beta.copy()
     for _ in range(max_iter):
         if active.size == 0:
             break
@@ -126,7 +129,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         st1 = evaluate(prob, theta[active] + d, method, rows=active)
         better = _accept(st1, ll[active])
         _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge,
-              rcmin)
+              rcmin, beta)
         pending = np.flatnonzero(~better)
         if pending.size:
             rows = active[pending]
@@ -140,7 +143,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             pick = np.flatnonzero(hit) * alphas.size + first[hit]
             sel = np.zeros(rep.size, bool)
             sel[pick] = True
-            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge, rcmin)
+            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge, rcmin, beta)
             hard[rows[hit & (first >= 2)]] = True
             pending = pending[~hit]
         if pending.size:
@@ -156,7 +159,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     # created by negative variance components, not a regular optimum: report it as failed
     # so that restarts look for the regular maximum
     return FitResult(theta=theta, loglik=ll, converged=conv & np.isfinite(ll) & ~edge,
-                     iterations=iters, rcmin=rcmin)
+                     iterations=iters, rcmin=rcmin, beta=beta)
 
 
 def near_edge(res: FitResult) -> np.ndarray:
@@ -203,5 +206,6 @@ def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "rem
         res.converged[sel] = r2.converged[better]
         if res.rcmin is not None and r2.rcmin is not None:
             res.rcmin[sel] = r2.rcmin[better]
+        res.beta[sel] = r2.beta[better]
         res.iterations[bad] += r2.iterations
     return res
