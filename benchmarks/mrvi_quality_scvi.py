@@ -15,6 +15,7 @@ thread, ``--epochs`` epochs. Scored here:
   that type analysed, scvi-tools' DE is slow) for the MrVI genes vs the rest;
 - DA: AUC / average precision of log(mean density over top-1 donors) - log(mean over top-0
   donors) of each cell's u, DA type vs the rest.
+- kNN top-group agreement of u inside each cell type (as mrvi_quality.py; 0.5 = groups mixed).
 Also the oracle: the same distance figures on the true per-donor log means ``eta`` of each
 cell type (what a perfect model could reach). Results: benchmarks/out/mrvi_quality_scvi_<...>.json.
 """
@@ -107,6 +108,14 @@ def main():
     res["de_n_cells"] = int(lfc.shape[0])
     res["de_auc_genes"] = auc(np.abs(mean_lfc), truth["mrvi_gene"].values)
     res["de_lfc_covariates"] = list(r["lfc_covariate"])
+    if "u" in r.files:  # kNN top-group agreement of u inside each cell type (0.5 = mixed), as mrvi_quality.py
+        from mrvi_u_leak import knn_group_agreement
+        top_all = truth["donor_top_group"].to_series().reindex(obs["donor"].astype(str).to_numpy()).to_numpy()
+        rng = np.random.default_rng(0)
+        res["u_top_group_agreement"] = {}
+        for ct in sorted(set(ct_all)):
+            idx = rng.choice(np.flatnonzero(ct_all == ct), min(3000, int((ct_all == ct).sum())), replace=False)
+            res["u_top_group_agreement"][ct] = knn_group_agreement(r["u"][idx], top_all[idx])
     (OUT / f"mrvi_quality_scvi_{tag}_{a.epochs}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 

@@ -10,7 +10,7 @@ sample distances per cell type, Euclidean between counterfactual means of z, as
 ``differential_abundance``'s per-sample aggregated-posterior log densities), ``de_cells`` / ``lfc``
 (``differential_expression(sample_cov_keys=["top_group"], store_lfc=True)`` on a subset of cells:
 per-cell LFC of top group 1 vs 0, dims cell x covariate x gene,
-on 600 random cells of the DE type), ``train_s``, ``epochs_run``.
+on 600 random cells of the DE type), ``u`` (cells x 10, posterior mean of u), ``train_s``, ``epochs_run``.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def main(h5ad: str, epochs: int, out: str):
     train_s = time.perf_counter() - t0
     res = {"train_s": train_s, "epochs_run": int(m.trainer.current_epoch) if getattr(m, "trainer", None) else epochs}
     res["samples"] = np.asarray(m.sample_order, dtype=str)
+    res["u"] = m.get_latent_representation(adata, give_z=False)
     d = m.get_local_sample_distances(adata, keep_cell=False, groupby="celltype", batch_size=256)
     agg = d["celltype"]
     sample_dim = [k for k in agg.dims if k != "celltype_name" and k != "celltype"][0]

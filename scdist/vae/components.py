@@ -77,8 +77,9 @@ class CovariateAttention(nn.Module):
     """
 
     def __init__(self, n_query: int, n_emb: int, n_out: int, *, n_heads: int = 2, n_hidden: int = 32,
-                 n_channels: int = 4, dropout: float = 0.0):
+                 n_channels: int = 4, dropout: float = 0.0, detach_query: bool = False):
         super().__init__()
+        self.detach_query = detach_query
         self.n_heads, self.n_hidden, self.n_channels = n_heads, n_hidden, n_channels
         self.q_norm = nn.LayerNorm(n_query)
         self.kv_norm = nn.LayerNorm(n_emb)
@@ -97,7 +98,9 @@ class CovariateAttention(nn.Module):
         emb = emb.expand(*query.shape[:-1], emb.shape[-1])
         lead = query.shape[:-1]
         qn = self.q_norm(query)
-        q = self.q_proj(qn).reshape(-1, self.n_channels, self.n_hidden)
+        # detach_query: the attention weights do not send gradients back into the query (the
+        # post-attention MLP still does)
+        q = self.q_proj(qn.detach() if self.detach_query else qn).reshape(-1, self.n_channels, self.n_hidden)
         kv = self.kv_proj(self.kv_norm(emb)).reshape(-1, self.n_channels, self.n_hidden)
         a, _ = self.attn(q, kv, kv, need_weights=False)
         a = a.reshape(*lead, self.n_channels * self.n_hidden)

@@ -41,7 +41,21 @@ from .components import CovariateAttention, GaussianEncoder, MixtureOfGaussians,
 from .likelihoods import log_nb_cells
 
 MODULE_KEYS = ("n_latent", "n_latent_u", "n_hidden", "encoder_n_layers", "n_components", "label_epsilon",
-               "n_emb", "n_heads", "attention_hidden", "dropout", "variant", "l2_scale", "encoder_sample")
+               "n_emb", "n_heads", "attention_hidden", "dropout", "variant", "l2_scale", "encoder_sample",
+               "detach_query", "u_adversary")
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Identity forward; gradient multiplied by -weight backward (adversarial training)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.weight * grad, None
 
 
 class MrVIModule(nn.Module):
@@ -51,7 +65,8 @@ class MrVIModule(nn.Module):
                  n_latent_u: int = 10, n_hidden: int = 128, encoder_n_layers: int = 2, n_components: int = 20,
                  label_epsilon: float = 0.0, use_labels: bool = False, n_emb: int = 16, n_heads: int = 2,
                  attention_hidden: int = 32, dropout: float = 0.1, variant: str = "attention",
-                 l2_scale: float = 1.0, encoder_sample: bool = True):
+                 l2_scale: float = 1.0, encoder_sample: bool = True, detach_query: bool = False,
+                 u_adversary: float = 0.0):
         super().__init__()
         if variant not in ("attention", "linear"):
             raise InputError(f"variant={variant!r}", field="variant", fix="use 'attention' or 'linear'")
@@ -69,7 +84,8 @@ class MrVIModule(nn.Module):
         if variant == "attention":
             self.sample_emb = nn.Embedding(n_sample, n_emb)
             nn.init.normal_(self.sample_emb.weight, std=0.1)
-            self.g_uz = CovariateAttention(n_latent_u, n_emb, n_latent, n_heads=n_heads, n_hidden=attention_hidden)
+            self.g_uz = CovariateAttention(n_latent_u, n_emb, n_latent, n_heads=n_heads, n_hidden=attention_hidden,
+                                           detach_query=detach_query)
             if n_batch > 1:
                 self.batch_emb = nn.Embedding(n_batch, n_emb)
                 nn.init.normal_(self.batch_emb.weight, std=0.1)
@@ -78,6 +94,10 @@ class MrVIModule(nn.Module):
             self.A_s = nn.Parameter(torch.zeros(n_sample, n_latent, n_latent_u))
             self.a_s = nn.Parameter(torch.zeros(n_sample, n_latent))
             self.batch_offset = nn.Parameter(torch.zeros(n_batch, n_genes))
+        self.u_adversary = float(u_adversary)
+        if self.u_adversary > 0 and n_sample > 1:
+            self.sample_classifier = nn.Sequential(nn.Linear(n_latent_u, n_hidden), nn.ReLU(),
+                                                   nn.Linear(n_hidden, n_sample))
         self.decoder = nn.Linear(n_latent, n_genes)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
 
@@ -135,6 +155,11 @@ class MrVIModule(nn.Module):
         zb = self.z_base(u)
         penalty = -normal_log_prob(z, zb, torch.full_like(zb, self.l2_scale)).sum(-1)
         loss = (recon + kl_weight * (kl_u + penalty)).mean()
+        if hasattr(self, "sample_classifier"):
+            # The classifier learns to tell s_n from u_n; through the reversed gradient the
+            # encoder learns to make that impossible (u sample-unaware), the shift moving to g.
+            logits = self.sample_classifier(_ReverseGrad.apply(u, self.u_adversary))
+            loss = loss + F.cross_entropy(logits, s)
         return {"loss": loss, "nelbo": (recon + kl_u + penalty).sum().detach(), "recon": recon.sum().detach(),
                 "kl": kl_u.sum().detach()}
 
