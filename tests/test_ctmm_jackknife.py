@@ -67,3 +67,35 @@ def test_wald_f_and_lrt_match_scipy():
     assert T.lrt(np.array([-12.0]), np.array([-11.9]), 3)[0] == 1.0   # negative stat -> 0
     L = T.mean_contrasts(3)
     np.testing.assert_allclose(L @ np.array([2.0, 2.0, 2.0]), 0)
+
+
+def test_jackknife_rules_nest_and_agree_where_they_overlap():
+    """The jackknife rules (FitConfig.jk_rule) on one set of fits: every gene the strict
+    'regular' rule tests is tested by the laxer rules with the same p-value where they use
+    the same replicates; 'all' tests every gene; fit(jk_rule=...) gives the rule's p-values."""
+    from scdist.ctmm.kernel import _fit_kind, jackknife_pvalues, test_labels, wald_df2
+    from scdist.errors import InputError
+
+    sim = ctmm.simulate_ctp(40, 20, 4, hom2=0.25, V=0, seed=5)
+    Y = sim["mean"].transpose("gene", "donor", "celltype").values
+    NU = sim["nu"].transpose("gene", "donor", "celltype").values
+    models, tests = ("hom", "free"), ("jackknife",)
+    cfg = FitConfig(models=models, tests=tests, jk_rule="all",
+                    test_labels=test_labels(models, "reml", tests))
+    fitter, fits, _ = _fit_kind(Y, NU, np.isfinite(Y), None, [], None, 4, cfg)
+    free = fits["free"]
+    w = free["weight"]
+    df2 = wald_df2(fitter, w)
+    p = {r: jackknife_pvalues(free, w, 4, df2, r)["free_vs_hom_jackknife"]
+         for r in ("regular", "edge", "drop", "all")}
+    t = {r: np.isfinite(v) for r, v in p.items()}
+    assert np.isfinite(free["theta"]).all() and t["all"].all()
+    assert not (t["regular"] & ~t["edge"]).any() and not (t["regular"] & ~t["drop"]).any()
+    assert t["regular"].sum() < t["all"].sum()       # N = 20 null: some fits on the edge
+    for r in ("edge", "drop", "all"):
+        np.testing.assert_allclose(p[r][t["regular"]], p["regular"][t["regular"]], rtol=1e-10)
+    res = ctmm.fit(sim, models=models, tests=tests, op=False, jk_rule="drop")
+    np.testing.assert_allclose(res.pvalue.sel(test="free_vs_hom_jackknife").values, p["drop"],
+                               rtol=1e-8, equal_nan=True)
+    with pytest.raises(InputError, match="jk_rule"):
+        ctmm.fit(sim, models=models, tests=tests, jk_rule="some")
