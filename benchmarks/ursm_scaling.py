@@ -26,6 +26,41 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def block_cpu(sim, kw, a):
+    """Load-robust view of what the block layout allows: the CPU time of each (chain, block)
+    E-step run in-process (median over warm EM iterations), summed per actor under the executor's
+    round-robin assignment (``keys[i::n]``, as in ``scdist.engines.ray_actors``). With one
+    dedicated core per actor, the wall time of an E-step is at least the largest actor's sum; the
+    ratio to the one-actor sum is the speed-up the layout permits (Ray's scatter/gather and
+    start-up not included)."""
+    from scdist.ursm.em import BlockLayout, EMSettings, LocalExecutor, run_block
+    from scdist.ursm.params import initial_theta
+
+    s = EMSettings(burnin=kw["burnin"], samples=kw["samples"], seed=kw["seed"])
+    layout = BlockLayout.make(len(sim.cell_types), sim.X.shape[0], kw["cell_block_size"], kw["bulk_block_size"],
+                              False)
+    ex = LocalExecutor(sim.Y, np.asarray(sim.cell_types), sim.X, 3, layout, s)
+    theta = initial_theta(sim.Y, np.asarray(sim.cell_types), sim.X, 3, {}, eps_A=s.eps_A)
+    keys = layout.tasks(1)
+    cpu = {k: [] for k in keys}
+    for it in range(a.iters):
+        for k in keys:
+            t0 = time.process_time()
+            run_block(ex.samplers[k], k, theta, s, it, s.burnin, it == 0)
+            cpu[k].append(time.process_time() - t0)
+    per = {k: float(np.median(v[1:] if len(v) > 1 else v)) for k, v in cpu.items()}
+    total = sum(per.values())
+    print(f"N={a.genes}, L={a.cells}, M={a.bulk}, {sum(a.sweeps)} sweeps: CPU s per warm E-step of each block "
+          f"(median over iterations 2..{a.iters}): " + ", ".join(f"{'cell' if k[1] == 0 else 'bulk'} {k[2]}: "
+                                                               f"{per[k]:.2f}" for k in keys))
+    print(f"load average {os.getloadavg()[0]:.1f}\n")
+    print("| actors | largest actor's CPU s per E-step | speed-up the layout permits vs 1 actor |")
+    print("|---|---|---|")
+    for n in a.actors:
+        crit = max(sum(per[k] for k in keys[i::n]) for i in range(n))
+        print(f"| {n} | {crit:.2f} | {total / crit:.2f} |")
+
+
 def main():
     import ray
 
@@ -40,6 +75,8 @@ def main():
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the raw per-iteration times here")
+    ap.add_argument("--block-cpu", action="store_true",
+                    help="no Ray: CPU time of every block's E-step in-process and the per-actor critical path")
     a = ap.parse_args()
     sim = simulate(n_genes=a.genes, n_cells=a.cells, n_bulk=a.bulk, seed=1)
     kw = dict(em_iters=a.iters, burnin=a.sweeps[0], samples=a.sweeps[1], cell_block_size=a.cells // 8,
@@ -47,6 +84,8 @@ def main():
     # Ray starts its workers at niceness 15 by default; on a shared machine they would then run at
     # a far lower priority than the in-process driver they are compared with.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    if a.block_cpu:
+        return block_cpu(sim, kw, a)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     configs = [("in-process", None)] + [("ray", n) for n in a.actors]
     times = {c: [] for c in configs}
