@@ -99,3 +99,11 @@ def test_same_generator_state_same_pg_draws():
     pgm.pg1_fill(psi, a, np.random.default_rng(9), pgm.WEIGHT_TABLE)
     pgm.pg1_fill(psi, b, np.random.default_rng(9), pgm.WEIGHT_TABLE)
     assert np.array_equal(a, b)
+
+
+def test_nan_psi_raises_and_infinite_psi_gives_the_limit():
+    out = np.empty(1)
+    with pytest.raises(ValueError, match="NaN"):
+        pgm.pg1_fill(np.array([np.nan]), out, np.random.default_rng(0), pgm.WEIGHT_TABLE)
+    pgm.pg1_fill(np.array([np.inf]), out, np.random.default_rng(0), pgm.WEIGHT_TABLE)
+    assert out[0] == 0.0

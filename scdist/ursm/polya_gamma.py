@@ -138,8 +138,12 @@ def _series_accepts(x, v):
 
 @nb.njit(cache=True, inline="always")
 def pg1(psi, rng, table):
-    """One PG(1, ψ) draw."""
+    """One PG(1, ψ) draw (ψ = ±∞ gives 0, the limit; NaN raises instead of looping)."""
+    if not psi == psi:
+        raise ValueError("Polya-Gamma draw with psi = NaN")
     z = 0.5 * abs(psi)
+    if z == math.inf:
+        return 0.0
     K = _PI2_8 + 0.5 * z * z
     while True:
         if _goes_right(z, rng, table):
