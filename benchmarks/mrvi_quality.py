@@ -6,7 +6,9 @@
 Training checkpoints every epoch into the study store under a run named after the settings, so an
 interrupted run continues where it stopped when started again with the same arguments.
 
-Design (``scdist.simulate.simulate_study`` defaults, 40 donors in 2 batches, 4 cell types):
+Design (``scdist.simulate.simulate_study`` defaults, 40 donors in 2 batches, 4 cell types; the
+store is named after ``MRVI_DESIGN_VERSION`` and any ``--design`` knobs, so a changed simulator
+never reuses a stale store; benchmarks/mrvi_quality_scvi.py runs scvi-tools on the same study):
 donors in 2 top groups x 4 subgroups (8 leaves); in cell type ``mrvi_celltype`` the leaves
 shift a gene set hierarchically (top-group effect + leaf effect); cell type ``da_celltype``
 is 3x more abundant in top group 1; the other types carry no group structure. MrVI is
@@ -17,7 +19,8 @@ trained with sample = donor, nuisance = batch. Reported (issue 5 targets in brac
   between / within-leaf distance ratio per type;
 - DE: AUC of |mean LFC| (top group 1 vs 0, DE type) for the MrVI genes vs the rest [1.0];
 - DA: ROC AUC / average precision of the log density ratio (top 1 vs top 0) for cells of
-  the DA type vs the rest [1.0], cluster-level composite-null test per type.
+  the DA type vs the rest [1.0], cluster-level composite-null test per type;
+- kNN top-group agreement of u inside each cell type (0.5 = mixed: u sample-unaware).
 Results: benchmarks/out/mrvi_quality_<cells>_<run>.json.
 """
 from __future__ import annotations
