@@ -94,8 +94,8 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
     """Fill ``ll, ok_out, beta, Hinv_out, grad, ai, rcmin`` for every row of ``theta``.
 
     theta (R, Kc); idx (R,) row of y/nu/mask; drop (R,) block left out (-1: none); full: no
-    entry of ``mask`` is False (skips the per-entry checks); Kb (Kc, m, m); y, nu (G, B, m) float;
-    mask (G, B, m) bool; X (B, m, p). Outputs are preallocated with leading dim R."""
+    entry of ``mask`` is False (skips the per-entry checks); y, nu (G, B, m) float;
+    mask (G, B, m) bool; X (B, m, p); Kb (Kc, Bk, m, m) with Bk = 1 (shared) or B. Outputs are preallocated with leading dim R."""
     R = theta.shape[0]
     Kc = len(kt)
     B = X.shape[0]
@@ -127,15 +127,21 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
     AIl = np.empty((Kc, Kc))
     has = np.empty(B, np.bool_)
     base = np.empty((m, m))
+    Eb = np.empty((m, m))
+    gacc = np.empty(Kc)
+    perblock = Kb.shape[1] > 1      # a basis per block (OP: P_i' k P_i per donor)
     for row in range(R):
         g = idx[row]
-        # shared part of Sigma_b
-        for x in range(m):
-            for z in range(m):
-                v = 0.0
-                for k in range(Kc):
-                    v += theta[row, k] * Kb[k, x, z]
-                base[x, z] = v
+        # model part of Sigma_b (once per row when the basis is shared by all blocks)
+        if not perblock:
+            for x in range(m):
+                for z in range(m):
+                    v = 0.0
+                    for k in range(Kc):
+                        v += theta[row, k] * Kb[k, 0, x, z]
+                    base[x, z] = v
+        for k in range(Kc):
+            gacc[k] = 0.0
         ok = True
         logdet = 0.0
         rc_min = np.inf
@@ -163,6 +169,13 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                 rc_min = min(rc_min, 1.0 / m)
                 continue
             n_obs += nob
+            if perblock:
+                for x in range(m):
+                    for z in range(m):
+                        v = 0.0
+                        for k in range(Kc):
+                            v += theta[row, k] * Kb[k, bb, x, z]
+                        base[x, z] = v
             dmax = 0.0
             for x in range(m):
                 ox = full or mask[g, bb, x]
@@ -278,10 +291,8 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                     v += W[x, z] * r[z]
                 s[x] = v
                 quad += v * r[x]
+            kb = bb if perblock else 0
             if want_grad:
-                for x in range(m):
-                    for z in range(m):
-                        Ssum[x, z] += s[x] * s[z]
                 if reml:
                     for x in range(m):
                         for q in range(p):
@@ -289,18 +300,40 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                             for t in range(p):
                                 v += F[x, t] * Hinv[t, q]
                             FH[x, q] = v
+                if perblock:
+                    # per-block basis: tr(K_kb (W_b - s_b s_b' - E_b)) block by block
                     for x in range(m):
-                        for z in range(x, m):
-                            v = 0.0
-                            for q in range(p):
-                                v += FH[x, q] * F[z, q]
-                            Esum[x, z] += v
+                        for z in range(m):
+                            e = W[x, z] - s[x] * s[z]
+                            if reml:
+                                v = 0.0
+                                for q in range(p):
+                                    v += FH[x, q] * F[z, q]
+                                e -= v
+                            Eb[x, z] = e
+                    for k in range(Kc):
+                        v = 0.0
+                        for x in range(m):
+                            for z in range(m):
+                                v += Kb[k, bb, x, z] * Eb[x, z]
+                        gacc[k] += v
+                else:
+                    for x in range(m):
+                        for z in range(m):
+                            Ssum[x, z] += s[x] * s[z]
+                    if reml:
+                        for x in range(m):
+                            for z in range(x, m):
+                                v = 0.0
+                                for q in range(p):
+                                    v += FH[x, q] * F[z, q]
+                                Esum[x, z] += v
             if want_ai:
                 for k in range(Kc):
                     for x in range(m):
                         v = 0.0
                         for z in range(m):
-                            v += Kb[k, x, z] * s[z]
+                            v += Kb[k, kb, x, z] * s[z]
                         u[k, x] = v
                     for x in range(m):
                         v = 0.0
@@ -329,13 +362,14 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                     for z in range(x):
                         Esum[x, z] = Esum[z, x]
             for k in range(Kc):
-                v = 0.0
-                for x in range(m):
-                    for z in range(m):
-                        e = Wsum[x, z] - Ssum[x, z]
-                        if reml:
-                            e -= Esum[x, z]
-                        v += Kb[k, x, z] * e
+                v = gacc[k]
+                if not perblock:
+                    for x in range(m):
+                        for z in range(m):
+                            e = Wsum[x, z] - Ssum[x, z]
+                            if reml:
+                                e -= Esum[x, z]
+                            v += Kb[k, 0, x, z] * e
                 grad[row, k] = -0.5 * v
         if want_ai:
             if reml:

@@ -33,9 +33,10 @@ def donor_weights(prob: Problem, layout: Layout) -> np.ndarray:
 
 
 def _shares_data(prob: Problem, layout: Layout) -> bool:
-    """Leave-one-out rows can share their gene's data (one donor per block, compiled kernel)."""
-    return (layout.slots.shape[1] == 1 and prob.K.shape[1] == 1
-            and prob.K.shape[-1] <= _SMALL)
+    """Leave-one-out rows can share their gene's data (one donor per block, no extra random
+    effects: the compiled kernel's cases)."""
+    return (layout.slots.shape[1] == 1 and prob.K.shape[-1] <= _SMALL
+            and (prob.K.shape[1] == 1 or prob.K.shape[0] == prob.n_vc))
 
 
 def _loo_problem(prob: Problem, layout: Layout, genes: np.ndarray, share: bool = False) -> Problem:

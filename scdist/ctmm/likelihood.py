@@ -192,10 +192,16 @@ def _compiled_arrays(prob: Problem):
              np.ascontiguousarray(prob.nu, dtype=np.float64),
              np.ascontiguousarray(prob.mask, dtype=np.bool_),
              np.ascontiguousarray(prob.X, dtype=np.float64),
-             np.ascontiguousarray(prob.K[:, 0], dtype=np.float64),
+             np.ascontiguousarray(prob.K, dtype=np.float64),
              bool(prob.mask.all()))
         prob.__dict__["_nb"] = v
     return v
+
+
+def _compiled_ok(prob: Problem) -> bool:
+    """The compiled kernel covers small blocks without extra random effects: a basis shared by
+    all blocks (CTP) or one per donor block (OP, ``P_i' k P_i``)."""
+    return prob.K.shape[-1] <= _SMALL and (prob.K.shape[1] == 1 or prob.K.shape[0] == prob.n_vc)
 
 
 def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bool,
@@ -224,7 +230,7 @@ def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bo
     recomputes them)."""
     theta = np.asarray(theta, float)
     shared = prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL
-    if shared and compiled:
+    if compiled and _compiled_ok(prob):
         return _evaluate_compiled(prob, theta, method == "reml", grad, ai, rows)
     if rows is not None:
         prob = prob.take(rows)
@@ -314,7 +320,7 @@ def fisher(prob: Problem, st: State, method: str = "reml") -> np.ndarray:
     """Expected information ``1/2 tr(P K_k P K_l)`` (REML) or ``1/2 tr(W K_k W K_l)`` (ML)."""
     prob = prob.dense()
     if st.W is None and st.Ws is None:      # compiled kernel's state: W / F not kept
-        st = _evaluate_shared(prob, st.theta, method == "reml", False, False)
+        st = evaluate(prob, st.theta, method, grad=False, ai=False, compiled=False)
     st.aos()
     return 0.5 * trace_pkpk(prob.K, st.W, st.F, st.Hinv, reml=(method == "reml"))
 
