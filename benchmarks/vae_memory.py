@@ -5,7 +5,10 @@ For each N, a simulated study with N cells x G genes is ingested into a store (c
 minibatches through the loader (every chunk is read) and runs ``--steps`` LDVAE training steps,
 and reports its peak RSS. Bounded memory means the peak does not grow with N.
 
-    .venv/bin/python benchmarks/vae_memory.py --cells 50000,200000 --genes 2000
+    .venv/bin/python benchmarks/vae_memory.py --cells 25000,1000000 --genes 2000
+
+Stores are built with scdist's population simulator (chunks generated on 2 Dask workers) and
+kept under benchmarks/out/ for reruns.
 
 Writes benchmarks/out/vae_memory.json.
 """
@@ -73,6 +76,9 @@ def main() -> None:
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--child-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for the measured process (e.g. MALLOC_ARENA_MAX=1)")
+    ap.add_argument("--out", default=str(OUT / "vae_memory.json"))
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     rows = []
@@ -82,16 +88,16 @@ def main() -> None:
         if not Path(url, "zarr.json").exists():
             make_study(url, n, args.genes, args.chunk)
         built = time.perf_counter() - t0
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", **dict(kv.split("=", 1) for kv in args.child_env))
         res = subprocess.run([sys.executable, "-c", CHILD, url, str(args.steps)], capture_output=True, text=True,
                              env=env, check=True)
-        row = {"cells": n, "genes": args.genes, "chunk": args.chunk, "build_s": built,
+        row = {"cells": n, "genes": args.genes, "chunk": args.chunk, "build_s": built, "child_env": args.child_env,
                **json.loads(res.stdout.strip().splitlines()[-1])}
         rows.append(row)
         print(f"{n:>9,} cells: peak RSS {row['peak_rss_mib']:.0f} MiB, streamed {row['cells_streamed']:,} cells "
               f"in {row['seconds']:.1f} s ({row['cells_streamed'] / row['seconds']:.0f} cells/s incl. {args.steps} "
               f"train steps)")
-    (OUT / "vae_memory.json").write_text(json.dumps(rows, indent=1))
+    Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
