@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--variant", default="attention")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seed", type=int, default=None, help="model seed (default: --seed, the study's)")
     ap.add_argument("--options", default="{}", help="JSON of further train_mrvi options")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--design", default="{}", help="JSON of simulate_study design knobs (default: its defaults)")
@@ -134,7 +135,10 @@ def main():
     truth = study.truth()
     import hashlib
     tag = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    train_seed = a.seed if a.train_seed is None else a.train_seed
     run = f"q{MRVI_DESIGN_VERSION}_{a.epochs}_{a.variant}_{a.seed}_{tag}"
+    if train_seed != a.seed:
+        run += f"_t{train_seed}"
     if a.design != "{}":
         run += "_d" + design_tag(json.loads(a.design))
     mdir = OUT / f"mrvi_quality_model_{a.cells}_{run}"
@@ -142,7 +146,7 @@ def main():
     if (mdir / "config.json").exists():
         model = MrVI.load(str(mdir))
     else:
-        model = train_mrvi(study, "donor", "batch", seed=a.seed, max_epochs=a.epochs, variant=a.variant,
+        model = train_mrvi(study, "donor", "batch", seed=train_seed, max_epochs=a.epochs, variant=a.variant,
                            run_name=run, **options)
         model.save(str(mdir))
     train_s = time.perf_counter() - t0
@@ -151,7 +155,7 @@ def main():
     top = truth["donor_top_group"].to_series().reindex(donors).to_numpy()
     tree = np.where(leaf[:, None] == leaf[None], 0, np.where(top[:, None] == top[None], 1, 2))
     de_type, da_type = truth.attrs["mrvi_celltype"], truth.attrs["da_celltype"]
-    res = {"cells": a.cells, "study": study.url, "epochs": a.epochs, "variant": a.variant, "options": options, "train_s": train_s,
+    res = {"cells": a.cells, "study": study.url, "train_seed": train_seed, "epochs": a.epochs, "variant": a.variant, "options": options, "train_s": train_s,
            "epochs_run": len(model.history.epoch)}
 
     t0 = time.perf_counter()
