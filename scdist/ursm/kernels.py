@@ -23,6 +23,8 @@ import numba as nb
 import numpy as np
 from scipy.special import gammaln
 
+# inlined into cell_sweep; numba's on-disk cache only checks this file's timestamp, so after
+# editing polya_gamma.py delete scdist/ursm/__pycache__/kernels.* (or touch this file)
 from .polya_gamma import pg1
 
 # below this n·min(p, 1 − p): inversion; above: transformed rejection (BTRD needs ≥ 10). 24 is
