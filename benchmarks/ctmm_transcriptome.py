@@ -6,7 +6,9 @@ Cuomo et al. size of the CTMM paper: G = 11,231 genes, N = 94 donors, C = 4 cell
 by 256 genes. Work, through ``scdist.run`` as a user runs it, one stage run after the other:
 
 1. ``ctmm`` REML, Hom + Free, tests LRT + Wald + jackknife (run ``reml``);
-2. ``ctmm`` HE, Hom + Free, HE's Wald and jackknife tests (run ``he``).
+2. ``ctmm`` HE, Hom + Free, HE's Wald and jackknife tests (run ``he``);
+
+on CTP and, unless ``--no-op``, on the overall pseudobulk (OP) the cube carries.
 
 Each worker count gets its own LocalCluster (n x 1 thread, BLAS threads 1) and a fresh copy of the
 study. Memory: the resident set of the driver and of every process it started (nannies, workers),
@@ -27,7 +29,7 @@ for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(v, "1")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ctmm_bench_common import transcriptome_runs, write_result  # noqa: E402
+from ctmm_bench_common import STAGES, transcriptome_runs, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,9 +38,13 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--name", default="ctmm_transcriptome", help="results/<name>.json")
+    ap.add_argument("--no-op", action="store_true",
+                    help="CTP only (stage key op: false); by default the stage also fits the "
+                         "overall pseudobulk the simulated cube carries")
     args = ap.parse_args(argv)
+    stages = {k: dict(v, op=False) if args.no_op else v for k, v in STAGES.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        out = transcriptome_runs(args.genes, args.chunk, args.workers, tmp)
+        out = transcriptome_runs(args.genes, args.chunk, args.workers, tmp, stages)
     write_result(args.name, out)
     return 0
 
