@@ -8,8 +8,10 @@ cell alone and the key/value path on the sample alone, and the attention's outpu
 is linear, so it folds into the first post-attention layer. Here each of those is computed
 once per cell or once per sample and only the pair-specific part (scores, softmax, the folded
 first layer and the two small layers after it) runs per pair -- the same numbers, several
-times fewer operations. ``fast=False`` (or any module layout this file does not recognise)
-falls back to the module's own method.
+times fewer operations. The per-pair part runs sample-major with the cells as the trailing
+(long) axis, so each step is one batched matrix product per sample and no per-pair tensor is
+permuted. ``fast=False`` (or any module layout this file does not recognise) falls back to the
+module's own method.
 """
 from __future__ import annotations
 
