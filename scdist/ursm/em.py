@@ -29,7 +29,7 @@ class EMSettings:
     eps_alpha: float = 1e-2
     sc_warm_start: bool = True
     s_update: str = "gamma"
-    pg_sampler: str = "compiled"
+    pg_sampler: str = "polyagamma"
     rao_blackwell: bool = True
     seed: int = 0
     a_max_iter: int = 500

@@ -5,8 +5,8 @@ independent given θ, so each runs its B burn-in + T kept sweeps alone and retur
 sufficient statistics (spec §1.2). Nothing here knows about Ray or Dask.
 
 Single cells (per sweep, reference scan order ω → S → (κ, τ) → ψ):
-  (S1) ω_il ~ PG(1, ψ_il)                       [exact Devroye sampler, compiled (``polya_gamma``),
-                                                 or the ``polyagamma`` package: ``pg_sampler``]
+  (S1) ω_il ~ PG(1, ψ_il)                       [the ``polyagamma`` package, or scdist's exact
+                                                 compiled Devroye sampler: ``pg_sampler``]
   (S2) S_il | rest on entries with Y_il = 0     ['gamma': v_l ~ Gamma(R_l, U_l), then
        S_il ~ Bern(σ(ψ_il − v_l a_il)) for all zeros at once; 'sequential': the paper's
        logit b_il = ψ_il − R_l ln(1 + a_il / U_{−i,l}) gene after gene, cells at once]
@@ -95,7 +95,7 @@ class CellBlockSampler:
     """Gibbs state and sweeps for one block of cells (rows of Y, cells × genes)."""
 
     def __init__(self, Y: np.ndarray, G: np.ndarray, K: int, *, s_update: str = "gamma",
-                 rao_blackwell: bool = True, pg_sampler: str = "compiled"):
+                 rao_blackwell: bool = True, pg_sampler: str = "polyagamma"):
         if s_update not in S_UPDATES:
             raise ValueError(f"s_update must be one of {S_UPDATES}")
         if pg_sampler not in PG_SAMPLERS:
