@@ -18,6 +18,16 @@ G = 300
 BAND = 3.29 * np.sqrt(ALPHA * (1 - ALPHA) / G)
 
 
+@pytest.fixture(autouse=True)
+def _one_compiled_kernel(monkeypatch):
+    """One compiled version of the likelihood kernel for every test size: each size-specialised
+    version costs ~10 CPU-s to compile in a fresh checkout (the specialised path is tested
+    against the numpy kernel in test_ctmm_likelihood)."""
+    from scdist.ctmm import blockkernel
+
+    monkeypatch.setattr(blockkernel, "SPECIALISE_MIN", 10 ** 12)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)   # ~2 min on an idle 2-core runner; much longer on a shared one
 def test_null_calibration_and_power():

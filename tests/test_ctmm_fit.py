@@ -12,6 +12,16 @@ from scdist.errors import InputError
 from test_ctmm_likelihood import Dense
 
 
+@pytest.fixture(autouse=True)
+def _one_compiled_kernel(monkeypatch):
+    """One compiled version of the likelihood kernel for every test size: each size-specialised
+    version costs ~10 CPU-s to compile in a fresh checkout (the specialised path is tested
+    against the numpy kernel in test_ctmm_likelihood)."""
+    from scdist.ctmm import blockkernel
+
+    monkeypatch.setattr(blockkernel, "SPECIALISE_MIN", 10 ** 12)
+
+
 def test_recovers_hom2_V_beta_gamma_from_free_simulation():
     V = np.array([0.1, 0.2, 0.4, 0.0])
     beta = np.array([1.0, 0.5, -0.5, 0.0])

@@ -11,6 +11,16 @@ from scdist.ctmm import tests as T
 from scdist.ctmm.kernel import FitConfig, _Fitter
 
 
+@pytest.fixture(autouse=True)
+def _one_compiled_kernel(monkeypatch):
+    """One compiled version of the likelihood kernel for every test size: each size-specialised
+    version costs ~10 CPU-s to compile in a fresh checkout (the specialised path is tested
+    against the numpy kernel in test_ctmm_likelihood)."""
+    from scdist.ctmm import blockkernel
+
+    monkeypatch.setattr(blockkernel, "SPECIALISE_MIN", 10 ** 12)
+
+
 def _fitter(sim, cfg=FitConfig()):
     Y = sim["mean"].transpose("gene", "donor", "celltype").values
     NU = sim["nu"].transpose("gene", "donor", "celltype").values

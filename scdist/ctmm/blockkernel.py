@@ -25,6 +25,7 @@ optimiser's active sets need no copies of the data.
 from __future__ import annotations
 
 import math
+import os
 
 import numba as nb
 import numpy as np
@@ -392,8 +393,10 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
 # Calls with at least this many (row x block) pairs run a version of the kernel compiled for
 # their exact sizes (m, p, K as tuple lengths: constant trip counts, fully unrolled, ~2.5x
 # faster); smaller calls share one version with run-time sizes. Each compiled version costs
-# ~10 CPU-s once (numba caches it on disk), which only large batches repay.
-SPECIALISE_MIN = 20_000
+# ~10 CPU-s once (numba caches it on disk), which only large batches repay. The environment
+# variable SCDIST_CTMM_SPECIALISE_MIN overrides the threshold (the test suite raises it so that
+# one compiled version serves every test size).
+SPECIALISE_MIN = int(os.environ.get("SCDIST_CTMM_SPECIALISE_MIN", "20000"))
 
 
 def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool, want_grad: bool,
