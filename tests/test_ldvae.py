@@ -108,6 +108,37 @@ def test_resume_after_interruption_equals_uninterrupted(programs, tmp_path):
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in full.state_dict().items())
 
 
+def test_checkpoint_pointer_is_never_seen_half_written(tmp_path):
+    """A reader polling latest.json while checkpoints are saved sees a whole pointer every time
+    (a kill during the write must leave the previous pointer, not an empty file)."""
+    import threading
+
+    ck = CheckpointDir(str(tmp_path / "ck"))
+    errors, seen, stop = [], set(), threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                meta = ck.latest()
+            except Exception as e:  # noqa: BLE001 - any failure to read is the defect
+                errors.append(repr(e))
+                return
+            if meta is not None:
+                seen.add(meta["epoch"])
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for epoch in range(300):
+            ck.save(epoch, {"w": torch.zeros(4)}, finished=epoch == 299)
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+    assert not errors, errors[:3]
+    assert len(seen) > 1 and ck.latest() == {"file": "epoch-00299.pt", "epoch": 299, "finished": True}
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["epoch-00298.pt", "epoch-00299.pt", "latest.json"]
+
+
 def test_train_ldvae_resumes_from_checkpoint_dir(programs, tmp_path):
     adata, _ = programs
     kw = dict(n_latent=3, max_epochs=3, n_hidden=32, checkpoint_dir=str(tmp_path / "ck"))

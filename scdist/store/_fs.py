@@ -45,6 +45,20 @@ def filesystem(location: str, storage_options: dict[str, Any] | None = None):
     return fsspec.core.url_to_fs(loc, **(storage_options or {}))
 
 
+def put_atomic(fs, path: str, payload: bytes, tmp_path: str) -> None:
+    """Write ``payload`` to ``path`` so that a reader sees the old file or the whole new one.
+
+    Local disks: write ``tmp_path`` (same directory) and rename it over ``path``. Other
+    filesystems (object stores, memory://): one PUT, which they make visible whole.
+    """
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        fs.pipe_file(tmp_path, payload)
+        fs.mv(tmp_path, path)
+    else:
+        fs.pipe_file(path, payload)
+
+
 def zarr_kwargs(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """Keyword arguments for zarr/xarray calls: ``storage_options`` only for URLs."""
     if is_url(normalize(location)) and storage_options:

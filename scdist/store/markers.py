@@ -52,13 +52,7 @@ def mark_done(group_url: str, chunk_id: str, meta: dict[str, Any] | None = None,
             "meta": meta or {}}
     payload = json.dumps(body, default=str).encode()
     target = f"{d}/{_key(chunk_id)}"
-    if not _fs.is_url(_fs.normalize(group_url)):
-        # Local disk: write beside and rename, so a reader never sees half a marker.
-        tmp = f"{target}{_TMP_MARK}{time.monotonic_ns()}"
-        fs.pipe_file(tmp, payload)
-        fs.mv(tmp, target)
-    else:
-        fs.pipe_file(target, payload)  # object-store PUTs are atomic
+    _fs.put_atomic(fs, target, payload, f"{target}{_TMP_MARK}{time.monotonic_ns()}")
 
 
 def is_done(group_url: str, chunk_id: str, *, storage_options: dict | None = None) -> bool:

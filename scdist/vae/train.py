@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..store._fs import put_atomic
+
 log = logging.getLogger("scdist.vae")
 
 
@@ -110,8 +112,10 @@ class CheckpointDir:
         torch.save(payload, buf)
         with self.fs.open(self._path(name), "wb") as f:
             f.write(buf.getvalue())
-        with self.fs.open(self._path("latest.json"), "w") as f:  # pointer after the data
-            json.dump({"file": name, "epoch": epoch, "finished": finished}, f)
+        # the pointer after the data, replaced whole: a kill mid-write leaves the previous pointer
+        pointer = json.dumps({"file": name, "epoch": epoch, "finished": finished}).encode()
+        put_atomic(self.fs, self._path("latest.json"), pointer,
+                   self._path(f".tmp-latest-{time.monotonic_ns()}.json"))
         old = sorted(p for p in self.fs.ls(self.root, detail=False) if p.rsplit("/", 1)[-1].startswith("epoch-"))
         for p in old[:-keep]:
             self.fs.rm(p)
