@@ -195,20 +195,30 @@ def test_group_distance_sums_match_per_cell_sums():
 
 
 @pytest.mark.parametrize("encoder_sample", [True, False])
-def test_encoder_from_csr_equals_module(encoder_sample):
+def test_encoder_from_csr_equals_concatenated_first_layer(encoder_sample):
+    """The encoder's split first layer (W_x log1p x + W_s[:, s]) on log1p of the CSR nonzeros
+    gives q(u | x, s) of the MLP on [log1p x; onehot(s)] written out directly."""
     import scipy.sparse as sp
+    import torch.nn.functional as F
 
-    from scdist.vae.analysis.encode import encode_log_counts, log1p_csr
+    from scdist.vae.analysis.stream import log1p_csr
     torch.manual_seed(0)
     m = MrVIModule(40, n_sample=5, encoder_sample=encoder_sample).eval()
     rng = np.random.default_rng(0)
     X = sp.random(23, 40, density=0.3, format="csr", random_state=1, data_rvs=lambda n: rng.integers(1, 30, n))
     s = torch.from_numpy(rng.integers(0, 5, 23))
+    enc = m.encoder
     with torch.no_grad():
-        ref = m.encode(torch.from_numpy(X.toarray().astype(np.float32)), s)
-        got = encode_log_counts(m, torch.from_numpy(log1p_csr(X).toarray()), s)
-    for a, b in zip(got, ref):
+        xin = torch.log1p(torch.from_numpy(X.toarray().astype(np.float32)))
+        if encoder_sample:
+            xin = torch.cat([xin, F.one_hot(s, 5).float()], dim=-1)
+        h = enc.net(xin)
+        ref = (enc.mean(h), torch.sqrt(torch.exp(enc.var(h)) + enc.var_eps))
+        got = m.encode_log1p(torch.from_numpy(log1p_csr(X).toarray()), s)
+        via_counts = m.encode(torch.from_numpy(X.toarray().astype(np.float32)), s)
+    for a, b, c in zip(got, ref, via_counts):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c, b, atol=1e-5, rtol=1e-5)
 
 
 def test_component_scores_float32_match_float64_on_narrow_posteriors():

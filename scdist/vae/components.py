@@ -52,11 +52,18 @@ class GaussianEncoder(nn.Module):
         self.var = nn.Linear(n_hidden, n_output)
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None = None):
-        """Returns (q_mean, q_std) of the pre-transform Gaussian."""
-        h = x
+        """(q_mean, q_std) of the pre-transform Gaussian for log1p counts ``x`` (B x G) and
+        category codes ``cat`` (B,; used when ``n_cat``).
+
+        The first layer on [x; onehot(cat)] is applied split: W_x x + b + W_c[:, cat], the
+        one-hot part a column lookup, so the B x (G + n_cat) concatenation is never built.
+        """
+        lin0 = self.net[0]
+        G = x.shape[-1]
+        h = F.linear(x, lin0.weight[:, :G], lin0.bias)
         if self.n_cat:
-            h = torch.cat([h, F.one_hot(cat, self.n_cat).to(h.dtype)], dim=-1)
-        h = self.net(h)
+            h = h + lin0.weight[:, G:].T[cat]
+        h = self.net[1:](h)
         return self.mean(h), torch.sqrt(torch.exp(self.var(h)) + self.var_eps)
 
     def transform(self, sample: torch.Tensor) -> torch.Tensor:

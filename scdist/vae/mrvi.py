@@ -112,7 +112,11 @@ class MrVIModule(nn.Module):
     # --------------------------------------------------------------- pieces
     def encode(self, x: torch.Tensor, sample: torch.Tensor | None = None):
         """q(u | x, s): (mean, std), each B x L (``sample`` used when ``encoder_sample``)."""
-        return self.encoder(torch.log1p(x), sample if self.encoder_sample else None)
+        return self.encode_log1p(torch.log1p(x), sample)
+
+    def encode_log1p(self, xlog: torch.Tensor, sample: torch.Tensor | None = None):
+        """:meth:`encode` for counts already log1p-transformed (the analyses take log1p on CSR nonzeros)."""
+        return self.encoder(xlog, sample if self.encoder_sample else None)
 
     def z_base(self, u: torch.Tensor) -> torch.Tensor:
         """A_uz u + gamma_uz (identity when L_z = L)."""

@@ -12,13 +12,18 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ...errors import InputError
 from ..data import csr_rows
-from .encode import encode_log_counts, log1p_csr
 
 Kernel = Callable[..., Any]
+
+
+def log1p_csr(X: sp.csr_matrix) -> sp.csr_matrix:
+    """log1p of the stored entries as float32 (log1p(0) = 0 keeps the sparsity)."""
+    return sp.csr_matrix((np.log1p(X.data, dtype=np.float32), X.indices, X.indptr), shape=X.shape)
 
 
 def resolve_cells(n_cells: int, cells) -> np.ndarray | None:
@@ -70,7 +75,7 @@ def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None 
         for name in ("sample", "batch"):
             out[name] = torch.from_numpy(np.ascontiguousarray(cats[name].codes[ib], dtype=np.int64))
         xlog = torch.from_numpy(csr_rows(X, s, min(s + batch_size, idx.size)).toarray())
-        out["u_mean"], out["u_std"] = encode_log_counts(module, xlog, out["sample"])
+        out["u_mean"], out["u_std"] = module.encode_log1p(xlog, out["sample"])
         yield out
 
 
