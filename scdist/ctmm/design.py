@@ -11,6 +11,7 @@ treats masked entries as absent (no dense N*C x N*C matrix is ever formed).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -55,24 +56,45 @@ class Problem:
         return Problem(y=self.y[self.src], nu=self.nu[self.src], mask=mask, X=self.X, K=self.K,
                        n_vc=self.n_vc)
 
-    @property
+    @cached_property
     def all_observed(self) -> bool:
         """No masked entry in any row (lets the likelihood skip masking)."""
-        v = self.__dict__.get("_all_obs")
-        if v is None:
-            v = bool(self.mask.all()) and (self.drop is None or not (self.drop >= 0).any())
-            self.__dict__["_all_obs"] = v
-        return v
+        return bool(self.mask.all()) and (self.drop is None or not (self.drop >= 0).any())
 
-    @property
+    @cached_property
     def identity_design(self) -> bool:
         """X is the identity in every block (CTP with cell type means only): W X = W."""
-        v = self.__dict__.get("_ident")
-        if v is None:
-            B, m, p = self.X.shape
-            v = bool(p == m and np.array_equal(self.X, np.broadcast_to(np.eye(m), self.X.shape)))
-            self.__dict__["_ident"] = v
-        return v
+        B, m, p = self.X.shape
+        return bool(p == m and np.array_equal(self.X, np.broadcast_to(np.eye(m), self.X.shape)))
+
+    @cached_property
+    def contiguous(self) -> tuple:
+        """``(y, nu, mask, X, K, all observed)`` as C-contiguous float64 / bool arrays: the
+        compiled kernels' input, made once per problem (no copy where already contiguous)."""
+        return (np.ascontiguousarray(self.y, dtype=np.float64),
+                np.ascontiguousarray(self.nu, dtype=np.float64),
+                np.ascontiguousarray(self.mask, dtype=np.bool_),
+                np.ascontiguousarray(self.X, dtype=np.float64),
+                np.ascontiguousarray(self.K, dtype=np.float64),
+                bool(self.mask.all()))
+
+    @cached_property
+    def rank_one(self):
+        """Per-donor statistics of the closed-form kernel (:mod:`scdist.ctmm.rankone`) when the
+        model is one rank-one variance component per donor block (Hom on CTP or OP, no extra
+        random effects), every observed ``nu`` is positive and rows do not share data; else
+        None (the general kernels run)."""
+        from .rankone import RankOneStats, rank_one_vectors
+
+        if self.src is not None or self.n_vc != 1 or self.K.shape[0] != 1:
+            return None
+        u = rank_one_vectors(self.K)
+        if u is None:
+            return None
+        y, nu, mask, X, _, _ = self.contiguous
+        if not (np.where(mask, nu, 1.0) > 0).all() or not np.isfinite(np.where(mask, y, 0.0)).all():
+            return None
+        return RankOneStats(y, nu, mask, X, u)
 
     def take(self, idx) -> "Problem":
         """The same problem restricted to rows ``idx``."""
@@ -104,6 +126,8 @@ class Layout:
         """(R, N, c) per-donor data -> (R, B, m) block layout."""
         R = a.shape[0]
         B, n = self.slots.shape
+        if n == 1 and B == a.shape[1] and (self.slots[:, 0] == np.arange(B)).all():
+            return a.reshape(R, B, self.c).copy()       # one donor per block, in order
         out = np.full((R, B, n, self.c), fill, dtype=a.dtype)
         valid = self.slots >= 0
         out[:, valid] = a[:, self.slots[valid]]

@@ -19,18 +19,17 @@ _ROW_BUDGET = 1_500_000  # elements of one (rows, B, m, m) array per chunk (cach
 
 def donor_weights(prob: Problem, layout: Layout) -> np.ndarray:
     """(R, N) True where donor j has at least one observed entry for row r."""
-    doe = layout.donor_of_entry()
+    doe = layout.donor_of_entry()                          # (B, m)
     N = int(layout.slots.max()) + 1
-    w = np.zeros((prob.rows, N), bool)
-    valid = doe >= 0
-    for_b, for_x = np.nonzero(valid)
-    d = doe[for_b, for_x]
-    obs = prob.mask[:, for_b, for_x]                       # (R, E)
-    R = prob.rows
-    ids = (np.arange(R)[:, None] * N + d[None, :])[obs]
-    w.ravel()[np.unique(ids)] = True
-    return w
-
+    R, B, m = prob.mask.shape
+    if layout.slots.shape[1] == 1:                         # one donor per block
+        w = np.zeros((R, N), bool)
+        w[:, layout.slots[:, 0]] = prob.mask.any(axis=2)
+        return w
+    valid = doe.ravel() >= 0
+    onehot = np.zeros((B * m, N), np.float32)
+    onehot[np.flatnonzero(valid), doe.ravel()[valid]] = 1.0
+    return (prob.mask.reshape(R, B * m).astype(np.float32) @ onehot) > 0
 
 def _shares_data(prob: Problem, layout: Layout) -> bool:
     """Leave-one-out rows can share their gene's data (one donor per block, no extra random

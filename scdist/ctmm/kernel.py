@@ -67,7 +67,8 @@ def _ols_resid_var(y, mask, X2, B, m):
     R = y.shape[0]
     yf = np.where(mask, y, 0.0).reshape(R, B * m)
     mf = mask.reshape(R, B * m).astype(float)
-    XtX = np.einsum("rn,np,nq->rpq", mf, X2, X2)
+    p = X2.shape[1]
+    XtX = (mf @ (X2[:, :, None] * X2[:, None, :]).reshape(-1, p * p)).reshape(R, p, p)
     Xty = yf @ X2
     with np.errstate(all="ignore"):
         b = np.linalg.solve(XtX + 1e-12 * np.eye(X2.shape[1]), Xty[..., None])[..., 0]
@@ -163,7 +164,8 @@ class _Fitter:
                     n_restarts=cfg.jk_restarts, seed=cfg.seed)
             out["theta_jk"], out["beta_jk"], out["jk_regular"] = th_jk, be_jk, jk_reg
             out["jk_rcmin"] = jk_rc
-        out["weight"] = donor_weights(prob, self.layout)
+        if model == "free":    # donors with data, for the Wald / jackknife tests' df
+            out["weight"] = donor_weights(prob, self.layout)
         return out
 
     @staticmethod
@@ -360,8 +362,6 @@ def fit_block(block: xr.Dataset, cfg: FitConfig) -> xr.Dataset:
         coords["covariate"] = list(cfg.covariates)
     if cfg.random_effects:
         coords["random_effect"] = list(cfg.random_effects)
-    ds = xr.Dataset(data, coords=coords)
-    for name in ("model", "test", "covariate", "random_effect", "celltype", "celltype2", "gene"):
-        if name in ds.coords:
-            ds.coords[name] = np.asarray(ds.coords[name].values).astype(object)
-    return ds
+    # string coordinates as object arrays (the store's convention), made before the Dataset
+    coords = {k: np.asarray(v).astype(object) for k, v in coords.items()}
+    return xr.Dataset(data, coords=coords)

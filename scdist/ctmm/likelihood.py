@@ -23,6 +23,7 @@ import numpy as np
 
 from .design import Problem
 from .blockkernel import evaluate_shared
+from .rankone import rank_one_eval
 from .linalg import _SMALL, spd_inverse, spd_inverse_soa
 
 LOG2PI = float(np.log(2.0 * np.pi))
@@ -184,20 +185,6 @@ def _inverse_shared(prob: Problem, theta: np.ndarray):
     return spd_inverse_soa(a, RCOND, pivots=True)
 
 
-def _compiled_arrays(prob: Problem):
-    """Contiguous float64 / bool views of a problem for the compiled kernel (cached)."""
-    v = prob.__dict__.get("_nb")
-    if v is None:
-        v = (np.ascontiguousarray(prob.y, dtype=np.float64),
-             np.ascontiguousarray(prob.nu, dtype=np.float64),
-             np.ascontiguousarray(prob.mask, dtype=np.bool_),
-             np.ascontiguousarray(prob.X, dtype=np.float64),
-             np.ascontiguousarray(prob.K, dtype=np.float64),
-             bool(prob.mask.all()))
-        prob.__dict__["_nb"] = v
-    return v
-
-
 def _compiled_ok(prob: Problem) -> bool:
     """The compiled kernel covers small blocks without extra random effects: a basis shared by
     all blocks (CTP) or one per donor block (OP, ``P_i' k P_i``)."""
@@ -206,13 +193,17 @@ def _compiled_ok(prob: Problem) -> bool:
 
 def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bool,
                        want_ai: bool, rows) -> State:
-    y, nu, mask, X, Kb, full = _compiled_arrays(prob)
     idx = np.arange(theta.shape[0]) if rows is None else np.asarray(rows)
-    drop = None
-    if prob.src is not None:
-        idx, drop = prob.src[idx], prob.drop[idx]
-    o = evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full, reml, want_grad, want_ai,
-                        RCOND)
+    ro = prob.rank_one
+    if ro is not None:    # Hom: closed form per donor (Sherman-Morrison)
+        o = rank_one_eval(ro, theta, idx, reml, want_grad, want_ai, RCOND)
+    else:
+        y, nu, mask, X, Kb, full = prob.contiguous
+        drop = None
+        if prob.src is not None:
+            idx, drop = prob.src[idx], prob.drop[idx]
+        o = evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full, reml, want_grad,
+                            want_ai, RCOND)
     ok = o["ok"]
     return State(theta=theta, ok=ok, loglik=o["ll"], beta=o["beta"], Hinv=o["Hinv"], W=None,
                  F=None, s=None, grad=o["grad"], ai=o["ai"], edge=(o["rcmin"] < EDGE) & ok,
