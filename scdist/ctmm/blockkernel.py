@@ -81,6 +81,16 @@ def _chol_inv(A, m, W, out_piv):
 
 
 @nb.njit(cache=True, inline="always")
+def _rowdot(A, i, B, j, n):
+    """sum_t A[i, t] B[j, t] over t < n: row i of A times row j of B (with a symmetric B, the
+    (i, j) entry of A B)."""
+    v = 0.0
+    for t in range(n):
+        v += A[i, t] * B[j, t]
+    return v
+
+
+@nb.njit(cache=True, inline="always")
 def _small_spd_inv(H, p, Hinv, scratch, piv):
     for i in range(p):
         for j in range(p):
@@ -294,23 +304,17 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                 quad += v * r[x]
             kb = bb if perblock else 0
             if want_grad:
-                if reml:
+                if reml:    # FH = F_b H^-1 (H^-1 is symmetric)
                     for x in range(m):
                         for q in range(p):
-                            v = 0.0
-                            for t in range(p):
-                                v += F[x, t] * Hinv[t, q]
-                            FH[x, q] = v
+                            FH[x, q] = _rowdot(F, x, Hinv, q, p)
                 if perblock:
                     # per-block basis: tr(K_kb (W_b - s_b s_b' - E_b)) block by block
                     for x in range(m):
                         for z in range(m):
                             e = W[x, z] - s[x] * s[z]
                             if reml:
-                                v = 0.0
-                                for q in range(p):
-                                    v += FH[x, q] * F[z, q]
-                                e -= v
+                                e -= _rowdot(FH, x, F, z, p)
                             Eb[x, z] = e
                     for k in range(Kc):
                         v = 0.0
@@ -325,10 +329,7 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                     if reml:
                         for x in range(m):
                             for z in range(x, m):
-                                v = 0.0
-                                for q in range(p):
-                                    v += FH[x, q] * F[z, q]
-                                Esum[x, z] += v
+                                Esum[x, z] += _rowdot(FH, x, F, z, p)
             if want_ai:
                 for k in range(Kc):
                     for x in range(m):
@@ -373,13 +374,10 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                             v += Kb[k, 0, x, z] * e
                 grad[row, k] = -0.5 * v
         if want_ai:
-            if reml:
+            if reml:    # HFu = Fu H^-1
                 for k in range(Kc):
                     for q in range(p):
-                        v = 0.0
-                        for t in range(p):
-                            v += Hinv[q, t] * Fu[k, t]
-                        HFu[k, q] = v
+                        HFu[k, q] = _rowdot(Fu, k, Hinv, q, p)
             for k in range(Kc):
                 for l in range(k + 1):
                     v = AIl[k, l]
