@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 
-import numba as nb
 import numpy as np
 from scipy.special import gammaln
 
+from ._jit import njit
+
 # inlined into cell_sweep; numba's on-disk cache only checks this file's timestamp, so after
-# editing polya_gamma.py delete scdist/ursm/__pycache__/kernels.* (or touch this file)
+# editing polya_gamma.py or _jit.py delete scdist/ursm/__pycache__/kernels.* (or touch this file)
 from .polya_gamma import pg1
 
 # below this n·min(p, 1 − p): inversion; above: transformed rejection (BTRD needs ≥ 10). 24 is
@@ -40,7 +41,7 @@ def log_factorials(nmax: int) -> np.ndarray:
     return np.stack([gammaln(k + 1.0), inv])
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _btrd(n, p, rng, lf):
     """Bin(n, p) for p ≤ ½, n·p ≥ 10 by transformed rejection with decomposition (Hörmann 1993,
     "The generation of binomial random variates", algorithm BTRD). The hat's immediate-acceptance
@@ -75,7 +76,7 @@ def _btrd(n, p, rng, lf):
             return k
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def binomial(n, p, rng, lf):
     """One exact Bin(n, p) draw (n ≤ lf.shape[1] − 1): inversion from 0 for n·min(p, 1−p) < 24,
     else BTRD."""
@@ -109,7 +110,7 @@ def binomial(n, p, rng, lf):
     return n - k if flip else k
 
 
-@nb.njit(cache=True)
+@njit()
 def binomial_many(n, p, size, rng, lf):
     """``size`` independent Bin(n, p) draws (used by the distribution tests)."""
     out = np.empty(size, np.int64)
@@ -118,7 +119,7 @@ def binomial_many(n, p, size, rng, lf):
     return out
 
 
-@nb.njit(cache=True)
+@njit()
 def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum):
     """(B2) for a block of bulk samples. X (Mb × N, int64), W (Mb × K), A (N × K).
 
@@ -158,7 +159,7 @@ def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum):
                 zsum[i, K - 1] += rem
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _expressed_mass(S, a, l):
     """U_l = Σ_i a_il S_il, the profile mass on cell l's expressed genes."""
     U = 0.0
@@ -168,7 +169,7 @@ def _expressed_mass(S, a, l):
     return U
 
 
-@nb.njit(cache=True)
+@njit()
 def sequential_s(S, pos, psi, a, R, rng):
     """(S2) gene after gene within each cell (spec §1.1): for zeros, logit b_il = ψ_il −
     R_l ln(1 + a_il / U_{−i,l}), U refreshed after every gene; cells with R_l = 0 use σ(ψ_il)."""
@@ -189,7 +190,7 @@ def sequential_s(S, pos, psi, a, R, rng):
             U = Um + ai if new else Um
 
 
-@nb.njit(cache=True)
+@njit()
 def gamma_s(S, pos, psi, a, R, rng):
     """(S2) auxiliary-variable update of all of a block's zeros (spec §1.1): v_l ~ Gamma(R_l, rate
     U_l), then S_il ~ Bern(σ(ψ_il − v_l a_il)) independently over genes (v_l = 0 when R_l = 0)."""
@@ -204,7 +205,7 @@ def gamma_s(S, pos, psi, a, R, rng):
             S[l, i] = rng.random() * (1.0 + math.exp(v * a[l, i] - psi[l, i])) < 1.0
 
 
-@nb.njit(cache=True)
+@njit()
 def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
     """(S3) for every cell: (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹) with
     P_l = [[Σ_i ω_il + σκ⁻², Σ_i ω_il a_il], [Σ_i ω_il a_il, Σ_i ω_il a_il² + στ⁻²]],
@@ -239,7 +240,7 @@ def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
         tau[l] = (p11 * b2 - p12 * b1) / det + x2
 
 
-@nb.njit(cache=True)
+@njit()
 def cell_sweep(S, pos, psi, a, R, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, sequential, keep, rb,
                ES, T1, T2, pg_table, draw_omega):
     """One single-cell sweep: ω (S1, ``polya_gamma.pg1``; if ``draw_omega``, else ``omega`` holds

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import math
 
-import numba as nb
 import numpy as np
 from scipy.special import erfc
+
+from ._jit import njit
 
 T = 0.64
 _PI = math.pi
@@ -61,7 +62,7 @@ def right_weight_exact(z):
 WEIGHT_TABLE = right_weight_exact(np.arange(int(Z_MAX / GRID_STEP) + 2) * GRID_STEP)
 
 
-@nb.njit(cache=True)
+@njit()
 def _right_weight(z):
     K = _PI2_8 + 0.5 * z * z
     p = _PI / (2.0 * K) * math.exp(-K * T)
@@ -70,7 +71,7 @@ def _right_weight(z):
     return p / (p + q)
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _goes_right(z, rng, table):
     """Bernoulli(w(z)) with the table bracket; exact."""
     if z >= Z_MAX:
@@ -84,7 +85,7 @@ def _goes_right(z, rng, table):
     return u < _right_weight(z)
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def _left_proposal(z, rng):
     """IG(1/z, 1) truncated to (0, t]."""
     if z * T < 1.0:
@@ -115,7 +116,7 @@ def _left_proposal(z, rng):
             return x
 
 
-@nb.njit(cache=True)
+@njit()
 def _series_accepts(x, v):
     """V ≤ Σ_n (−1)^n a_n(x) / a_0(x), by the alternating series (terms decrease for t = 0.64)."""
     s = 1.0
@@ -136,7 +137,7 @@ def _series_accepts(x, v):
                 return False
 
 
-@nb.njit(cache=True, inline="always")
+@njit(inline="always")
 def pg1(psi, rng, table):
     """One PG(1, ψ) draw (ψ = ±∞ gives 0, the limit; NaN raises instead of looping)."""
     if not psi == psi:
@@ -158,7 +159,7 @@ def pg1(psi, rng, table):
                 return 0.25 * x
 
 
-@nb.njit(cache=True)
+@njit()
 def pg1_fill(psi, out, rng, table):
     """out[e] = PG(1, psi[e]) draws for 1-d arrays."""
     for e in range(psi.shape[0]):
