@@ -6,7 +6,8 @@
 Training checkpoints every epoch into the study store under a run named after the settings, so an
 interrupted run continues where it stopped when started again with the same arguments.
 
-Design (``scdist.simulate.simulate_study`` defaults, 40 donors in 2 batches, 4 cell types; the
+Design (``scdist.simulate.simulate_study`` defaults with ``MRVI_STUDY_DESIGN``'s smaller donor
+random effects, 40 donors in 2 batches, 4 cell types; the
 store is named after ``MRVI_DESIGN_VERSION`` and any ``--design`` knobs, so a changed simulator
 never reuses a stale store; benchmarks/mrvi_quality_scvi.py runs scvi-tools on the same study):
 donors in 2 top groups x 4 subgroups (8 leaves); in cell type ``mrvi_celltype`` the leaves
@@ -68,10 +69,12 @@ def design_tag(design: dict) -> str:
 
 def build_study(cells: int, seed: int = 0, design: dict | None = None):
     """The benchmark's study (created once): 40 donors in 2 batches, 500 genes, 4 cell types,
-    ``simulate_study`` defaults plus ``design`` knobs; the path names the simulator's design
-    version and the knobs, so a changed simulator never reuses a stale store."""
+    ``simulate_study`` defaults with the MrVI study's donor random-effect sizes
+    (``MRVI_STUDY_DESIGN``), plus ``design`` knobs (which override both); the path names the
+    simulator's design version and the extra knobs, so a changed simulator never reuses a stale
+    store."""
     from scdist.simulate import simulate_study
-    from scdist.simulate.population import MRVI_DESIGN_VERSION
+    from scdist.simulate.population import MRVI_DESIGN_VERSION, MRVI_STUDY_DESIGN
     from scdist.store import open_study
     design = design or {}
     name = f"mrvi_quality_{cells}_v{MRVI_DESIGN_VERSION}" + (f"_{design_tag(design)}" if design else "")
@@ -80,7 +83,7 @@ def build_study(cells: int, seed: int = 0, design: dict | None = None):
     url = str(OUT / f"{name}.zarr")
     if not Path(url, "zarr.json").exists():
         simulate_study(url, n_donors=40, n_cells=cells, n_genes=500, n_celltypes=4, seed=seed,
-                       chunk_cells=4096, overwrite=True, **design)
+                       chunk_cells=4096, overwrite=True, **{**MRVI_STUDY_DESIGN, **design})
     return open_study(url)
 
 
