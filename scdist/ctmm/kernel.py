@@ -137,10 +137,13 @@ class _Fitter:
                                      random_start=self.random_start(model),
                                      n_restarts=cfg.n_restarts, seed=cfg.seed,
                                      max_iter=cfg.max_iter, tol=cfg.tol)
-        st = evaluate(prob, res.theta, cfg.method, grad=False, ai=False)
-        out.update(theta=res.theta, loglik=np.where(st.ok, res.loglik, np.nan),
-                   converged=res.converged & st.ok, iterations=res.iterations, beta=st.beta)
+        # the optimiser's last accepted state is at res.theta: its GLS beta, and a finite
+        # likelihood where Sigma is positive definite (no further evaluation needed)
+        ok = np.isfinite(res.loglik)
+        out.update(theta=res.theta, loglik=np.where(ok, res.loglik, np.nan),
+                   converged=res.converged & ok, iterations=res.iterations, beta=res.beta)
         if need_fisher:
+            st = evaluate(prob, res.theta, cfg.method, grad=False, ai=False)
             out["fisher"] = fisher(prob, st, cfg.method)
         if need_jk:
             # only regular fits are jackknifed: at a fit on the singular-covariance edge every
@@ -151,7 +154,7 @@ class _Fitter:
             th_jk = np.full((prob.rows, N, K), np.nan)
             be_jk = np.full((prob.rows, N, p), np.nan)
             if cfg.jk_rule == "all":
-                reg = np.flatnonzero(np.isfinite(res.theta).all(axis=1) & st.ok)
+                reg = np.flatnonzero(np.isfinite(res.theta).all(axis=1) & ok)
             else:
                 reg = np.flatnonzero(out["converged"])
             jk_reg = np.zeros((prob.rows, N), bool)

@@ -35,6 +35,13 @@ class FitResult:
 def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
     K = ai.shape[-1]
     scale = np.maximum(np.abs(np.diagonal(ai, axis1=1, axis2=2)).max(axis=1), 1e-300)
+    if K == 1:     # one variance component (Hom): a division, no LAPACK call per row
+        with np.errstate(all="ignore"):
+            d = g / (ai[:, 0] + 1e-10 * scale[:, None])
+        bad = ~np.isfinite(d[:, 0])
+        if bad.any():
+            d[bad] = g[bad] / scale[bad, None]
+        return d
     A = ai + (1e-10 * scale)[:, None, None] * np.eye(K)
     with np.errstate(all="ignore"):
         try:
@@ -52,12 +59,13 @@ def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
     return d
 
 
-def _newton_dir(prob: Problem, rows: np.ndarray, theta: np.ndarray, grad: np.ndarray,
-                ai: np.ndarray, method: str) -> np.ndarray:
+def _newton_dir(prob: Problem, theta: np.ndarray, grad: np.ndarray, ai: np.ndarray,
+                method: str) -> np.ndarray:
     """Exact Newton direction with the observed information ``2 AI - Fisher`` (valid for
-    covariances linear in theta) where it is positive definite, else the AI direction."""
-    st = evaluate(prob.take(rows), theta, method, grad=False, ai=False)
-    obs = 2.0 * ai - fisher(prob.take(rows), st, method)
+    covariances linear in theta) where it is positive definite, else the AI direction;
+    ``prob`` holds the rows of ``theta``."""
+    st = evaluate(prob, theta, method, grad=False, ai=False)
+    obs = 2.0 * ai - fisher(prob, st, method)
     d = _solve_dir(ai, grad)
     with np.errstate(all="ignore"):
         pd = np.linalg.eigvalsh(obs)[:, 0] > 0
@@ -87,14 +95,20 @@ def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge, rcmin, beta) -> 
 
 
 def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_iter: int = 60,
-             tol: float = 1e-9, max_halvings: int = 12) -> FitResult:
+             tol: float = 1e-9, max_halvings: int = 12, rows=None,
+             newton: bool = False) -> FitResult:
     """AI-Newton from ``theta0`` (R, K); converged when the Newton decrement ``g' AI^{-1} g / 2``
     falls below ``tol`` (log-likelihood units). Rows whose AI steps needed repeated halving
     (typically near the positive-definiteness boundary with negative variance components)
-    switch to exact Newton steps with the observed information."""
+    switch to exact Newton steps with the observed information.
+
+    ``rows`` (optional, R): the problem row each theta row fits, i.e. the same as
+    ``maximize(prob.take(rows), theta0)`` without a new problem (the restarts use it, so a
+    problem's per-row statistics are built once)."""
     R, K = theta0.shape
     theta = np.array(theta0, float)
-    st = evaluate(prob, theta, method)
+    data = np.arange(R) if rows is None else np.asarray(rows)
+    st = evaluate(prob, theta, method, rows=None if rows is None else data)
     ll = st.loglik.copy()
     g, ai = st.grad, st.ai
     conv = np.zeros(R, bool)
@@ -104,7 +118,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     grad = np.zeros((R, K))
     AI = np.zeros((R, K, K))
     grad[active], AI[active] = g[active], ai[active]
-    hard = np.zeros(R, bool)
+    hard = np.full(R, bool(newton))
     edge = np.zeros(R, bool) if st.edge is None else st.edge.copy()
     flat = np.zeros(R, int)   # consecutive accepted steps that changed l by < 1e-10 |l|
     rcmin = None if st.rcmin is None else st.rcmin.copy()
@@ -116,7 +130,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         h = hard[active]
         if h.any():
             rows = active[h]
-            d[h] = _newton_dir(prob, rows, theta[rows], grad[rows], AI[rows], method)
+            d[h] = _newton_dir(prob.take(data[rows]), theta[rows], grad[rows], AI[rows], method)
         dec = 0.5 * np.einsum("rk,rk->r", d, grad[active])
         done = (dec < tol) | (flat[active] >= 2)
         conv[active[done]] = True
@@ -126,7 +140,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         iters[active] += 1
         # full step for every active row, then all shorter steps 2^-1 .. 2^-max_halvings for
         # the rows that did not improve in ONE batched evaluation (few rows, many steps)
-        st1 = evaluate(prob, theta[active] + d, method, rows=active)
+        st1 = evaluate(prob, theta[active] + d, method, rows=data[active])
         better = _accept(st1, ll[active])
         _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge,
               rcmin, beta)
@@ -136,7 +150,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             alphas = 0.5 ** np.arange(1, max_halvings + 1)
             cand = (theta[rows][:, None] + alphas[None, :, None] * d[pending][:, None]).reshape(-1, K)
             rep = np.repeat(rows, alphas.size)
-            stc = evaluate(prob, cand, method, rows=rep)
+            stc = evaluate(prob, cand, method, rows=data[rep])
             good = _accept(stc, ll[rep]).reshape(rows.size, alphas.size)
             first = np.where(good.any(axis=1), good.argmax(axis=1), -1)
             hit = first >= 0
@@ -196,8 +210,7 @@ def maximize_with_restarts(prob: Problem, theta0: np.ndarray, method: str = "rem
         if bad.size == 0:
             break
         start = random_start(rng, bad)
-        sub = prob.take(bad)
-        r2 = maximize(sub, start, method, **kw)
+        r2 = maximize(prob, start, method, rows=bad, **kw)
         r2.converged &= ~near_edge(r2)
         better = r2.converged | (r2.loglik > res.loglik[bad])
         sel = bad[better]

@@ -73,15 +73,21 @@ def _logsum(d, B):
 
 
 @nb.njit(cache=True)
-def _donor_sums(y, nu, mask, full, X, ub, w, wy, sw, swy, sw2, hi, lo, k, q0, ldD, v, M, tv):
-    """Per donor block: w = 1/nu and w y (0 where masked), their sums, sum w^2, the largest /
-    smallest observed nu and the count; v_b = u_b X_b' w_b, the upper triangle of v_b v_b' and
-    t_b v_b (t_b = u_b sum w y); per row y'D^-1 y and log|D| (one log per block)."""
+def _donor_sums(y, nu, mask, full, ident, X, ub, w, wy, D, S):
+    """Fill D (G, 9 + 2p + p(p+1)/2, B) and S (G, 3 + p + p^2) (layout: RankOneStats) from the
+    data; w = 1/nu and w y (0 where masked) are kept for the BLAS X'D^-1X of general designs."""
     G, B, m = y.shape
     p = X.shape[2]
+    V0 = 9
+    TV0 = 9 + p
+    M0 = 9 + 2 * p
+    H00 = 3 + p
     for g in range(G):
         q = 0.0
         ld = 0.0
+        n = 0
+        for i in range(p + p * p):
+            S[g, 3 + i] = 0.0
         for b in range(B):
             s = 0.0
             s2 = 0.0
@@ -115,69 +121,78 @@ def _donor_sums(y, nu, mask, full, X, ub, w, wy, sw, swy, sw2, hi, lo, k, q0, ld
                     for x in range(m):
                         if full or mask[g, b, x]:
                             ld += math.log(nu[g, b, x])
-            sw[g, b] = s
-            sw2[g, b] = s2
-            swy[g, b] = sy
+            u_ = ub[b]
+            u2 = u_ * u_
+            D[g, 0, b] = s * u2                          # a_b
+            D[g, 1, b] = sy * u_                         # t_b
+            D[g, 2, b] = sy * u_ * sy * u_               # t_b^2
+            if kk:
+                # masked entries count as unit rows / columns of Sigma_b in the general
+                # kernel's condition proxy: the same definition here
+                D[g, 3, b] = s + (m - kk)
+                D[g, 4, b] = s2 * u2
+                D[g, 5, b] = h
+                D[g, 6, b] = lo_
+                D[g, 8, b] = u2
+            else:
+                # no data: the general kernel's proxy of an identity block, 1 / m
+                D[g, 3, b], D[g, 4, b], D[g, 5, b], D[g, 6, b], D[g, 8, b] = m, 0.0, 1.0, 1.0, 0.0
+            D[g, 7, b] = 1.0 if kk < m else 0.0
             for i in range(p):
                 vi = 0.0
                 for x in range(m):
                     vi += w[g, b, x] * X[b, x, i]
-                v[g, i, b] = vi * ub[b]
-            hi[g, b] = h
-            lo[g, b] = lo_
-            k[g, b] = kk
-        q0[g] = q
-        ldD[g] = ld
+                D[g, V0 + i, b] = vi * u_
+            if ident:
+                for i in range(p):
+                    S[g, 3 + i] += wy[g, b, i]
+                    S[g, H00 + i * p + i] += w[g, b, i]
+            n += kk
+        S[g, 0] = q
+        S[g, 1] = ld
+        S[g, 2] = n
         # donor-contiguous products (vectorised)
         for i in range(p):
             for b in range(B):
-                tv[g, i, b] = swy[g, b] * ub[b] * v[g, i, b]
-        n = 0
+                D[g, TV0 + i, b] = D[g, 1, b] * D[g, V0 + i, b]
+        k = 0
         for i in range(p):
             for j in range(i, p):
                 for b in range(B):
-                    M[g, n, b] = v[g, i, b] * v[g, j, b]
-                n += 1
+                    D[g, M0 + k, b] = D[g, V0 + i, b] * D[g, V0 + j, b]
+                k += 1
 
 
 class RankOneStats:
-    """Per-donor statistics of :func:`rank_one_eval` for every data row of a problem, donor
-    axis last: a, t (G, B); v, tv = t v (G, p, B); M (G, p(p+1)/2, B) the upper triangle of
-    v v'; tt = t^2; H0 (G, p, p), c0 (G, p), q0, ldD = log|D|, nobs (G,); and for the condition
+    """Per-donor statistics of :func:`rank_one_eval` for every data row of a problem, packed
+    in two arrays (few kernel arguments: each costs dispatch time per call).
+
+    ``D (G, 9 + 2p + p(p+1)/2, B)``, donor axis last: a, t, tt = t^2, and for the condition
     proxy trw = tr(D^-1) (+1 per masked entry), bsq = u^2 sum 1/nu^2, dhi / dlo the largest /
     smallest observed nu, dfl = 1 where an entry is masked (its unit diagonal), u2 = u_b^2
-    (0 without data)."""
+    (0 without data); then v (p rows), tv = t v (p rows), M (the upper triangle of v v').
+    ``S (G, 3 + p + p^2)``: q0 = y'D^-1y, ldD = log|D|, nobs, c0 = X'D^-1y, H0 = X'D^-1X.
+    """
 
     def __init__(self, y, nu, mask, X, u):
         G, B, m = y.shape
         p = X.shape[2]
-        self.m = m
+        self.m, self.p = m, p
         ub = np.ascontiguousarray(np.broadcast_to(u[:, 0], (B,)))   # constant within a block
-        u2 = ub * ub
         w, wy = np.empty((G, B, m)), np.empty((G, B, m))
-        sw, swy, sw2, dhi, dlo = (np.empty((G, B)) for _ in range(5))
-        k = np.empty((G, B), np.int64)
-        self.q0, self.ldD = np.empty(G), np.empty(G)
-        self.v, self.tv = np.empty((G, p, B)), np.empty((G, p, B))
-        self.M = np.empty((G, p * (p + 1) // 2, B))
-        _donor_sums(y, nu, mask, bool(mask.all()), X, ub, w, wy, sw, swy, sw2, dhi, dlo, k,
-                    self.q0, self.ldD, self.v, self.M, self.tv)
-        has = k > 0
-        self.a = sw * u2
-        self.t = swy * ub
-        self.tt = self.t * self.t
-        self.nobs = k.sum(axis=1)
-        # H0 = X' D^-1 X, c0 = X' D^-1 y by BLAS
-        XX = (X[:, :, :, None] * X[:, :, None, :]).reshape(B * m, p * p)
-        self.H0 = (w.reshape(G, B * m) @ XX).reshape(G, p, p)
-        self.c0 = wy.reshape(G, B * m) @ X.reshape(B * m, p)
-        self.u2 = np.where(has, u2, 0.0)
-        # blocks without data: the general kernel's proxy of an identity block, 1 / m
-        self.trw = np.where(has, sw + (m - k), m)
-        self.bsq = np.where(has, sw2 * u2, 0.0)
-        self.dhi = np.where(has, dhi, 1.0)
-        self.dlo = np.where(has, dlo, 1.0)
-        self.dfl = np.where(k < m, 1.0, 0.0)
+        self.D = np.empty((G, 9 + 2 * p + p * (p + 1) // 2, B))
+        self.S = np.empty((G, 3 + p + p * p))
+        ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
+        _donor_sums(y, nu, mask, bool(mask.all()), ident, X, ub, w, wy, self.D, self.S)
+        if not ident:       # H0 = X' D^-1 X, c0 = X' D^-1 y by BLAS
+            XX = (X[:, :, :, None] * X[:, :, None, :]).reshape(B * m, p * p)
+            self.S[:, 3 + p:] = w.reshape(G, B * m) @ XX
+            self.S[:, 3:3 + p] = wy.reshape(G, B * m) @ X.reshape(B * m, p)
+
+    @property
+    def a(self) -> np.ndarray:
+        """(G, B) a_b = u_b' D_b^-1 u_b."""
+        return self.D[:, 0]
 
 
 @nb.njit(cache=True, inline="always")
@@ -225,11 +240,16 @@ def _dot(w, x):
 
 
 @nb.njit(cache=True, fastmath=_FM)
-def _eval(theta, idx, a, t, v, M, tv, tt, trw, bsq, dhi, dlo, dfl, H0, c0, q0, ldD, nobs, u2,
-          m, reml, want_grad, want_ai, rcond, ll, ok_out, beta, Hinv_out, grad, ai, rcmin):
+def _eval(theta, idx, D, S, p, m, reml, want_grad, want_ai, rcond, ll, ok_out, beta, Hinv_out,
+          grad, ai, rcmin):
+    """D (G, 9 + 2p + p(p+1)/2, B): a, t, tt, trw, bsq, dhi, dlo, dfl, u2, v, tv, M;
+    S (G, 3 + p + p^2): q0, ldD, nobs, c0, H0 (see RankOneStats)."""
     R = theta.shape[0]
-    B = a.shape[1]
-    p = H0.shape[1]
+    B = D.shape[2]
+    V0 = 9
+    TV0 = 9 + p
+    M0 = 9 + 2 * p
+    H00 = 3 + p
     log2pi = math.log(2.0 * math.pi)
     H = np.empty((p, p))
     Hinv = np.empty((p, p))
@@ -244,7 +264,7 @@ def _eval(theta, idx, a, t, v, M, tv, tt, trw, bsq, dhi, dlo, dfl, H0, c0, q0, l
     for row in range(R):
         g = idx[row]
         h = theta[row, 0]
-        ag = a[g]
+        ag = D[g, 0]
         dmin = np.inf
         for b in range(B):
             db = 1.0 + h * ag[b]
@@ -257,7 +277,7 @@ def _eval(theta, idx, a, t, v, M, tv, tt, trw, bsq, dhi, dlo, dfl, H0, c0, q0, l
                 w1[b] = 1.0 / d[b]
                 f[b] = h * w1[b]
             # condition proxy 1 / (tr(W_b) max_x Sigma_b[x, x]) of every block
-            trg, bsg, hig, log_, dfg, u2b = trw[g], bsq[g], dhi[g], dlo[g], dfl[g], u2[g]
+            trg, bsg, hig, log_, dfg, u2b = D[g, 3], D[g, 4], D[g, 5], D[g, 6], D[g, 7], D[g, 8]
             for b in range(B):
                 hu = h * u2b[b]
                 dm = max(abs(hu + hig[b]), abs(hu + log_[b]), dfg[b])
@@ -269,12 +289,12 @@ def _eval(theta, idx, a, t, v, M, tv, tt, trw, bsq, dhi, dlo, dfl, H0, c0, q0, l
         if ok:
             ij = 0
             for i in range(p):
-                c[i] = c0[g, i] - _dot(f, tv[g, i])
+                c[i] = S[g, 3 + i] - _dot(f, D[g, TV0 + i])
                 for j in range(i, p):
-                    H[i, j] = H0[g, i, j] - _dot(f, M[g, ij])
+                    H[i, j] = S[g, H00 + i * p + j] - _dot(f, D[g, M0 + ij])
                     H[j, i] = H[i, j]
                     ij += 1
-            q = q0[g] - _dot(f, tt[g])
+            q = S[g, 0] - _dot(f, D[g, 2])
             okH, logdetH = _spd_inv(H, p, Hinv, L)
             ok = okH
         ok_out[row] = ok
@@ -301,18 +321,18 @@ def _eval(theta, idx, a, t, v, M, tv, tt, trw, bsq, dhi, dlo, dfl, H0, c0, q0, l
             cb += s * c[i]
         quad = q - cb
         n_fix = p if reml else 0
-        tot = ldD[g] + _logsum(d, B) + quad + (nobs[g] - n_fix) * log2pi
+        tot = S[g, 1] + _logsum(d, B) + quad + (S[g, 2] - n_fix) * log2pi
         if reml:
             tot += logdetH
         ll[row] = -0.5 * tot
         if not (want_grad or want_ai):
             continue
-        tg = t[g]
+        tg = D[g, 1]
         for b in range(B):
             e[b] = tg[b]
         for i in range(p):
             bi = bvec[i]
-            vi = v[g, i]
+            vi = D[g, V0 + i]
             for b in range(B):
                 e[b] -= vi[b] * bi
         see = 0.0
@@ -333,9 +353,9 @@ def _eval(theta, idx, a, t, v, M, tv, tt, trw, bsq, dhi, dlo, dfl, H0, c0, q0, l
                 e[b] *= w1[b]
             ij = 0
             for i in range(p):
-                gv[i] = _dot(e, v[g, i])
+                gv[i] = _dot(e, D[g, V0 + i])
                 for j in range(i, p):
-                    s = _dot(f, M[g, ij])
+                    s = _dot(f, D[g, M0 + ij])
                     tr += Hinv[i, j] * s if i == j else 2.0 * Hinv[i, j] * s
                     ij += 1
         if want_grad:
@@ -357,16 +377,15 @@ def rank_one_eval(st: RankOneStats, theta, idx, reml: bool, want_grad: bool, wan
     dict as :func:`scdist.ctmm.blockkernel.evaluate_shared`."""
     theta = np.ascontiguousarray(theta, dtype=np.float64)
     R = theta.shape[0]
-    p = st.H0.shape[1]
+    p = st.p
     out = dict(ll=np.empty(R), ok=np.empty(R, bool), beta=np.empty((R, p)),
                Hinv=np.empty((R, p, p)), rcmin=np.empty(R),
                grad=np.empty((R, 1) if want_grad else (1, 1)),
                ai=np.empty((R, 1, 1) if want_ai else (1, 1, 1)))
     idx = np.ascontiguousarray(idx, dtype=np.int64)
-    _eval(theta, idx, st.a, st.t, st.v, st.M, st.tv, st.tt, st.trw, st.bsq, st.dhi, st.dlo,
-          st.dfl, st.H0, st.c0, st.q0, st.ldD, st.nobs, st.u2, st.m, bool(reml),
-          bool(want_grad), bool(want_ai), float(rcond), out["ll"], out["ok"], out["beta"],
-          out["Hinv"], out["grad"], out["ai"], out["rcmin"])
+    _eval(theta, idx, st.D, st.S, p, st.m, bool(reml), bool(want_grad), bool(want_ai),
+          float(rcond), out["ll"], out["ok"], out["beta"], out["Hinv"], out["grad"], out["ai"],
+          out["rcmin"])
     if not want_grad:
         out["grad"] = None
     if not want_ai:
