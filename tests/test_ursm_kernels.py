@@ -66,7 +66,7 @@ def test_allocations_are_multinomial_and_conserve_counts():
     # one gene, `reps` identical samples: n_out[j] is then Z̃ of that (gene, sample) entry
     X1, W1, A1 = np.full((reps, 1), 6), np.repeat(W[:1], reps, axis=0), A[:1].copy()
     n1, sub = np.zeros((reps, K)), np.zeros((1, K))
-    kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True)
+    kernels.draw_allocations(X1, W1, A1, rng, lf, n1, sub, True, n1, False)
     tot_first = n1.astype(int)
     r = A[0] * W[0] / (A[0] @ W[0])
     keys, counts = np.unique(tot_first, axis=0, return_counts=True)
@@ -79,16 +79,19 @@ def test_allocations_are_multinomial_and_conserve_counts():
     # large count entry: means and covariance of Z̃ for X = 250
     big = np.zeros((20_000, K))
     kernels.draw_allocations(np.full((20_000, 1), 250), np.repeat(W[1:], 20_000, axis=0), A1, rng, lf, big,
-                             sub, False)
+                             sub, False, sub, False)
     r = A[0] * W[1] / (A[0] @ W[1])
     se = np.sqrt(250 * r * (1 - r) / len(big))
     assert np.all(np.abs(big.mean(axis=0) - 250 * r) < 5 * se)
     cov = 250 * (np.diag(r) - np.outer(r, r))
     np.testing.assert_allclose(np.cov(big.T), cov, rtol=0.06, atol=0.5)
     # the full block: per-sample totals are conserved
-    kernels.draw_allocations(X, W, A, rng, lf, n, zsum, True)
+    cz = np.ones((N, K))
+    kernels.draw_allocations(X, W, A, rng, lf, n, zsum, True, cz, True)
     np.testing.assert_array_equal(n.sum(axis=1), X.sum(axis=1))
     np.testing.assert_array_equal(zsum.sum(axis=1), X.sum(axis=0))
+    # the Rao-Blackwellised statistic is added to cz: Σ_j X_ij A_ik W_kj / (AW)_ij
+    np.testing.assert_allclose(cz - 1.0, A * ((X / (W @ A.T)).T @ W), rtol=1e-12)
 
 
 def test_same_generator_state_same_draws():
@@ -140,6 +143,17 @@ def test_impossible_allocation_raises_instead_of_looping():
     A = np.array([[0.0, 0.0], [1.0, 1.0]])
     with pytest.raises(ValueError, match="eps_A"):
         kernels.draw_allocations(np.array([[3, 1]]), np.array([[0.5, 0.5]]), A, np.random.default_rng(0), lf,
-                                 np.zeros((1, 2)), np.zeros((2, 2)), False)
+                                 np.zeros((1, 2)), np.zeros((2, 2)), False, np.zeros((2, 2)), False)
     with pytest.raises(ValueError, match="NaN"):
         kernels.binomial_many(5, float("nan"), 1, np.random.default_rng(0), lf)
+
+
+def test_pg_mean_is_the_polya_gamma_mean():
+    """E[ω | ψ] used by the Rao-Blackwellised statistics equals tanh(ψ/2)/(2ψ) (1/4 at 0) to 1e-12,
+    across the series / exp switch at |ψ| = 1e-3 and for large |ψ|."""
+    x = np.concatenate([[0.0, 1e-300, 1e-9, 9.99e-4, 1e-3, 1.001e-3], np.geomspace(1e-6, 800, 4001)])
+    x = np.concatenate([x, -x])
+    got = np.array([kernels.pg_mean(v) for v in x])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.where(np.abs(x) < 1e-12, 0.25, np.tanh(x / 2) / (2 * x))
+    np.testing.assert_allclose(got, ref, rtol=1e-12)

@@ -106,8 +106,6 @@ class CellBlockSampler:
         self.R = self.Y.sum(axis=1).astype(float)
         self.G = np.asarray(G, dtype=np.int64)
         self.K = K
-        self.H = np.zeros((len(self.G), K))
-        self.H[np.arange(len(self.G)), self.G] = 1.0
         self.s_update = s_update
         self.rao_blackwell = rao_blackwell
         self.S = self.kappa = self.tau = None
@@ -142,8 +140,8 @@ class CellBlockSampler:
         psi = kappa[:, None] + tau[:, None] * a
         omega = np.empty_like(psi)
         ES = np.zeros((Lb, N))
-        T1 = np.zeros((Lb, N))
-        T2 = np.zeros((Lb, N))
+        C1 = np.zeros((N, self.K))
+        C2 = np.zeros((N, self.K))
         mom = np.zeros((4, Lb))
         halves = np.zeros((2, 4, Lb)) if track else None
         lps = np.zeros(samples) if track else None
@@ -161,8 +159,8 @@ class CellBlockSampler:
             keep = s >= burnin and (s - burnin + 1) % thin == 0
             # (S1) unless drawn above, (S2), (S3), ψ and, if kept, the within-sweep products of
             # spec §1.2 (compiled)
-            kernels.cell_sweep(S, self.pos, psi, a, self.R, omega, kappa, tau, theta.mu_kappa, ik2,
-                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES, T1, T2,
+            kernels.cell_sweep(S, self.pos, psi, a, self.R, self.G, omega, kappa, tau, theta.mu_kappa, ik2,
+                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES, C1, C2,
                                WEIGHT_TABLE, compiled_pg)
             if not keep:
                 continue
@@ -183,7 +181,7 @@ class CellBlockSampler:
                           + ylna - (self.R * lnU).sum())
         inv = 1.0 / samples
         return CellStats(ES=ES * inv, Ek=mom[0] * inv, Ek2=mom[1] * inv, Et=mom[2] * inv, Et2=mom[3] * inv,
-                         C1=(T1.T @ self.H) * inv, C2=(T2.T @ self.H) * inv, halves=halves, logjoint=lps)
+                         C1=C1 * inv, C2=C2 * inv, halves=halves, logjoint=lps)
 
 
 class BulkBlockSampler:
@@ -198,19 +196,18 @@ class BulkBlockSampler:
     def set_counts(self, X: np.ndarray) -> None:
         """Replace the block's counts (same shape), keeping the chain state."""
         self.X = np.ascontiguousarray(X, dtype=np.int64)
-        self.Xf = self.X.astype(float)
-        self.Rj = self.Xf.sum(axis=1)
         self.lf = kernels.log_factorials(self.X.max(initial=0))
 
-    def _draw_Z(self, W, A, rng, zsum=None):
+    def _draw_Z(self, W, A, rng, zsum=None, cz=None):
         """(B2) for all (i, j): Z̃_ij ~ Mult(X_ij, A_i· ⊙ W_·j / (AW)_ij) as K − 1 conditional binomials
-        (compiled, exact); returns n_jk = Σ_i Z̃_ijk and adds Σ_j Z̃_ijk to ``zsum`` if given."""
+        (compiled, exact); returns n_jk = Σ_i Z̃_ijk, sets ``zsum`` to Σ_j Z̃_ijk and adds
+        Σ_j E[Z̃_ijk | W] to ``cz``, each if given."""
         n = np.empty((self.X.shape[0], self.K))
         want = zsum is not None
         if want:
             zsum[:] = 0.0
         kernels.draw_allocations(self.X, np.ascontiguousarray(W), A, rng, self.lf, n,
-                                 zsum if want else n, want)
+                                 zsum if want else n, want, n if cz is None else cz, cz is not None)
         return n
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
@@ -232,14 +229,14 @@ class BulkBlockSampler:
             g = rng.standard_gamma(alpha[None, :] + self.n)
             W = g / g.sum(axis=1, keepdims=True)              # (B1)
             keep = s >= burnin and (s - burnin + 1) % thin == 0
-            self.n = self._draw_Z(W, A, rng, zsum if keep else None)   # (B2)
+            # (B2); on kept sweeps also Σ_j E[Z̃_ijk | W] into cZ (Rao-Blackwellised)
+            self.n = self._draw_Z(W, A, rng, zsum if keep else None,
+                                  cZ if (keep and self.rao_blackwell) else None)
             if not keep:
                 continue
             t = (s - burnin) // thin
             post = alpha[None, :] + self.n
             if self.rao_blackwell:
-                AW = W @ A.T
-                cZ += A * ((self.Xf / AW).T @ W)             # Σ_j E[Z̃_ijk | W]
                 ElnW += (digamma(post) - digamma(post.sum(axis=1, keepdims=True))).sum(axis=0)
                 EW += post / post.sum(axis=1, keepdims=True)
             else:

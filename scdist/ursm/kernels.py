@@ -120,12 +120,13 @@ def binomial_many(n, p, size, rng, lf):
 
 
 @njit()
-def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum):
+def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum, cz, want_cz):
     """(B2) for a block of bulk samples. X (Mb × N, int64), W (Mb × K), A (N × K).
 
     Z̃_ij1 ~ Bin(X_ij, r_ij1), Z̃_ijk ~ Bin(X_ij − Σ_{k'<k} Z̃_ijk', r_ijk / (1 − Σ_{k'<k} r_ijk')),
     r_ijk = A_ik W_kj / (AW)_ij. Writes n_out[j, k] = Σ_i Z̃_ijk and, if ``want_zsum``, adds
-    Σ_j Z̃_ijk to zsum[i, k]."""
+    Σ_j Z̃_ijk to zsum[i, k]; if ``want_cz``, adds the Rao-Blackwellised Σ_j E[Z̃_ijk | W] =
+    Σ_j X_ij r_ijk to cz[i, k] (same pass, so (AW)_ij is formed once)."""
     M, N = X.shape
     K = A.shape[1]
     for j in range(M):
@@ -141,6 +142,10 @@ def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum):
             if not tot > 0.0:
                 raise ValueError("bulk reads of a gene with (AW)_ij = 0: no cell type can have produced "
                                  "them; use eps_A > 0")
+            if want_cz:
+                xt = x / tot
+                for k in range(K):
+                    cz[i, k] += xt * A[i, k] * W[j, k]
             rem = x
             remp = 1.0
             for k in range(K - 1):
@@ -240,13 +245,27 @@ def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
         tau[l] = (p11 * b2 - p12 * b1) / det + x2
 
 
+@njit(inline="always")
+def pg_mean(x):
+    """E[ω | ψ = x] for ω ~ PG(1, x): tanh(x/2) / (2x), even in x; as (1 − e^{−|x|}) / ((1 + e^{−|x|}) 2|x|)
+    (one exp instead of a tanh: ~3× cheaper here), by its series 1/4 − x²/48 + x⁴/480 near 0."""
+    y = abs(x)
+    if y < 1e-3:
+        y2 = y * y
+        return 0.25 - y2 / 48.0 + y2 * y2 / 480.0
+    e = math.exp(-y)
+    return (1.0 - e) / ((1.0 + e) * 2.0 * y)
+
+
 @njit()
-def cell_sweep(S, pos, psi, a, R, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, sequential, keep, rb,
-               ES, T1, T2, pg_table, draw_omega):
+def cell_sweep(S, pos, psi, a, R, G, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, sequential, keep, rb,
+               ES, C1, C2, pg_table, draw_omega):
     """One single-cell sweep: ω (S1, ``polya_gamma.pg1``; if ``draw_omega``, else ``omega`` holds
     this sweep's draws already), S (S2), (κ, τ) (S3), ψ_il = κ_l + τ_l a_il,
-    and, on kept sweeps, the within-sweep products of spec §1.2: ES += S, T1 += τ(S − ½) − κτw,
-    T2 += wτ², with w = E[ω | ψ] = tanh(ψ/2)/(2ψ) (``rb``) or the drawn ω."""
+    and, on kept sweeps, the within-sweep products of spec §1.2: ES_l· += S_l·, and per type k = G_l
+    (C1, C2 are N × K) C1_ik += τ(S_il − ½) − κτw_il, C2_ik += w_il τ², with w = E[ω | ψ]
+    (``rb``, ``pg_mean``) or the drawn ω. Summing per type here keeps two (cells × genes)
+    accumulators out of memory."""
     Lb, N = S.shape
     if draw_omega:
         for l in range(Lb):
@@ -262,15 +281,13 @@ def cell_sweep(S, pos, psi, a, R, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, 
         t = tau[l]
         kt = k * t
         t2 = t * t
+        g = G[l]
         for i in range(N):
             x = k + t * a[l, i]
             psi[l, i] = x
             if keep:
                 s = 1.0 if S[l, i] else 0.0
                 ES[l, i] += s
-                if rb:
-                    w = 0.25 if abs(x) < 1e-8 else math.tanh(0.5 * x) / (2.0 * x)
-                else:
-                    w = omega[l, i]
-                T1[l, i] += t * (s - 0.5) - kt * w
-                T2[l, i] += w * t2
+                w = pg_mean(x) if rb else omega[l, i]
+                C1[i, g] += t * (s - 0.5) - kt * w
+                C2[i, g] += w * t2
