@@ -47,7 +47,7 @@ def main(model_name, h5ad, val_mask, epochs, batch_size, out):
         m.train(early_stopping=False, plan_kwargs={"lr": 1e-3}, **kw)
         scvi.model.LinearSCVI.setup_anndata(held)
         rec = m.get_reconstruction_error(held)
-        elbo = m.get_elbo(held)
+        elbo = -m.get_elbo(held)  # get_elbo returns the ELBO (higher is better)
         res = {"recon": float(list(rec.values())[0]) if isinstance(rec, dict) else float(rec),
                "nelbo": float(elbo)}
     else:

@@ -182,6 +182,27 @@ def test_model_options_train(programs, opts):
         assert np.allclose(m.latent().values.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("bn", [False, True])
+def test_loadings_are_centred_and_decode_like_the_decoder(programs, bn):
+    """loadings() is the decoder's effective W (batch-norm scale folded in) centred per factor:
+    softmax(logits(0) + W z) equals the model's softmax(logits(z)), the offset removed is a gauge."""
+    adata, _ = programs
+    m = train_ldvae(adata, "batch", n_latent=3, max_epochs=1, n_hidden=16, decoder_batch_norm=bn)
+    W = torch.from_numpy(m.loadings().values).double()
+    assert W.abs().mean(0).min() > 1e-3 and torch.allclose(W.mean(0), torch.zeros(3, dtype=W.dtype), atol=1e-6)
+    raw = m.module.decoder.weight.detach()[:, :3].double()
+    if not bn:
+        assert not torch.allclose(W, raw, atol=1e-4)   # the decoder's own columns carry an offset
+    mod = m.module.eval()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 3, generator=g) * 2
+    b = torch.randint(0, 2, (64,), generator=g)
+    with torch.no_grad():
+        got = mod.decode(z, b, torch.zeros(64, 1))[0].double()
+        base = mod.decode(torch.zeros_like(z), b, torch.zeros(64, 1))[0].double()
+    torch.testing.assert_close(got, torch.log_softmax(base + z.double() @ W.T, -1), atol=1e-4, rtol=1e-4)
+
+
 def test_bad_input_fails_early(programs):
     adata, _ = programs
     with pytest.raises(InputError, match=r"\[nokey\]"):

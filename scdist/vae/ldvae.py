@@ -112,12 +112,18 @@ class LDVAEModule(nn.Module):
                 "kl": (kl_z + kl_l).sum().detach()}
 
     def loadings(self) -> np.ndarray:
-        """W (G x K); with decoder batch norm, scaled by gamma_g / sqrt(running_var_g + eps)."""
+        """W (G x K), each factor centred over genes; with decoder batch norm, the per-gene scale
+        gamma_g / sqrt(running_var_g + eps) is folded in first.
+
+        softmax(W z) is unchanged when a constant c_k is added to every gene's loading on factor
+        k (each logit of a cell moves by c_k z_k), so only the centred loadings are identified;
+        an uncentred column ranks genes by |W_gk + c_k| for an arbitrary c_k.
+        """
         W = self.decoder.weight.detach()[:, : self.n_latent].clone()
         if self.decoder_bn is not None:
             bn = self.decoder_bn
             W = W * (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(-1)
-        return W.cpu().numpy()
+        return (W - W.mean(0)).cpu().numpy()
 
 
 def _library_prior(source, cats, module_kwargs):
@@ -159,7 +165,8 @@ class LDVAE(VAEModel):
         return latent_dataarray(values, self._cells(data, cells), "z")
 
     def loadings(self) -> xr.DataArray:
-        """Gene loadings W: DataArray (gene, latent) with gene names as coordinates."""
+        """Gene loadings W: DataArray (gene, latent) with gene names as coordinates, each factor
+        centred over genes (the identified part of W, see :meth:`LDVAEModule.loadings`)."""
         W = self.module.loadings()
         return xr.DataArray(W, dims=("gene", "latent"), name="loadings",
                             coords={"gene": self.gene_names, "latent": np.array(
