@@ -7,6 +7,13 @@ matrix; with ``normalize=True`` the Monte Carlo z-scores (D(n) - mu_n) / sigma_n
 mu_n, sigma_n are the mean and s.d. of ||z_n^{s_n}(u^1) - z_n^{s_n}(u^2)||, u^1, u^2 ~ q(u | x_n)
 (``mc_samples`` pairs); D(C) = mean of D(n) over the cells n of a group C (``groupby``),
 samples with fewer than k = ``min_cells`` cells in C are left out (NaN), as in the preprint.
+
+``space="expression"`` (outside the paper; default ``"z"``, the paper's): the same distances
+between the decoded counterfactual expression log h_n^{s} (natural log, the cell's own
+nuisance batch) instead of z_n^{s}. The Euclidean metric of z is not identified by the model
+(z's scale per direction and the decoder's attention can trade it freely), and on the
+semi-synthetic study z distances put siblings as far apart as cousins while log h distances
+keep the tree (docs/readme/vae.md).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from .kernels import group_distance_sums, pairwise_distances, same_sample_distan
 from .stream import group_codes, map_chunks, resolve_cells
 
 MAX_LOCAL_ELEMENTS = 200_000_000  # cells x S x S floats returned by local_sample_distances
+SPACES = ("z", "expression")
+DECODED_ELEMENTS = 1 << 23  # cells x S x genes floats of decoded states held at once (space="expression")
 
 
 def _generator(seed: int, chunk_id: int) -> torch.Generator:
@@ -30,43 +39,70 @@ def _generator(seed: int, chunk_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk_id]).generate_state(1)[0]))
 
 
-def _mc_stats(module, b: dict, mc_samples: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(module, Z: torch.Tensor, batch: torch.Tensor, space: str) -> torch.Tensor:
+    """States in the distance's space: Z itself, or log h (natural log) decoded under ``batch``
+    (codes broadcastable to Z's leading dims)."""
+    if space == "z":
+        return Z
+    return torch.log_softmax(module.h_logits(Z, batch.expand(Z.shape[:-1])), dim=-1)
+
+
+def _mc_stats(module, b: dict, mc_samples: int, gen: torch.Generator, space: str = "z",
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Monte Carlo mean and s.d. per cell of the same-sample distance (the normalisation)."""
-    qm, qs = b["u_mean"], b["u_std"]
+    qm, qs = b["u_mean"][rows], b["u_std"][rows]
     eps = torch.randn((2 * mc_samples,) + tuple(qm.shape), generator=gen)
-    z_own = module.z_from_u(qm + qs * eps, b["sample"].expand(2 * mc_samples, -1))
-    return same_sample_distance_stats(z_own)
+    z_own = module.z_from_u(qm + qs * eps, b["sample"][rows].expand(2 * mc_samples, -1))
+    return same_sample_distance_stats(_decode(module, z_own, b["batch"][rows], space))
+
+
+def _blocks(module, b: dict, S: int, space: str):
+    """Row slices of one minibatch: all rows in z; in expression space few enough cells that
+    their decoded states (cells x S x genes) stay within DECODED_ELEMENTS."""
+    B = b["u_mean"].shape[0]
+    step = B if space == "z" else max(1, DECODED_ELEMENTS // (S * module.n_genes))
+    return [slice(a, min(a + step, B)) for a in range(0, B, step)]
+
+
+def _states(module, b: dict, sidx: torch.Tensor, space: str, rows: slice) -> torch.Tensor:
+    """Counterfactual states (B x S x L_z, or B x S x G decoded) of the minibatch rows ``rows``."""
+    Z = counterfactual_states(module, b["u_mean"][rows], sidx)
+    return _decode(module, Z, b["batch"][rows][:, None], space)
 
 
 def _local_distances(module, b: dict, sidx: torch.Tensor, normalize: bool, mc_samples: int,
-                     gen: torch.Generator | None) -> torch.Tensor:
+                     gen: torch.Generator | None, space: str = "z") -> torch.Tensor:
     """D(n) (B x S x S) for one encoded minibatch, optionally z-scored."""
-    D = pairwise_distances(counterfactual_states(module, b["u_mean"], sidx))
-    if normalize:
-        mu, sd = _mc_stats(module, b, mc_samples, gen)
-        D = (D - mu[:, None, None]) / sd[:, None, None]
-    return D
+    out = []
+    for rows in _blocks(module, b, len(sidx), space):
+        D = pairwise_distances(_states(module, b, sidx, space, rows))
+        if normalize:
+            mu, sd = _mc_stats(module, b, mc_samples, gen, space, rows)
+            D = (D - mu[:, None, None]) / sd[:, None, None]
+        out.append(D)
+    return torch.cat(out)
 
 
 @torch.no_grad()
-def _aggregate_kernel(model, batches, *, chunk, local, sidx, n_groups, normalize, mc_samples, seed):
+def _aggregate_kernel(model, batches, *, chunk, local, sidx, n_groups, normalize, mc_samples, seed, space="z"):
     gen = _generator(seed, chunk[0]) if normalize else None
     S = len(sidx)
     sums = torch.zeros((n_groups, S, S), dtype=torch.float64)
     for b in batches:
         codes = torch.from_numpy(local["group"][b["index"].numpy() - chunk[1]])
-        Z = counterfactual_states(model.module, b["u_mean"], sidx)
-        mu, sd = _mc_stats(model.module, b, mc_samples, gen) if normalize else (None, None)
-        sums += group_distance_sums(Z, codes, n_groups, mu, sd)  # float32 within a block, float64 across
+        for rows in _blocks(model.module, b, S, space):
+            Z = _states(model.module, b, sidx, space, rows)
+            mu, sd = _mc_stats(model.module, b, mc_samples, gen, space, rows) if normalize else (None, None)
+            sums += group_distance_sums(Z, codes[rows], n_groups, mu, sd)  # float32 in a block, float64 across
     return sums.numpy()
 
 
 @torch.no_grad()
-def _local_kernel(model, batches, *, chunk, local, sidx, normalize, mc_samples, seed):
+def _local_kernel(model, batches, *, chunk, local, sidx, normalize, mc_samples, seed, space="z"):
     gen = _generator(seed, chunk[0]) if normalize else None
     idx, out = [], []
     for b in batches:
-        out.append(_local_distances(model.module, b, sidx, normalize, mc_samples, gen).numpy())
+        out.append(_local_distances(model.module, b, sidx, normalize, mc_samples, gen, space).numpy())
         idx.append(b["index"].numpy())
     return np.concatenate(idx), np.concatenate(out)
 
@@ -78,7 +114,7 @@ def _samples(model, samples) -> tuple[torch.Tensor, np.ndarray]:
 
 def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Sequence[str] | None = None,
                      normalize: bool = False, mc_samples: int = 20, min_cells: int = 5, seed: int = 0,
-                     client=None, batch_size: int = 512, progress=None) -> xr.DataArray:
+                     client=None, batch_size: int = 512, progress=None, space: str = "z") -> xr.DataArray:
     """Aggregated counterfactual sample distance matrices D(C) per cell group.
 
     ``groupby``: obs column name, one label per cell (e.g. :func:`cluster_cells` output), or
@@ -87,12 +123,13 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
     Carlo z-scores with ``mc_samples`` pairs of posterior draws (seeded by ``seed``).
     ``min_cells``: samples with fewer cells in a group get NaN rows / columns there.
     ``client``: a ``distributed.Client`` to map the cell chunks on (in-process when None).
+    ``space``: ``"z"`` (the paper's) or ``"expression"`` (decoded log h, see the module docstring).
 
     Returns DataArray ``distance`` with dims (group, sample, sample_b) and the non-index
     coordinate ``n_cells`` (group, sample): the number of the group's cells from each sample.
     Memory: one minibatch of S x S matrices at a time; nothing per cell is kept.
     """
-    _check_common(normalize, mc_samples, min_cells)
+    _check_common(normalize, mc_samples, min_cells, space)
     sidx, labels = _samples(model, samples)
     source, cats = model._resolve(data)
     n = source.n_cells
@@ -104,7 +141,7 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
     total = np.zeros((G, S, S))
     for _, part in map_chunks(model, data, _aggregate_kernel, cells=keep, client=client, batch_size=batch_size,
                               progress=progress, cell_params={"group": codes}, sidx=sidx, n_groups=G,
-                              normalize=normalize, mc_samples=mc_samples, seed=seed):
+                              normalize=normalize, mc_samples=mc_samples, seed=seed, space=space):
         total += part
     n_group = np.bincount(codes[codes >= 0], minlength=G).astype(float)
     # cells of each group from each compared sample
@@ -122,17 +159,21 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
                       coords={"group": np.asarray(groups, dtype=object), "sample": labels, "sample_b": labels.copy(),
                               "n_cells": (("group", "sample"), counts)},
                       attrs={"normalized": int(normalize), "mc_samples": int(mc_samples) if normalize else 0,
+                             "space": space,
                              "min_cells": int(min_cells), "groupby": groupby if isinstance(groupby, str) else "",
                              "description": "mean over the group's cells of ||z_n^s - z_n^s'||_2"
+                                            + (" of decoded log h" if space == "expression" else "")
                                             + (" z-scored against same-sample distances" if normalize else "")})
     return da
 
 
 def local_sample_distances(model, cells, *, data=None, samples: Sequence[str] | None = None, normalize: bool = False,
-                           mc_samples: int = 20, seed: int = 0, client=None, batch_size: int = 512) -> xr.DataArray:
+                           mc_samples: int = 20, seed: int = 0, client=None, batch_size: int = 512,
+                           space: str = "z") -> xr.DataArray:
     """Per-cell sample distance matrices D(n) for the cells in ``cells`` (positions or mask):
-    DataArray (cell, sample, sample_b). For a subset of cells: the full set is cells x S x S."""
-    _check_common(normalize, mc_samples, 5)
+    DataArray (cell, sample, sample_b). For a subset of cells: the full set is cells x S x S.
+    ``space``: as in :func:`sample_distances`."""
+    _check_common(normalize, mc_samples, 5, space)
     sidx, labels = _samples(model, samples)
     source, _ = model._resolve(data)
     keep = resolve_cells(source.n_cells, cells)
@@ -142,7 +183,7 @@ def local_sample_distances(model, cells, *, data=None, samples: Sequence[str] | 
         raise InputError(f"{keep.size} cells x {len(sidx)}^2 samples is too large to return", field="cells",
                          fix="pass fewer cells, or use sample_distances(groupby=...) for aggregates")
     parts = sorted(map_chunks(model, data, _local_kernel, cells=keep, client=client, batch_size=batch_size,
-                              sidx=sidx, normalize=normalize, mc_samples=mc_samples, seed=seed),
+                              sidx=sidx, normalize=normalize, mc_samples=mc_samples, seed=seed, space=space),
                    key=lambda t: t[0])
     idx = np.concatenate([p[1][0] for p in parts])
     D = np.concatenate([p[1][1] for p in parts])
@@ -151,7 +192,7 @@ def local_sample_distances(model, cells, *, data=None, samples: Sequence[str] | 
     return xr.DataArray(D[order], dims=("cell", "sample", "sample_b"), name="distance",
                         coords={"cell": names, "sample": labels, "sample_b": labels.copy(),
                                 "cell_index": ("cell", idx[order])},
-                        attrs={"normalized": int(normalize)})
+                        attrs={"normalized": int(normalize), "space": space})
 
 
 def counterfactual_z(model, cells, *, data=None, samples: Sequence[str] | None = None,
@@ -176,7 +217,9 @@ def counterfactual_z(model, cells, *, data=None, samples: Sequence[str] | None =
                                 "latent_z": np.arange(Z.shape[-1]), "cell_index": ("cell", idx)})
 
 
-def _check_common(normalize, mc_samples, min_cells):
+def _check_common(normalize, mc_samples, min_cells, space="z"):
+    if space not in SPACES:
+        raise InputError(f"space={space!r}", field="space", fix=f"use one of {SPACES}")
     if normalize and int(mc_samples) < 2:
         raise InputError(f"mc_samples={mc_samples} is too few for the normalisation", field="mc_samples",
                          fix="use at least 2 (default 20)")
