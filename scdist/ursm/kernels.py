@@ -78,10 +78,15 @@ def _btrd(n, p, rng, lf):
 
 @njit(inline="always")
 def binomial(n, p, rng, lf):
-    """One exact Bin(n, p) draw (n ≤ lf.shape[1] − 1): inversion from 0 for n·min(p, 1−p) < 24,
-    else BTRD."""
+    """One exact Bin(n, p) draw (n ≤ lf.shape[1] − 1); a NaN p raises instead of looping."""
     if not p == p:
         raise ValueError("binomial draw with p = NaN")
+    return _binomial(n, p, rng, lf)
+
+
+@njit(inline="always")
+def _binomial(n, p, rng, lf):
+    """``binomial`` for a p known not to be NaN: inversion from 0 for n·min(p, 1−p) < 24, else BTRD."""
     if n <= 0 or p <= 0.0:
         return 0
     if p >= 1.0:
@@ -147,18 +152,22 @@ def draw_allocations(X, W, A, rng, lf, n_out, zsum, want_zsum, cz, want_cz):
                 for k in range(K):
                     cz[i, k] += xt * A[i, k] * W[j, k]
             rem = x
-            remp = 1.0
+            rest = tot
             for k in range(K - 1):
-                p = A[i, k] * W[j, k] / tot
+                # conditional probability of type k among types k..K−1: m_k / Σ_{k'≥k} m_k',
+                # m_k = A_ik W_kj; the sum is formed afresh (no running subtraction), so it is
+                # ≥ m_k and the ratio is in [0, 1]: one division per binomial
+                if k > 0:
+                    rest = 0.0
+                    for k2 in range(k, K):
+                        rest += A[i, k2] * W[j, k2]
                 z = 0
-                if rem > 0:
-                    q = p / remp if remp > p else 1.0
-                    z = binomial(rem, q, rng, lf)
+                if rem > 0 and rest > 0.0:
+                    z = _binomial(rem, A[i, k] * W[j, k] / rest, rng, lf)
                 n_out[j, k] += z
                 if want_zsum:
                     zsum[i, k] += z
                 rem -= z
-                remp -= p
             n_out[j, K - 1] += rem
             if want_zsum:
                 zsum[i, K - 1] += rem
