@@ -163,7 +163,7 @@ def test_mrvi_group_effect_in_one_celltype_only(recovery):
     m = np.stack([logm[leaf == l, ct][:, g].mean(0) for l in range(8)])
     sib = np.mean([np.abs(m[i] - m[j]).mean() for t in (0, 4) for i in range(t, t + 4) for j in range(i + 1, t + 4)])
     cousin = np.mean([np.abs(m[i] - m[j]).mean() for i in range(4) for j in range(4, 8)])
-    assert 0.15 < sib < cousin - 0.2    # siblings closer than cousins
+    assert 0.15 < sib < cousin - 0.08   # siblings closer than cousins (truth: 0.94 vs 1.11)
 
 
 _PEAK_SCRIPT = """
