@@ -195,29 +195,36 @@ def _hierarchy_figures(D, leaf, top, n_leaves):
 @pytest.fixture(scope="module")
 def hierarchy_study(tmp_path_factory):
     from scdist.simulate import simulate_study
+    from scdist.simulate.population import MRVI_STUDY_DESIGN
     url = str(tmp_path_factory.mktemp("mrvi_hierarchy") / "study.zarr")
     return simulate_study(url, n_donors=16, n_cells=3000, n_genes=200, n_celltypes=3, n_batches=2, seed=0,
-                          chunk_cells=1024, n_groups=(2, 2))
+                          chunk_cells=1024, n_groups=(2, 2), **MRVI_STUDY_DESIGN)
 
 
 @pytest.mark.slow
 def test_recovers_hierarchical_sample_groups(hierarchy_study):
-    """Issue 5's semi-synthetic design at small scale (16 donors = 2 top groups x 2 leaves, one
-    cell type with hierarchical leaf effects, one DA type, one null type; the truth's own eta
-    gives leaf ARI 1.0, tree Spearman 0.91). With defaults the DE type's counterfactual
-    distances follow the tree and beat every null type's; the bounds are below what seeds 0 and
-    1 give (leaf ARI 0.51 / 1.0, Spearman 0.37 / 0.74, ratio 1.56 / 2.45): the paper's objective
-    leaves much of the group shift in u here (see README), so the recovery is partial."""
+    """Issue 5's semi-synthetic design (v3, the MrVI study's donor random effects) at small scale:
+    16 donors = 2 top groups x 2 leaves, one cell type with hierarchical leaf effects, one DA
+    type, one null type; the truth's own eta gives leaf ARI 1.0, tree Spearman 0.91 in the DE
+    type. With defaults the DE type's counterfactual distances follow the leaves and stand out
+    from the null types' (between / within-leaf ratio), in z and in decoded expression. Bounds
+    are below what training seeds 0 / 1 / 2 give (DE type in z: leaf ARI 0.51 / 0.59 / 0.68,
+    Spearman 0.51 / 0.52 / 0.34, ratio 2.59 / 3.23 / 2.42; largest null-type ratio 2.23 / 2.41 /
+    1.82 in z, 1.95 / 2.48 / 1.98 in expression vs 2.80 / 3.66 / 3.16 in the DE type). On a study
+    this small the null types pick up part of the tree too (their Spearman reaches the DE
+    type's), so the test does not ask for null-type Spearman below the DE type's; on the
+    20k-cell benchmark study they stay near 0 (README)."""
     study = hierarchy_study
     t = study.truth()
     model = train_mrvi(study, "donor", "batch", seed=0, max_epochs=40)
-    agg = model.sample_distances(data=study, groupby="celltype")
     donors = list(model.samples)
     leaf = t["donor_group"].to_series().reindex(donors).to_numpy()
     top = t["donor_top_group"].to_series().reindex(donors).to_numpy()
-    fig = {str(c): _hierarchy_figures(agg.sel(group=c).values, leaf, top, 4) for c in agg["group"].values}
     de_type = t.attrs["mrvi_celltype"]
-    ari, rho, ratio = fig.pop(de_type)
-    assert ari > 0.3 and rho > 0.25 and ratio > 1.4, (ari, rho, ratio)
-    for c, (_, null_rho, null_ratio) in fig.items():
-        assert null_ratio < ratio - 0.3 and null_rho < rho, (c, fig, (ari, rho, ratio))
+    for space in ("z", "expression"):
+        agg = model.sample_distances(data=study, groupby="celltype", space=space)
+        fig = {str(c): _hierarchy_figures(agg.sel(group=c).values, leaf, top, 4) for c in agg["group"].values}
+        ari, rho, ratio = fig.pop(de_type)
+        assert ari > 0.35 and rho > 0.25 and ratio > 2.0, (space, ari, rho, ratio)
+        for c, (_, _, null_ratio) in fig.items():
+            assert null_ratio < ratio - 0.2, (space, c, fig, (ari, rho, ratio))
