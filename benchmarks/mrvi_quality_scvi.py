@@ -17,7 +17,8 @@ thread, ``--epochs`` epochs. Scored here:
   donors) of each cell's u, DA type vs the rest.
 - kNN top-group agreement of u inside each cell type (as mrvi_quality.py; 0.5 = groups mixed).
 Also the oracle: the same distance figures on the true per-donor log means ``eta`` of each
-cell type (what a perfect model could reach). Results: benchmarks/out/mrvi_quality_scvi_<...>.json.
+cell type (what a perfect model could reach), and the DE gene AUC of the true top-group
+difference of mean eta in the DE type. Results: benchmarks/out/mrvi_quality_scvi_<...>.json.
 """
 from __future__ import annotations
 
@@ -91,6 +92,11 @@ def main():
            "distances": distance_figures({ct: r[f"dist_{ct}"] for ct in cts}, donors, truth),
            "oracle_eta_distances": oracle_figures(truth)}
     de_type, da_type = truth.attrs["mrvi_celltype"], truth.attrs["da_celltype"]
+    # oracle DE: |difference of the top groups' mean true eta| in the DE type (leaf effects can cancel the top effect)
+    eta_de = truth["eta"].sel(celltype=de_type).values
+    top_d = truth["donor_top_group"].values
+    res["oracle_de_auc_genes"] = auc(np.abs(eta_de[top_d == 1].mean(0) - eta_de[top_d == 0].mean(0)),
+                                     truth["mrvi_gene"].values)
     obs = study.obs()
     ct_all = obs["celltype"].astype(str).to_numpy()
     # DA: per-donor log densities -> log mean over each top group's donors
