@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[_k] = "1"   # one core per process; must precede numpy's import
 
 import argparse  # noqa: E402
@@ -149,11 +149,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     (HERE / "out").mkdir(exist_ok=True)
     res: dict = {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                time.gmtime())}
+                                                                time.gmtime()),
+                 "load_average_start": os.getloadavg()}
     if args.part in ("all", "ratio"):
         res.update(part_ratio(args))
     if args.part in ("all", "scale"):
         res.update(part_scale(args))
+    res["load_average_end"] = os.getloadavg()
+    res["ended"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 

@@ -82,3 +82,20 @@ def test_rank_one_only_where_it_applies():
     lay_re = ds.make_layout(N, C, [codes])
     K_re = ds.covariance_basis(lay_re, cv.basis("hom", C), [codes])
     assert K_re.shape[0] == 2
+
+
+@pytest.mark.parametrize("covariates", [False, True])
+def test_compiled_fisher_equals_numpy_for_op_free(covariates):
+    """The compiled kernel's Fisher information with a basis per donor block (OP: P_i' k P_i)
+    equals the numpy trace formula, ML and REML (the CTP case is in test_ctmm_likelihood)."""
+    hom = _hom_problem(covariates, op=True)
+    rng = np.random.default_rng(4)
+    P = rng.dirichlet(np.ones(C), size=N)
+    lay = ds.make_layout(N, 1, None)
+    K = ds.covariance_basis(lay, cv.basis("free", C), None, P)
+    prob = ds.Problem(y=hom.y, nu=hom.nu, mask=hom.mask, X=hom.X, K=K, n_vc=C + 1)
+    th = np.abs(rng.normal(size=(G, C + 1))) * 0.3
+    for method in ("ml", "reml"):
+        a = lk.fisher_at(prob, th, method)
+        st = lk.evaluate(prob, th, method, grad=False, ai=False, compiled=False)
+        np.testing.assert_allclose(a, lk.fisher(prob, st, method), rtol=1e-9, atol=1e-12)

@@ -91,6 +91,45 @@ def _rowdot(A, i, B, j, n):
 
 
 @nb.njit(cache=True, inline="always")
+def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, Mf, FI):
+    """Add block b's terms of the Fisher information (see :func:`shared_eval`) to FI and M."""
+    if reml:
+        for x in range(m):
+            for z in range(m):
+                Ef[x, z] = _rowdot(FH, x, F, z, p)
+    for k in range(Kc):
+        for x in range(m):
+            for z in range(m):
+                v = 0.0
+                w = 0.0
+                for t in range(m):
+                    v += W[x, t] * Kb[k, kb, t, z]
+                    if reml:
+                        w += Ef[x, t] * Kb[k, kb, t, z]
+                Qf[k, x, z] = v
+                Rf[k, x, z] = w
+        if reml:
+            for i in range(p):
+                for j in range(p):
+                    v = 0.0
+                    for x in range(m):
+                        kf = 0.0
+                        for z in range(m):
+                            kf += Kb[k, kb, x, z] * F[z, j]
+                        v += F[x, i] * kf
+                    Mf[k, i, j] += v
+    for k in range(Kc):
+        for l in range(k + 1):
+            v = 0.0
+            for x in range(m):
+                for z in range(m):
+                    v += Qf[k, x, z] * Qf[l, z, x]
+                    if reml:
+                        v -= Qf[l, x, z] * Rf[k, z, x] + Qf[k, x, z] * Rf[l, z, x]
+            FI[k, l] += v
+
+
+@nb.njit(cache=True, inline="always")
 def _small_spd_inv(H, p, Hinv, scratch, piv):
     for i in range(p):
         for j in range(p):
@@ -100,9 +139,14 @@ def _small_spd_inv(H, p, Hinv, scratch, piv):
 
 
 @nb.njit(cache=True)
-def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, reml, want_grad, want_ai, rcond,
-                ll, ok_out, beta, Hinv_out, grad, ai, rcmin):
-    """Fill ``ll, ok_out, beta, Hinv_out, grad, ai, rcmin`` for every row of ``theta``.
+def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, reml, want_grad, want_ai,
+                want_fisher, rcond, ll, ok_out, beta, Hinv_out, grad, ai, fisher, rcmin):
+    """Fill ``ll, ok_out, beta, Hinv_out, grad, ai, fisher, rcmin`` for every row of ``theta``.
+
+    Fisher information (``want_fisher``), from the same pass 2: with Q_kb = W_b K_kb,
+    E_b = F_b H^-1 F_b' and M_k = sum_b F_b' K_kb F_b,
+    ``2 Fisher_kl = sum_b tr(Q_kb Q_lb) - [REML] (sum_b tr(Q_lb E_b K_kb) + tr(Q_kb E_b K_lb)
+    - tr(H^-1 M_k H^-1 M_l))``, i.e. 1/2 tr(P K_k P K_l) (W for ML) without forming P.
 
     theta (R, Kc); idx (R,) row of y/nu/mask; drop (R,) block left out (-1: none); full: no
     entry of ``mask`` is False (skips the per-entry checks); y, nu (G, B, m) float;
@@ -140,6 +184,12 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
     base = np.empty((m, m))
     Eb = np.empty((m, m))
     gacc = np.empty(Kc)
+    Qf = np.empty((Kc, m, m))
+    Rf = np.empty((Kc, m, m))
+    Ef = np.empty((m, m))
+    Mf = np.empty((Kc, p, p))
+    HMf = np.empty((Kc, p, p))
+    FI = np.empty((Kc, Kc))
     perblock = Kb.shape[1] > 1      # a basis per block (OP: P_i' k P_i per donor)
     for row in range(R):
         g = idx[row]
@@ -264,6 +314,10 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                 for k in range(Kc):
                     for l in range(Kc):
                         ai[row, k, l] = 0.0
+            if want_fisher:
+                for k in range(Kc):
+                    for l in range(Kc):
+                        fisher[row, k, l] = 0.0
             continue
         for i in range(p):
             v = 0.0
@@ -283,6 +337,10 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                 Fu[k, q] = 0.0
             for l in range(Kc):
                 AIl[k, l] = 0.0
+                FI[k, l] = 0.0
+            for i in range(p):
+                for j in range(p):
+                    Mf[k, i, j] = 0.0
         for bb in range(B):
             if not has[bb]:
                 continue
@@ -303,11 +361,13 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                 s[x] = v
                 quad += v * r[x]
             kb = bb if perblock else 0
+            if (want_grad or want_fisher) and reml:    # FH = F_b H^-1 (H^-1 is symmetric)
+                for x in range(m):
+                    for q in range(p):
+                        FH[x, q] = _rowdot(F, x, Hinv, q, p)
+            if want_fisher:
+                _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, Mf, FI)
             if want_grad:
-                if reml:    # FH = F_b H^-1 (H^-1 is symmetric)
-                    for x in range(m):
-                        for q in range(p):
-                            FH[x, q] = _rowdot(F, x, Hinv, q, p)
                 if perblock:
                     # per-block basis: tr(K_kb (W_b - s_b s_b' - E_b)) block by block
                     for x in range(m):
@@ -373,6 +433,24 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                                 e -= Esum[x, z]
                             v += Kb[k, 0, x, z] * e
                 grad[row, k] = -0.5 * v
+        if want_fisher:
+            if reml:    # tr(H^-1 M_k H^-1 M_l)
+                for k in range(Kc):
+                    for i in range(p):
+                        for j in range(p):
+                            v = 0.0
+                            for t in range(p):
+                                v += Hinv[i, t] * Mf[k, t, j]
+                            HMf[k, i, j] = v
+            for k in range(Kc):
+                for l in range(k + 1):
+                    v = FI[k, l]
+                    if reml:
+                        for i in range(p):
+                            for j in range(p):
+                                v += HMf[k, i, j] * HMf[l, j, i]
+                    fisher[row, k, l] = 0.5 * v
+                    fisher[row, l, k] = 0.5 * v
         if want_ai:
             if reml:    # HFu = Fu H^-1
                 for k in range(Kc):
@@ -398,7 +476,7 @@ SPECIALISE_MIN = int(os.environ.get("SCDIST_CTMM_SPECIALISE_MIN", "20000"))
 
 
 def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool, want_grad: bool,
-                    want_ai: bool, rcond: float):
+                    want_ai: bool, rcond: float, want_fisher: bool = False):
     """Allocate the outputs and run :func:`shared_eval`; returns a dict of arrays."""
     theta = np.ascontiguousarray(theta, dtype=np.float64)
     R, Kc = theta.shape
@@ -406,7 +484,8 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
     out = dict(ll=np.empty(R), ok=np.empty(R, bool), beta=np.empty((R, p)),
                Hinv=np.empty((R, p, p)), rcmin=np.empty(R),
                grad=np.empty((R, Kc) if want_grad else (1, Kc)),
-               ai=np.empty((R, Kc, Kc) if want_ai else (1, Kc, Kc)))
+               ai=np.empty((R, Kc, Kc) if want_ai else (1, Kc, Kc)),
+               fisher=np.empty((R, Kc, Kc) if want_fisher else (1, Kc, Kc)))
     m = X.shape[1]
     ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
     idx = np.ascontiguousarray(idx, dtype=np.int64)
@@ -416,10 +495,13 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
     else:
         sizes = np.zeros(m, np.int64), np.zeros(p, np.int64), np.zeros(Kc, np.int64)
     shared_eval(*sizes, ident, theta, idx, drop, bool(full), Kb, y, nu, mask, X,
-                bool(reml), bool(want_grad), bool(want_ai), float(rcond), out["ll"], out["ok"],
-                out["beta"], out["Hinv"], out["grad"], out["ai"], out["rcmin"])
+                bool(reml), bool(want_grad), bool(want_ai), bool(want_fisher), float(rcond),
+                out["ll"], out["ok"], out["beta"], out["Hinv"], out["grad"], out["ai"],
+                out["fisher"], out["rcmin"])
     if not want_grad:
         out["grad"] = None
     if not want_ai:
         out["ai"] = None
+    if not want_fisher:
+        out["fisher"] = None
     return out

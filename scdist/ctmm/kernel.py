@@ -17,7 +17,7 @@ from . import covariance as cov_models
 from .design import Layout, Problem, covariance_basis, encode_factor, fixed_design, make_layout
 from .he import he_fit
 from .jackknife import donor_weights, jackknife_he, jackknife_reml
-from .likelihood import evaluate, fisher
+from .likelihood import evaluate, fisher_at
 from .optimize import maximize_with_restarts
 from .tests import jackknife_cov, lrt, mean_contrasts, wald_f
 
@@ -143,8 +143,7 @@ class _Fitter:
         out.update(theta=res.theta, loglik=np.where(ok, res.loglik, np.nan),
                    converged=res.converged & ok, iterations=res.iterations, beta=res.beta)
         if need_fisher:
-            st = evaluate(prob, res.theta, cfg.method, grad=False, ai=False)
-            out["fisher"] = fisher(prob, st, cfg.method)
+            out["fisher"] = fisher_at(prob, res.theta, cfg.method)
         if need_jk:
             # only regular fits are jackknifed: at a fit on the singular-covariance edge every
             # refit that keeps the donor defining the edge stays on it, the replicates barely

@@ -55,6 +55,7 @@ class State:
     rcmin: np.ndarray | None = None  # (R,) smallest reciprocal condition proxy over blocks
     Ws: np.ndarray | None = None     # (m, m, R, B) same W, structure-of-arrays (fast path)
     Fs: np.ndarray | None = None     # (R, m, B, p) same F (fast path)
+    fisher: np.ndarray | None = None  # (R, K, K) expected information (compiled kernel)
 
     def aos(self) -> "State":
         """Fill ``W``/``F`` in the (R, B, m, m) layout from the fast path's arrays."""
@@ -192,9 +193,9 @@ def _compiled_ok(prob: Problem) -> bool:
 
 
 def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: bool,
-                       want_ai: bool, rows) -> State:
+                       want_ai: bool, rows, want_fisher: bool = False) -> State:
     idx = np.arange(theta.shape[0]) if rows is None else np.asarray(rows)
-    ro = prob.rank_one
+    ro = None if want_fisher else prob.rank_one
     if ro is not None:    # Hom: closed form per donor (Sherman-Morrison)
         o = rank_one_eval(ro, theta, idx, reml, want_grad, want_ai, RCOND)
     else:
@@ -203,11 +204,11 @@ def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: 
         if prob.src is not None:
             idx, drop = prob.src[idx], prob.drop[idx]
         o = evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full, reml, want_grad,
-                            want_ai, RCOND)
+                            want_ai, RCOND, want_fisher)
     ok = o["ok"]
     return State(theta=theta, ok=ok, loglik=o["ll"], beta=o["beta"], Hinv=o["Hinv"], W=None,
                  F=None, s=None, grad=o["grad"], ai=o["ai"], edge=(o["rcmin"] < EDGE) & ok,
-                 rcmin=o["rcmin"])
+                 rcmin=o["rcmin"], fisher=o.get("fisher"))
 
 
 def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bool = True,
@@ -307,11 +308,27 @@ def _derivatives(prob: Problem, st: State, reml: bool, want_grad: bool, want_ai:
         st.ai = 0.5 * A
 
 
+def fisher_at(prob: Problem, theta: np.ndarray, method: str = "reml") -> np.ndarray:
+    """Expected information (see :func:`fisher`) at ``theta``, one row per problem row: the
+    compiled kernel where it applies (the optimiser's exact Newton steps and the Wald tests),
+    else the numpy version."""
+    theta = np.asarray(theta, float)
+    if _compiled_ok(prob):
+        return _evaluate_compiled(prob, theta, method == "reml", False, False, None,
+                                  want_fisher=True).fisher
+    st = evaluate(prob, theta, method, grad=False, ai=False)
+    return fisher(prob, st, method)
+
+
 def fisher(prob: Problem, st: State, method: str = "reml") -> np.ndarray:
     """Expected information ``1/2 tr(P K_k P K_l)`` (REML) or ``1/2 tr(W K_k W K_l)`` (ML)."""
-    prob = prob.dense()
+    if st.fisher is not None:
+        return st.fisher
     if st.W is None and st.Ws is None:      # compiled kernel's state: W / F not kept
-        st = evaluate(prob, st.theta, method, grad=False, ai=False, compiled=False)
+        if _compiled_ok(prob):
+            return fisher_at(prob, st.theta, method)
+        st = evaluate(prob.dense(), st.theta, method, grad=False, ai=False, compiled=False)
+    prob = prob.dense()
     st.aos()
     return 0.5 * trace_pkpk(prob.K, st.W, st.F, st.Hinv, reml=(method == "reml"))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Problem
-from .likelihood import evaluate, fisher
+from .likelihood import evaluate, fisher_at
 
 # a converged optimum with a covariance block closer to singular than this (reciprocal
 # condition proxy, see likelihood.RCOND) is re-examined by the random restarts
@@ -64,8 +64,7 @@ def _newton_dir(prob: Problem, theta: np.ndarray, grad: np.ndarray, ai: np.ndarr
     """Exact Newton direction with the observed information ``2 AI - Fisher`` (valid for
     covariances linear in theta) where it is positive definite, else the AI direction;
     ``prob`` holds the rows of ``theta``."""
-    st = evaluate(prob, theta, method, grad=False, ai=False)
-    obs = 2.0 * ai - fisher(prob, st, method)
+    obs = 2.0 * ai - fisher_at(prob, theta, method)
     d = _solve_dir(ai, grad)
     with np.errstate(all="ignore"):
         pd = np.linalg.eigvalsh(obs)[:, 0] > 0
