@@ -1,7 +1,7 @@
 """scvi-tools 1.4.2 MRVI on exactly the study benchmarks/mrvi_quality.py trains on, scored with the
 same figures (is a miss the model or the simulated design?).
 
-    .venv/bin/python benchmarks/mrvi_quality_scvi.py [--cells 20000] [--epochs 40] [--design '{}']
+    .venv/bin/python benchmarks/mrvi_quality_scvi.py [--cells 20000] [--epochs 40] [--train-seed 0] [--design '{}']
 
 The study (``mrvi_quality.build_study``, same cells / seed / design knobs) is exported once to
 h5ad (raw counts; obs donor, batch, celltype, top_group); scvi-tools runs in its own venv
@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--cells", type=int, default=20_000)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seed", type=int, default=0, help="scvi-tools' seed (model init, shuffling)")
     ap.add_argument("--design", default="{}")
     a = ap.parse_args()
     design = json.loads(a.design)
@@ -77,16 +78,18 @@ def main():
     h5ad = OUT / f"mrvi_quality_{tag}.h5ad"
     if not h5ad.exists():
         export_h5ad(study, h5ad)
-    npz = OUT / f"mrvi_quality_scvi_{tag}_{a.epochs}.npz"
+    run = f"{tag}_{a.epochs}" + (f"_t{a.train_seed}" if a.train_seed else "")
+    npz = OUT / f"mrvi_quality_scvi_{run}.npz"
     if not npz.exists():
         t0 = time.perf_counter()
         subprocess.run([str(scvi_python()), str(HERE / "mrvi_quality_scvi_worker.py"), str(h5ad), str(a.epochs),
-                        str(npz)], check=True, cwd=HERE)
+                        str(npz), str(a.train_seed)], check=True, cwd=HERE)
         print(f"scvi-tools worker: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     r = np.load(npz, allow_pickle=False)
     donors = list(r["dist_sample_order"])
     cts = [k[5:] for k in r.files if k.startswith("dist_") and k != "dist_sample_order"]
-    res = {"impl": "scvi-tools 1.4.2 MRVI", "cells": a.cells, "epochs": a.epochs, "design": design,
+    res = {"impl": "scvi-tools 1.4.2 MRVI", "cells": a.cells, "epochs": a.epochs, "train_seed": a.train_seed,
+           "design": design,
            "design_version": MRVI_DESIGN_VERSION, "train_s": float(r["train_s"]),
            "epochs_run": int(r["epochs_run"]),
            "distances": distance_figures({ct: r[f"dist_{ct}"] for ct in cts}, donors, truth),
@@ -122,7 +125,7 @@ def main():
         for ct in sorted(set(ct_all)):
             idx = rng.choice(np.flatnonzero(ct_all == ct), min(3000, int((ct_all == ct).sum())), replace=False)
             res["u_top_group_agreement"][ct] = knn_group_agreement(r["u"][idx], top_all[idx])
-    (OUT / f"mrvi_quality_scvi_{tag}_{a.epochs}.json").write_text(json.dumps(res, indent=1))
+    (OUT / f"mrvi_quality_scvi_{run}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
 

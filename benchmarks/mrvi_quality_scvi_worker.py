@@ -2,7 +2,7 @@
 mrvi_quality_scvi.py exported from scdist's semi-synthetic study and writes what the quality
 figures need (called by mrvi_quality_scvi.py; not meant to be run by hand).
 
-Usage: python mrvi_quality_scvi_worker.py H5AD EPOCHS OUT.npz
+Usage: python mrvi_quality_scvi_worker.py H5AD EPOCHS OUT.npz [TRAIN_SEED]
 
 Written to OUT.npz: ``samples`` (the model's sample order), ``dist_<celltype>`` (aggregated local
 sample distances per cell type, Euclidean between counterfactual means of z, as
@@ -22,14 +22,14 @@ import numpy as np
 from mrvi_bench_common import peak_rss_gib  # noqa: F401  (pins OpenMP to one thread)
 
 
-def main(h5ad: str, epochs: int, out: str):
+def main(h5ad: str, epochs: int, out: str, seed: int = 0):
     import anndata as ad
     import torch
     import scvi
     from scvi.external import MRVI
 
     torch.set_num_threads(1)
-    scvi.settings.seed = 0
+    scvi.settings.seed = seed
     scvi.settings.dl_num_workers = 0
     adata = ad.read_h5ad(h5ad)
     MRVI.setup_anndata(adata, sample_key="donor", batch_key="batch")
@@ -67,4 +67,4 @@ def main(h5ad: str, epochs: int, out: str):
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], int(a[1]), a[2])
+    main(a[0], int(a[1]), a[2], int(a[3]) if len(a) > 3 else 0)
