@@ -20,6 +20,8 @@ from .likelihood import evaluate, fisher_at
 # a converged optimum with a covariance block closer to singular than this (reciprocal
 # condition proxy, see likelihood.RCOND) is re-examined by the random restarts
 NEAR_EDGE = 1e-2
+# step-halving exponents tried per batched evaluation: [lo, hi) means 2^-(lo+1) .. 2^-hi
+_HALVING_STAGES = ((0, 2), (2, 64))
 
 
 @dataclass
@@ -137,16 +139,21 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         if active.size == 0:
             break
         iters[active] += 1
-        # full step for every active row, then all shorter steps 2^-1 .. 2^-max_halvings for
-        # the rows that did not improve in ONE batched evaluation (few rows, many steps)
+        # full step for every active row, then shorter steps 2^-1 .. 2^-max_halvings for the
+        # rows that did not improve, a few step lengths per batched evaluation (most rows
+        # accept one of the first; the rest try the next ones). Each row takes the longest
+        # accepted step, exactly as if every length had been tried at once.
         st1 = evaluate(prob, theta[active] + d, method, rows=data[active])
         better = _accept(st1, ll[active])
         _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge,
               rcmin, beta)
         pending = np.flatnonzero(~better)
-        if pending.size:
+        for lo, hi in _HALVING_STAGES:
+            hi = min(hi, max_halvings)
+            if not pending.size or lo >= hi:
+                break
             rows = active[pending]
-            alphas = 0.5 ** np.arange(1, max_halvings + 1)
+            alphas = 0.5 ** np.arange(lo + 1, hi + 1)
             cand = (theta[rows][:, None] + alphas[None, :, None] * d[pending][:, None]).reshape(-1, K)
             rep = np.repeat(rows, alphas.size)
             stc = evaluate(prob, cand, method, rows=data[rep])
@@ -157,7 +164,7 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             sel = np.zeros(rep.size, bool)
             sel[pick] = True
             _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge, rcmin, beta)
-            hard[rows[hit & (first >= 2)]] = True
+            hard[rows[hit & (lo + first >= 2)]] = True
             pending = pending[~hit]
         if pending.size:
             # no ascent even for tiny steps along the AI direction: retry with exact Newton
