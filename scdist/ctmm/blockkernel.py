@@ -90,7 +90,9 @@ def _rowdot(A, i, B, j, n):
     return v
 
 
-@nb.njit(cache=True, inline="always")
+# not inlined: it runs only when the Fisher information is asked for, and inlining it into
+# shared_eval made the cold compile ~4 CPU-s longer
+@nb.njit(cache=True)
 def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, Mf, FI):
     """Add block b's terms of the Fisher information (see :func:`shared_eval`) to FI and M."""
     if reml:
