@@ -80,8 +80,17 @@ def test_rank_one_only_where_it_applies():
     assert loo.rank_one is None
     codes = np.arange(N) % 3
     lay_re = ds.make_layout(N, C, [codes])
-    K_re = ds.covariance_basis(lay_re, cv.basis("hom", C), [codes])
-    assert K_re.shape[0] == 2
+    Y = np.random.default_rng(0).normal(size=(G, N, C))
+    re = ds.Problem(y=lay_re.to_blocks(Y), nu=lay_re.to_blocks(np.full((G, N, C), 0.3), 1.0),
+                    mask=lay_re.to_blocks(np.ones((G, N, C), bool), False),
+                    X=ds.fixed_design(lay_re, None),
+                    K=ds.covariance_basis(lay_re, cv.basis("hom", C), [codes]), n_vc=1)
+    assert re.rank_one is None
+    # a zero noise variance has no D^-1: the general kernel handles it
+    nu0 = prob.nu.copy()
+    nu0[0, 0, 0] = 0.0
+    zero = ds.Problem(y=prob.y, nu=nu0, mask=prob.mask, X=prob.X, K=prob.K, n_vc=1)
+    assert zero.rank_one is None and prob.rank_one is not None
 
 
 @pytest.mark.parametrize("covariates", [False, True])
