@@ -216,10 +216,11 @@ def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bo
     """Log-likelihood (and gradient / AI matrix) of ``method`` ("ml" or "reml") at ``theta``.
 
     ``rows`` (optional, one per row of ``theta``) picks the problem's rows to evaluate,
-    i.e. ``evaluate(prob.take(rows), theta)`` without copying the data. With a shared small
-    basis the compiled kernel (:mod:`scdist.ctmm.blockkernel`) runs unless ``compiled=False``
-    (the numpy version, kept as its reference); its State carries no W / F (``fisher``
-    recomputes them)."""
+    i.e. ``evaluate(prob.take(rows), theta)`` without copying the data. With small blocks and
+    no extra random effects a compiled kernel runs unless ``compiled=False`` (the numpy
+    version, kept as their reference): the closed form of :mod:`scdist.ctmm.rankone` for Hom,
+    :mod:`scdist.ctmm.blockkernel` otherwise. Their State carries no W / F (:func:`fisher`
+    gets the information from the compiled kernel)."""
     theta = np.asarray(theta, float)
     shared = prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL
     if compiled and _compiled_ok(prob):
