@@ -186,8 +186,8 @@ def main():
         h5ad = OUT / f"mrvi_quality_{a.cells}_{tag}.h5ad"
         if not h5ad.exists():
             export_h5ad(study, h5ad)
-        mask = OUT / f"ldvae_quality_valmask_{a.cells}_{tag}.npy"
-        np.save(mask, validation_mask(np.arange(study.n_cells), 0.1, a.seed))  # scdist's held-out cells
+        mask = OUT / f"ldvae_quality_valmask_{a.cells}_{tag}_t{tseed}.npy"
+        np.save(mask, validation_mask(np.arange(study.n_cells), 0.1, tseed))  # scdist's held-out cells (split seed = model seed)
         sopt = json.loads(a.scvi_options)
         sh = hashlib.sha1(json.dumps(sopt, sort_keys=True).encode()).hexdigest()[:8] + (
             f"_t{tseed}" if tseed != a.seed else "")
