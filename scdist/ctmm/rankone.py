@@ -9,7 +9,7 @@ determinant lemma give
     W_b = D_b^-1 - (h / d_b) D_b^-1 u_b u_b' D_b^-1,      log|Sigma_b| = log|D_b| + log d_b,
 
 so everything the likelihood needs is a sum over donors of per-donor statistics that do not
-depend on h, computed once per problem (:func:`rank_one_stats`):
+depend on h, computed once per problem (:class:`RankOneStats`):
 ``t_b = u_b' D_b^-1 y_b``, ``v_b = X_b' D_b^-1 u_b`` (p), and the row totals
 ``H0 = X' D^-1 X``, ``c0 = X' D^-1 y``, ``q0 = y' D^-1 y``, ``log|D|``. Per evaluation, with
 ``f_b = h / d_b``:
