@@ -1,11 +1,12 @@
 """LDVAE loading precision side by side with scvi-tools' LinearSCVI on scdist's semi-synthetic study.
 
-    .venv/bin/python benchmarks/ldvae_quality_scvi.py [--cells 20000] [--epochs 40] [--scvi]
+    .venv/bin/python benchmarks/ldvae_quality_scvi.py [--cells 20000] [--genes 500] [--epochs 40] [--scvi]
         [--variants 'default={}' 'bn_latent={"decoder_batch_norm": true, "library": "latent"}']
         [--scvi-options '{"plan": {"n_epochs_kl_warmup": 10}}']
 
 Study: ``mrvi_quality.build_study`` (40 donors in 2 batches, 500 genes, 4 cell types, design tag
-``MRVI_DESIGN_VERSION``), the same cells for both sides: LinearSCVI (benchmarks/.venv-scvi,
+``MRVI_DESIGN_VERSION``; ``--genes`` other than 500 builds the same design with that many genes,
+store ``mrvi_quality_<cells>_v<design>_g<genes>``), the same cells for both sides: LinearSCVI (benchmarks/.venv-scvi,
 1.4.2, 10 factors, batch_key = batch, minibatch 256, its own defaults otherwise) is trained on
 exactly the cells scdist trains on (scdist's validation split given to it as a mask) and both are
 evaluated on the held-out 10%. Both run ``--epochs`` epochs without early stopping, one torch thread
@@ -28,7 +29,8 @@ prior unchanged). Also scored: the *oracle*, the 10 leading principal axes of th
 means ``eta`` (donor x cell type, cell-weighted, each row's mean over genes removed) -- a
 noiseless rank-10 linear model of the truth, about what a perfect linear factor model can
 reach on this design.
-Results: benchmarks/out/ldvae_quality_<cells>_v<design>_s<seed>_<epochs>.json.
+``--oracle-only`` builds the study and scores the oracle without training anything.
+Results: benchmarks/out/ldvae_quality_<cells>_v<design>[_g<genes>]_s<seed>_<epochs>.json.
 """
 from __future__ import annotations
 
@@ -46,6 +48,25 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from mrvi_quality import OUT, build_study, design_tag  # noqa: E402
+
+
+def study_for(cells: int, genes: int, seed: int, design: dict):
+    """The MrVI quality study (``mrvi_quality.build_study``) at 500 genes; at another gene count
+    the same simulator call (same donors, cell types, ``MRVI_STUDY_DESIGN`` and ``design`` knobs)
+    with ``n_genes=genes``, in its own store. Returns (study, tag naming design and genes)."""
+    from scdist.simulate.population import MRVI_DESIGN_VERSION
+    tag = f"v{MRVI_DESIGN_VERSION}" + (f"_{design_tag(design)}" if design else "") + (
+        f"_g{genes}" if genes != 500 else "") + f"_s{seed}"
+    if genes == 500:
+        return build_study(cells, seed, design), tag
+    from scdist.simulate import simulate_study
+    from scdist.simulate.population import MRVI_STUDY_DESIGN
+    from scdist.store import open_study
+    url = OUT / f"mrvi_quality_{cells}_{tag}.zarr"
+    if not (url / "zarr.json").exists():
+        simulate_study(str(url), n_donors=40, n_cells=cells, n_genes=genes, n_celltypes=4, seed=seed,
+                       chunk_cells=4096, overwrite=True, **{**MRVI_STUDY_DESIGN, **design})
+    return open_study(str(url)), tag
 
 
 def varimax(W: np.ndarray, iters: int = 500, tol: float = 1e-8) -> np.ndarray:
@@ -153,6 +174,8 @@ def ours(study, epochs: int, seed: int, options: dict, cells: int, tag: str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=20_000)
+    ap.add_argument("--genes", type=int, default=500, help="genes of the study (500: the MrVI quality study itself)")
+    ap.add_argument("--oracle-only", action="store_true", help="score the oracle only (no training)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0, help="the study's seed (and the models' by default)")
     ap.add_argument("--train-seed", type=int, default=None, help="model seed of both sides (default: --seed)")
@@ -171,16 +194,18 @@ def main():
 
     design = json.loads(a.design)
     tops = [int(t) for t in a.top.split(",")]
-    study = build_study(a.cells, a.seed, design)
+    study, tag = study_for(a.cells, a.genes, a.seed, design)
     tseed = a.seed if a.train_seed is None else a.train_seed
     truth = study.truth()
-    tag = f"v{MRVI_DESIGN_VERSION}" + (f"_{design_tag(design)}" if design else "") + f"_s{a.seed}"
     genes = list(truth["gene"].values)
-    result = {"cells": a.cells, "epochs": a.epochs, "seed": a.seed, "design_version": MRVI_DESIGN_VERSION,
-              "design": design, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+    result = {"cells": a.cells, "genes": int(study.n_genes), "epochs": a.epochs, "seed": a.seed, "design_version": MRVI_DESIGN_VERSION,
+              "design": design, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {},
+              "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
     Wo = oracle_loadings(truth)
     result["models"]["oracle_pca"] = {"score": score_all(Wo, truth, tops)}
 
+    if a.oracle_only:
+        a.scvi, a.variants = False, []
     proc = None
     if a.scvi:
         h5ad = OUT / f"mrvi_quality_{a.cells}_{tag}.h5ad"
@@ -215,12 +240,15 @@ def main():
         meta["score"] = score_all(W, truth, tops)
         result["models"]["linearscvi" + (f"_{sh}" if sopt or tseed != a.seed else "")] = meta
 
+    result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"ldvae_quality_{a.cells}_{tag}_{a.epochs}.json"
+    path = OUT / (f"ldvae_quality_{a.cells}_{tag}_oracle.json" if a.oracle_only
+                  else f"ldvae_quality_{a.cells}_{tag}_{a.epochs}.json")
     if path.exists():  # keep models measured by earlier invocations (other variants)
         old = json.loads(path.read_text())
         old["models"].update(result["models"])
-        old["when"] = result["when"]
+        for key in ("when", "loadavg_start", "loadavg_end", "genes"):
+            old[key] = result[key]
         result = old
     path.write_text(json.dumps(result, indent=1))
     t0 = str(tops[0])
