@@ -198,7 +198,8 @@ def main():
     tseed = a.seed if a.train_seed is None else a.train_seed
     truth = study.truth()
     genes = list(truth["gene"].values)
-    result = {"cells": a.cells, "genes": int(study.n_genes), "epochs": a.epochs, "seed": a.seed, "design_version": MRVI_DESIGN_VERSION,
+    result = {"cells": a.cells, "genes": int(study.n_genes), "epochs": a.epochs, "seed": a.seed,
+              "design_version": MRVI_DESIGN_VERSION,
               "design": design, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {},
               "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
     Wo = oracle_loadings(truth)

@@ -203,6 +203,21 @@ def test_loadings_are_centred_and_decode_like_the_decoder(programs, bn):
     torch.testing.assert_close(got, torch.log_softmax(base + z.double() @ W.T, -1), atol=1e-4, rtol=1e-4)
 
 
+def test_decoder_bn_scale_sets_the_initial_logit_spread():
+    """decoder_bn_scale is the batch norm's initial per-gene scale: in training mode every gene's
+    logit has that standard deviation across the cells of a minibatch (times the batch norm's
+    sqrt(v / (v + eps)), v the pre-normalisation variance)."""
+    from scdist.vae.ldvae import LDVAEModule
+    z = torch.randn(512, 4, generator=torch.Generator().manual_seed(0))
+    b = torch.zeros(512, dtype=torch.long)
+    for scale in (1.0, 0.25):
+        mod = LDVAEModule(50, 4, decoder_batch_norm=True, decoder_bn_scale=scale).train()
+        pre = mod.decoder(mod._with_batch(z, b))
+        v = pre.var(0, unbiased=False)
+        logits = mod.decoder_bn(pre)
+        torch.testing.assert_close(logits.std(0, unbiased=False), scale * torch.sqrt(v / (v + 1e-3)))
+
+
 def test_bad_input_fails_early(programs):
     adata, _ = programs
     with pytest.raises(InputError, match=r"\[nokey\]"):
@@ -213,6 +228,8 @@ def test_bad_input_fails_early(programs):
         train_ldvae(adata, likelihood="gaussian", max_epochs=1)
     with pytest.raises(InputError, match=r"\[n_latent\]"):
         train_ldvae(adata, n_latent=0)
+    with pytest.raises(InputError, match=r"\[decoder_bn_scale\]"):
+        train_ldvae(adata, decoder_batch_norm=True, decoder_bn_scale=0.0, max_epochs=1)
     bad = adata.copy()
     bad.X = bad.X * 0.5
     with pytest.raises(InputError, match=r"\[X\]"):

@@ -35,7 +35,7 @@ from .components import GaussianEncoder, kl_normal_normal, kl_normal_standard
 from .likelihoods import log_count_likelihood, log_nb_cells
 
 MODULE_KEYS = ("n_hidden", "n_layers", "dropout", "likelihood", "dispersion", "latent_distribution",
-               "decoder_batch_norm", "decoder_bias", "library", "encoder_batch_norm")
+               "decoder_batch_norm", "decoder_bn_scale", "decoder_bias", "library", "encoder_batch_norm")
 
 
 class LDVAEModule(nn.Module):
@@ -44,7 +44,8 @@ class LDVAEModule(nn.Module):
     def __init__(self, n_genes: int, n_latent: int = 10, *, n_batch: int = 1, n_sample: int = 1, n_label: int = 1,
                  n_hidden: int = 128, n_layers: int = 1, dropout: float = 0.1, likelihood: str = "nb",
                  dispersion: str = "gene", latent_distribution: str = "normal", decoder_batch_norm: bool = False,
-                 decoder_bias: bool = False, library: str = "observed", encoder_batch_norm: bool = True,
+                 decoder_bn_scale: float = 1.0, decoder_bias: bool = False, library: str = "observed",
+                 encoder_batch_norm: bool = True,
                  library_log_means=None, library_log_vars=None):
         super().__init__()
         checks = {"likelihood": (likelihood, ("nb", "zinb", "poisson")), "dispersion": (dispersion, ("gene", "gene-batch")),
@@ -61,6 +62,14 @@ class LDVAEModule(nn.Module):
         self._nb = nb
         self.decoder = nn.Linear(n_latent + nb, n_genes, bias=decoder_bias)
         self.decoder_bn = nn.BatchNorm1d(n_genes, momentum=0.01, eps=1e-3) if decoder_batch_norm else None
+        if self.decoder_bn is not None:
+            if not (isinstance(decoder_bn_scale, (int, float)) and decoder_bn_scale > 0):
+                raise InputError(f"decoder_bn_scale={decoder_bn_scale!r}", field="decoder_bn_scale",
+                                 fix="use a positive number (the initial per-gene scale of the decoder batch norm)")
+            # BatchNorm's usual initial scale 1 gives every gene's logit unit variance across
+            # cells from the first step; a smaller scale starts the decoder nearer the
+            # data's (small) per-gene log-fold variation.
+            nn.init.constant_(self.decoder_bn.weight, float(decoder_bn_scale))
         if likelihood == "zinb":
             self.dropout_decoder = nn.Linear(n_latent + nb, n_genes, bias=True)
         self.log_theta = nn.Parameter(torch.randn(n_genes, n_batch if dispersion == "gene-batch" else 1).T.contiguous())
