@@ -5,8 +5,8 @@ Usage: .venv/bin/python benchmarks/ursm_timing.py [--genes 200 1000] [--iters 5]
 
 Measures CPU seconds (time.process_time, BLAS pinned to one thread) per warm EM iteration of
 scdist.ursm on the §4.1 simulation (L = 100 cells, M = 150 bulk samples, K = 3), B + T = 150
-sweeps, for bulk Gibbs (with the ``polyagamma`` package, the default, and with scdist's compiled
-Pólya-Gamma sampler) and MAP-W, and splits one iteration into single-cell and bulk E-step. Variants are
+sweeps, for bulk Gibbs (with the ``polyagamma`` package, pooled by |ψ| as by default or one call
+per sweep, and with scdist's compiled Pólya-Gamma sampler) and MAP-W, and splits one iteration into single-cell and bulk E-step. Variants are
 interleaved round by round in one process, so a change in machine load hits all of them alike.
 ``--compare-rev`` adds the default variant of an earlier commit (its ``scdist`` extracted with
 ``git archive`` and imported as a second package in this process), interleaved with the others,
@@ -36,6 +36,7 @@ from scdist.ursm.params import initial_theta  # noqa: E402
 
 
 VARIANTS = {"bulk Gibbs": {}, "bulk Gibbs, compiled PG": dict(pg_sampler="compiled"),
+            "bulk Gibbs, polyagamma one call per sweep": dict(pg_sampler="polyagamma_direct"),
             "MAP-W": dict(map_w=True),
             "bulk Gibbs, bulk chain 10 + 30 sweeps": dict(bulk_burnin=10, bulk_samples=30)}
 
@@ -96,7 +97,7 @@ def main():
     for N in a.genes:
         sim = simulate(n_genes=N, seed=1)
         # E-step split, both Pólya-Gamma samplers interleaved in this process (load drift hits both)
-        sp = {pg: [] for pg in ("compiled", "polyagamma")}
+        sp = {pg: [] for pg in ("compiled", "polyagamma", "polyagamma_direct")}
         for _ in range(a.repeats):
             for pg in sp:
                 sp[pg].append(split(sim, pg))
@@ -107,7 +108,7 @@ def main():
             for n in (names if r % 2 == 0 else names[::-1]):
                 ts[n].append(per_iteration(sim, a.iters, VARIANTS[n], fits[n]))
         for name in names:
-            sc, bk = sp["compiled" if "compiled" in name else "polyagamma"]
+            sc, bk = sp[VARIANTS[name].get("pg_sampler", "polyagamma")]
             if "@" in name:
                 sc = bk = float("nan")
             print(f"| {N} | {name} | {np.median(ts[name]):.2f} | {sc:.2f} | {'-' if 'MAP' in name else f'{bk:.2f}'} |",

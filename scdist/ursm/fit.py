@@ -49,9 +49,11 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     auxiliary-variable S update) or 'sequential' (the paper's gene-by-gene update),
     ``rao_blackwell`` conditional expectations in the statistics; ``bulk_burnin`` /
     ``bulk_samples`` a shorter (warm-started) bulk chain than the single-cell one.
-    ``pg_sampler``: 'polyagamma' (the maintained ``polyagamma`` package, default) or 'compiled'
-    (scdist's exact Devroye sampler ``scdist.ursm.polya_gamma``, inlined into the compiled sweep,
-    ~2× faster per draw) for the ω ~ PG(1, ψ) draws.
+    ``pg_sampler`` for the ω ~ PG(1, ψ) draws: 'polyagamma' (default: the maintained ``polyagamma``
+    package draws at the lower edge of each |ψ| bin, tilted exactly to ψ by rejection,
+    ``scdist.ursm.pg_pool``; ~0.75× the time of one call per sweep), 'polyagamma_direct' (one
+    package call per sweep, every draw with its own ψ) or 'compiled' (scdist's exact Devroye
+    sampler ``scdist.ursm.polya_gamma``, inlined into the compiled sweep).
 
     Engine: ``engine='local'`` runs in-process; ``'ray'`` runs (chain, block) samplers on Ray
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
