@@ -33,6 +33,8 @@ import math
 import numba as nb
 import numpy as np
 
+from .blockkernel import _chol_inv, _fail_row
+
 
 def rank_one_vectors(Kb: np.ndarray) -> np.ndarray | None:
     """``u (Bk, m)`` with ``Kb[0, b] = u_b u_b'`` for a one-matrix basis ``Kb (1, Bk, m, m)``
@@ -195,42 +197,6 @@ class RankOneStats:
         return self.D[:, 0]
 
 
-@nb.njit(cache=True, inline="always")
-def _spd_inv(H, p, Hinv, L):
-    """Cholesky inverse of the p x p SPD matrix H into Hinv; returns (ok, log|H|)."""
-    logdet = 0.0
-    for j in range(p):
-        d = H[j, j]
-        for k in range(j):
-            d -= L[j, k] * L[j, k]
-        if not d > 0.0:
-            return False, 0.0
-        ljj = math.sqrt(d)
-        logdet += 2.0 * math.log(ljj)
-        L[j, j] = ljj
-        for i in range(j + 1, p):
-            s = H[i, j]
-            for k in range(j):
-                s -= L[i, k] * L[j, k]
-            L[i, j] = s / ljj
-    # Hinv = L^-T L^-1: invert L in place (lower triangle), then multiply
-    for i in range(p):
-        L[i, i] = 1.0 / L[i, i]
-        for j in range(i):
-            s = 0.0
-            for k in range(j, i):
-                s += L[i, k] * L[k, j]
-            L[i, j] = -s * L[i, i]
-    for i in range(p):
-        for j in range(i + 1):
-            s = 0.0
-            for k in range(i, p):
-                s += L[k, i] * L[k, j]
-            Hinv[i, j] = s
-            Hinv[j, i] = s
-    return True, logdet
-
-
 @nb.njit(cache=True, fastmath=_FM)
 def _dot(w, x):
     s = 0.0
@@ -253,7 +219,7 @@ def _eval(theta, idx, D, S, p, m, reml, want_grad, want_ai, rcond, ll, ok_out, b
     log2pi = math.log(2.0 * math.pi)
     H = np.empty((p, p))
     Hinv = np.empty((p, p))
-    L = np.empty((p, p))
+    piv = np.empty(p)
     c = np.empty(p)
     bvec = np.empty(p)
     gv = np.empty(p)
@@ -295,20 +261,12 @@ def _eval(theta, idx, D, S, p, m, reml, want_grad, want_ai, rcond, ll, ok_out, b
                     H[j, i] = H[i, j]
                     ij += 1
             q = S[g, 0] - _dot(f, D[g, 2])
-            okH, logdetH = _spd_inv(H, p, Hinv, L)
+            okH, logdetH, _ = _chol_inv(H, p, Hinv, piv, False)
             ok = okH
         ok_out[row] = ok
         rcmin[row] = rc_min if ok else 0.0
-        if not ok:
-            ll[row] = -np.inf
-            for i in range(p):
-                beta[row, i] = 0.0
-                for j in range(p):
-                    Hinv_out[row, i, j] = 1.0 if i == j else 0.0
-            if want_grad:
-                grad[row, 0] = 0.0
-            if want_ai:
-                ai[row, 0, 0] = 0.0
+        if not ok:     # (no Fisher output here: ``ai`` stands in for it, untouched)
+            _fail_row(row, p, 1, ll, beta, Hinv_out, grad, ai, ai, want_grad, want_ai, False)
             continue
         cb = 0.0
         for i in range(p):
