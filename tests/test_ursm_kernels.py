@@ -157,3 +157,58 @@ def test_pg_mean_is_the_polya_gamma_mean():
     with np.errstate(invalid="ignore", divide="ignore"):
         ref = np.where(np.abs(x) < 1e-12, 0.25, np.tanh(x / 2) / (2 * x))
     np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_binomial_from_masses_matches_pmf():
+    """The allocations' Bin(n, mk / (mk + mo)) draw, with masses on an arbitrary scale, on both
+    branches and with mk > mo (the rarer outcome is drawn and reflected)."""
+    rng = np.random.default_rng(13)
+    lf = kernels.log_factorials(100_000)
+    draws = 100_000
+    pvals = []
+    for n, p in CASES:
+        z = kernels.binomial_mass_many(n, 3.7e-3 * p, 3.7e-3 * (1 - p), draws, rng, lf)
+        assert z.min() >= 0 and z.max() <= n
+        obs = np.bincount(z, minlength=n + 1).astype(float)
+        pvals.append(_chi2_pvalue(obs, binom.pmf(np.arange(n + 1), n, p) * draws))
+    assert min(pvals) > 1e-4, dict(zip(CASES, np.round(pvals, 5)))
+    assert (kernels.binomial_mass_many(9, 0.0, 1.0, 5, rng, lf) == 0).all()
+    assert (kernels.binomial_mass_many(9, 2.0, 0.0, 5, rng, lf) == 9).all()
+
+
+@pytest.mark.parametrize("want", [False, True])
+def test_k3_allocation_kernel_draws_what_the_general_kernel_draws(want):
+    """K = 3 has its own kernel (masses in registers); from equal Generator states it must give the
+    general kernel's draws and statistics bit for bit."""
+    rng = np.random.default_rng(14)
+    M, N, K = 30, 50, 3
+    A = rng.dirichlet(np.ones(N), K).T
+    W = rng.dirichlet([1.0, 2.0, 3.0], M)
+    X = rng.poisson(rng.gamma(1.0, 30.0, (M, N))).astype(np.int64)
+    lf = kernels.log_factorials(X.max())
+    out = []
+    for kern in (kernels._allocations_k3, kernels._allocations):
+        n, zsum, cz = np.zeros((M, K)), np.zeros((N, K)), np.zeros((N, K))
+        g = np.random.default_rng(15)
+        kern(X, W, A, g, lf, n, zsum, want, cz, want)
+        out.append((n, zsum, cz, g.random()))
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_allocations_for_four_types_are_multinomial():
+    """The general kernel (K ≠ 3): mean and covariance of Z̃ for one entry with X = 120, K = 4."""
+    rng = np.random.default_rng(16)
+    K, reps = 4, 20_000
+    A = np.array([[0.1, 0.4, 0.2, 0.3]])
+    W = np.array([[0.25, 0.1, 0.4, 0.25]])
+    n = np.zeros((reps, K))
+    sub = np.zeros((1, K))
+    lf = kernels.log_factorials(120)
+    kernels.draw_allocations(np.full((reps, 1), 120), np.repeat(W, reps, axis=0), A, rng, lf, n, sub, False, sub,
+                             False)
+    r = A[0] * W[0] / (A[0] @ W[0])
+    np.testing.assert_array_equal(n.sum(axis=1), 120)
+    se = np.sqrt(120 * r * (1 - r) / reps)
+    assert np.all(np.abs(n.mean(axis=0) - 120 * r) < 5 * se)
+    np.testing.assert_allclose(np.cov(n.T), 120 * (np.diag(r) - np.outer(r, r)), rtol=0.06, atol=0.5)

@@ -12,7 +12,8 @@ of proposals rejected on average at |ψ| ≈ 1):
 
 * z < 2: equal steps of ``_DZ2`` in z² (there cosh(z/2) ≈ 1 + z²/8, so the bound is ≤ e^{0.03});
 * 2 ≤ z < 6: steps of 0.1 in z (bound ≤ e^{0.05}); 6 ≤ z < ``Z_POOL``: steps of 0.2 (≤ e^{0.1});
-* z ≥ ``Z_POOL`` (about 1 % of entries in the §4.1 simulations): one direct array call.
+* z ≥ ``Z_POOL`` (about 1 % of entries in the §4.1 simulations) and bins with fewer than
+  ``MIN_POOL`` entries (a package call's overhead would exceed the saving): one direct array call.
 
 Per bin one package call fills a pool sized from the bin's count and its bound; the compiled
 pass walks the entries in order and takes pool draws until one is kept. An entry whose bin's pool
@@ -37,6 +38,7 @@ _NB3 = 30                     # 6 ≤ z < 12, width 0.2
 Z_POOL = 12.0
 N_BINS = _NB1 + _NB2 + _NB3
 CHUNK = 1 << 18
+MIN_POOL = 48                 # fewer entries in a bin than this: drawn directly
 
 
 def bin_edges() -> np.ndarray:
@@ -137,7 +139,8 @@ class PGPool:
             stop = min(start + self.chunk, pf.size)
             count_bins(pf, start, stop, self.counts)
             mean = self.counts * BOUNDS
-            need = np.where(self.counts > 0, np.ceil(mean + self.margin * np.sqrt(mean) + 1.0), 0.0)
+            # a bin with few entries is drawn directly: a package call costs ~3.7 µs, ~55 draws' saving
+            need = np.where(self.counts >= MIN_POOL, np.ceil(mean + self.margin * np.sqrt(mean) + 1.0), 0.0)
             need = np.maximum(need, 0.0).astype(np.int64)
             last = np.cumsum(need)
             first = last - need
