@@ -109,13 +109,55 @@ def distance_figures(dist_by_type: dict, donors, truth, n_clusters: int = 8) -> 
     for ct, D in dist_by_type.items():
         D = np.asarray(D, float)
         ok = ~np.isnan(D[iu])
-        Z = linkage(np.nan_to_num(D[iu], nan=np.nanmax(D)), method="average")
+        d = np.nan_to_num(D[iu], nan=np.nanmax(D))
+        # z-scored distances can be negative; a constant shift leaves average linkage unchanged
+        Z = linkage(d - min(0.0, d.min()), method="average")
         cl = fcluster(Z, n_clusters, criterion="maxclust")
         out[str(ct)] = {"ari_8": ari(cl, leaf),
                         "tree_spearman": float(spearmanr(D[iu][ok], tree[iu][ok]).correlation),
                         "between_within_ratio": float(np.nanmean(D[tree > 0]) / np.nanmean(D[(tree == 0) & off])),
-                        "mean_distance": float(np.nanmean(D[iu]))}
+                        "mean_distance": float(np.nanmean(D[iu])),
+                        # mean distance within a leaf / between siblings / between cousins
+                        "tier_means": [float(np.nanmean(D[(tree == t) & off])) for t in (0, 1, 2)]}
     return out
+
+
+def distance_variants(model, study, draws: int = 5, seed: int = 0) -> dict:
+    import torch
+    with torch.no_grad():
+        return _distance_variants(model, study, draws, seed)
+
+
+def _distance_variants(model, study, draws: int, seed: int) -> dict:
+    """Aggregations of the counterfactual z distances per cell type, outside the paper's
+    default (mean over the cells of D(n), D(n) from the posterior mean of u_n), for the screen:
+    ``draws``: D(n) averaged over ``draws`` posterior draws u_n ~ q(u | x_n) before the mean;
+    ``of_means``: the distance between the group means of z_n^s (mean over cells first).
+    Returns variant -> cell type -> S x S matrix."""
+    import torch
+    from scdist.vae.analysis.kernels import pairwise_distances
+    ct = study.obs()["celltype"].astype(str).to_numpy()
+    types = sorted(set(ct))
+    code = {t: i for i, t in enumerate(types)}
+    S, T = len(model.samples), len(types)
+    gen = torch.Generator().manual_seed(seed)
+    sum_draw = torch.zeros(T, S, S, dtype=torch.float64)
+    sum_z = torch.zeros(T, S, model.module.n_latent, dtype=torch.float64)
+    n = torch.zeros(T, dtype=torch.float64)
+    for b in model.iter_counterfactuals(study, batch_size=512):
+        c = torch.as_tensor([code[t] for t in ct[b["index"].numpy()]])
+        onehot = (c[None, :] == torch.arange(T)[:, None]).double()       # T x B
+        n += onehot.sum(1)
+        sum_z += torch.einsum("tb,sbl->tsl", onehot, b["z"].double())
+        acc = 0
+        for _ in range(draws):
+            u = b["u_mean"] + b["u_std"] * torch.randn(b["u_std"].shape, generator=gen)
+            acc = acc + pairwise_distances(model.module.counterfactual_z(u).transpose(0, 1))
+        sum_draw += (onehot @ (acc / draws).reshape(acc.shape[0], S * S).double()).view(T, S, S)
+    zbar = sum_z / n[:, None, None]
+    of_means = torch.cdist(zbar, zbar)
+    return {"draws": {t: (sum_draw[i] / n[i]).numpy() for i, t in enumerate(types)},
+            "of_means": {t: of_means[i].numpy() for i, t in enumerate(types)}}
 
 
 def main():
@@ -167,6 +209,15 @@ def main():
     res["distances_s"] = time.perf_counter() - t0
     res["distances"] = distance_figures({str(ct): agg.sel(group=ct).values for ct in agg["group"].values},
                                         donors, truth)
+    # the paper's optional Monte Carlo normalisation (z-scores against same-sample distances)
+    t0 = time.perf_counter()
+    agg = model.sample_distances(data=study, groupby="celltype", normalize=True)
+    res["distances_normalized_s"] = time.perf_counter() - t0
+    res["distances_normalized"] = distance_figures({str(ct): agg.sel(group=ct).values
+                                                    for ct in agg["group"].values}, donors, truth)
+    # other aggregations (posterior draws; distance of group means), for the screen
+    for k, v in distance_variants(model, study).items():
+        res[f"distances_{k}"] = distance_figures(v, donors, truth)
     # the same distances between decoded counterfactual log-expression (space="expression")
     t0 = time.perf_counter()
     agg = model.sample_distances(data=study, groupby="celltype", space="expression")

@@ -208,12 +208,12 @@ def test_recovers_hierarchical_sample_groups(hierarchy_study):
     type, one null type; the truth's own eta gives leaf ARI 1.0, tree Spearman 0.91 in the DE
     type. With defaults the DE type's counterfactual distances follow the leaves and stand out
     from the null types' (between / within-leaf ratio), in z and in decoded expression. Bounds
-    are below what training seeds 0 / 1 / 2 give (DE type in z: leaf ARI 0.51 / 0.59 / 0.68,
-    Spearman 0.51 / 0.52 / 0.34, ratio 2.59 / 3.23 / 2.42; largest null-type ratio 2.23 / 2.41 /
-    1.82 in z, 1.95 / 2.48 / 1.98 in expression vs 2.80 / 3.66 / 3.16 in the DE type). On a study
-    this small the null types pick up part of the tree too (their Spearman reaches the DE
-    type's), so the test does not ask for null-type Spearman below the DE type's; on the
-    20k-cell benchmark study they stay near 0 (README)."""
+    are below what training seeds 0 / 1 / 2 give with MrVI's optimiser defaults (lr 2e-3, Adam
+    epsilon 1e-8; DE type in z: leaf ARI 0.71 / 0.66 / 0.51, Spearman 0.57 / 0.43 / 0.42, ratio
+    2.37 / 1.72 / 1.86; in expression 0.59 / 0.52 / 0.66, 0.78 / 0.60 / 0.60, 3.16 / 2.54 / 2.69;
+    largest null-type ratio 1.01 / 1.07 / 1.08 in z, 1.00 / 1.05 / 1.06 in expression). With
+    the generic loop's lr 1e-3 / epsilon 1e-2 (under-trained) the null types picked up part of
+    the tree (ratios 1.8-2.5)."""
     study = hierarchy_study
     t = study.truth()
     model = train_mrvi(study, "donor", "batch", seed=0, max_epochs=40)
@@ -225,6 +225,6 @@ def test_recovers_hierarchical_sample_groups(hierarchy_study):
         agg = model.sample_distances(data=study, groupby="celltype", space=space)
         fig = {str(c): _hierarchy_figures(agg.sel(group=c).values, leaf, top, 4) for c in agg["group"].values}
         ari, rho, ratio = fig.pop(de_type)
-        assert ari > 0.35 and rho > 0.25 and ratio > 2.0, (space, ari, rho, ratio)
+        assert ari > 0.35 and rho > 0.3 and ratio > 1.5, (space, ari, rho, ratio)
         for c, (_, _, null_ratio) in fig.items():
-            assert null_ratio < ratio - 0.2, (space, c, fig, (ari, rho, ratio))
+            assert null_ratio < min(1.3, ratio - 0.3), (space, c, fig, (ari, rho, ratio))

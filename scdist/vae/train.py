@@ -43,6 +43,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     optimizer: str = "adam"  # "adam" | "adamw"
+    adam_eps: float = 0.01  # Adam's epsilon (scVI's 0.01; MrVI sets its own default)
     kl_warmup_epochs: int | None = None
     val_fraction: float = 0.1
     early_stopping: bool = True
@@ -169,7 +170,7 @@ def fit(module: torch.nn.Module, train_loader, val_loader, config: TrainConfig, 
     cfg = config
     module.to(device)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=0.01)
+    optimizer = opt_cls(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     history = History()
     best_state, best_val, bad_epochs, start_epoch = None, math.inf, 0, 0
 
