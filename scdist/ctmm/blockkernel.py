@@ -127,7 +127,7 @@ def _rowdot(A, i, B, j, n):
 # not inlined: it runs only when the Fisher information is asked for, and inlining it into
 # shared_eval made the cold compile ~4 CPU-s longer
 @nb.njit(cache=True)
-def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, Mf, FI):
+def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, KF, Mf, FI):
     """Add block b's terms of the Fisher information (see :func:`shared_eval`) to FI and M."""
     if reml:
         for x in range(m):
@@ -144,15 +144,18 @@ def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, Mf, FI):
                         w += Ef[x, t] * Kb[k, kb, t, z]
                 Qf[k, x, z] = v
                 Rf[k, x, z] = w
-        if reml:
+        if reml:    # M_k += F' (K_kb F): the m x p product once, not once per (i, j)
+            for x in range(m):
+                for j in range(p):
+                    kf = 0.0
+                    for z in range(m):
+                        kf += Kb[k, kb, x, z] * F[z, j]
+                    KF[x, j] = kf
             for i in range(p):
                 for j in range(p):
                     v = 0.0
                     for x in range(m):
-                        kf = 0.0
-                        for z in range(m):
-                            kf += Kb[k, kb, x, z] * F[z, j]
-                        v += F[x, i] * kf
+                        v += F[x, i] * KF[x, j]
                     Mf[k, i, j] += v
     for k in range(Kc):
         for l in range(k + 1):
@@ -214,6 +217,7 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
     Rf = np.empty((Kc, m, m))
     Ef = np.empty((m, m))
     Mf = np.empty((Kc, p, p))
+    KF = np.empty((m, p))
     HMf = np.empty((Kc, p, p))
     FI = np.empty((Kc, Kc))
     perblock = Kb.shape[1] > 1      # a basis per block (OP: P_i' k P_i per donor)
@@ -378,7 +382,7 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                     for q in range(p):
                         FH[x, q] = _rowdot(F, x, Hinv, q, p)
             if want_fisher:
-                _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, Mf, FI)
+                _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, KF, Mf, FI)
             if want_grad:
                 if perblock:
                     # per-block basis: tr(K_kb (W_b - s_b s_b' - E_b)) block by block
@@ -487,9 +491,19 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
 SPECIALISE_MIN = int(os.environ.get("SCDIST_CTMM_SPECIALISE_MIN", "20000"))
 
 
+# (m, p, K) sizes whose specialised version this process has already compiled or loaded
+_SPECIALISED: set = set()
+
+
 def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool, want_grad: bool,
-                    want_ai: bool, rcond: float, want_fisher: bool = False):
-    """Allocate the outputs and run :func:`shared_eval`; returns a dict of arrays."""
+                    want_ai: bool, rcond: float, want_fisher: bool = False,
+                    problem_rows: int = 0):
+    """Allocate the outputs and run :func:`shared_eval`; returns a dict of arrays.
+
+    The version compiled for the exact sizes runs when the call, or the whole problem it is
+    part of (``problem_rows`` rows: an optimiser's later iterations and restarts evaluate a few
+    rows of a large gene block), has at least ``SPECIALISE_MIN`` (row x block) pairs, or when
+    this process already has that version (its compile cost is then paid)."""
     theta = np.ascontiguousarray(theta, dtype=np.float64)
     R, Kc = theta.shape
     p = X.shape[-1]
@@ -502,8 +516,9 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
     ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     drop = np.full(R, -1, np.int64) if drop is None else np.ascontiguousarray(drop, np.int64)
-    if R * X.shape[0] >= SPECIALISE_MIN:
+    if max(R, problem_rows) * X.shape[0] >= SPECIALISE_MIN or (m, p, Kc) in _SPECIALISED:
         sizes = (0,) * m, (0,) * p, (0,) * Kc          # compile-time sizes: unrolled loops
+        _SPECIALISED.add((m, p, Kc))
     else:
         sizes = np.zeros(m, np.int64), np.zeros(p, np.int64), np.zeros(Kc, np.int64)
     shared_eval(*sizes, ident, theta, idx, drop, bool(full), Kb, y, nu, mask, X,

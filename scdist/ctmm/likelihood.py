@@ -204,7 +204,7 @@ def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: 
         if prob.src is not None:
             idx, drop = prob.src[idx], prob.drop[idx]
         o = evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full, reml, want_grad,
-                            want_ai, RCOND, want_fisher)
+                            want_ai, RCOND, want_fisher, problem_rows=prob.rows)
     ok = o["ok"]
     return State(theta=theta, ok=ok, loglik=o["ll"], beta=o["beta"], Hinv=o["Hinv"], W=None,
                  F=None, s=None, grad=o["grad"], ai=o["ai"], edge=(o["rcmin"] < EDGE) & ok,
@@ -309,14 +309,16 @@ def _derivatives(prob: Problem, st: State, reml: bool, want_grad: bool, want_ai:
         st.ai = 0.5 * A
 
 
-def fisher_at(prob: Problem, theta: np.ndarray, method: str = "reml") -> np.ndarray:
-    """Expected information (see :func:`fisher`) at ``theta``, one row per problem row: the
-    compiled kernel where it applies (the optimiser's exact Newton steps and the Wald tests),
-    else the numpy version."""
+def fisher_at(prob: Problem, theta: np.ndarray, method: str = "reml", rows=None) -> np.ndarray:
+    """Expected information (see :func:`fisher`) at ``theta``, one row per problem row (or per
+    entry of ``rows``, as in :func:`evaluate`): the compiled kernel where it applies (the
+    optimiser's exact Newton steps and the Wald tests), else the numpy version."""
     theta = np.asarray(theta, float)
     if _compiled_ok(prob):
-        return _evaluate_compiled(prob, theta, method == "reml", False, False, None,
+        return _evaluate_compiled(prob, theta, method == "reml", False, False, rows,
                                   want_fisher=True).fisher
+    if rows is not None:
+        prob = prob.take(rows)
     st = evaluate(prob, theta, method, grad=False, ai=False)
     return fisher(prob, st, method)
 

@@ -1,0 +1,92 @@
+"""CTMM optimiser: batched restart rounds apply the sequential rule, abandoned restarts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scdist.ctmm as ctmm
+from scdist.ctmm import optimize as opt
+from scdist.ctmm.kernel import FitConfig, _Fitter
+
+
+@pytest.fixture(autouse=True)
+def _one_compiled_kernel(monkeypatch):
+    """One compiled kernel version for every size (see test_ctmm_fit)."""
+    from scdist.ctmm import blockkernel
+
+    monkeypatch.setattr(blockkernel, "SPECIALISE_MIN", 10 ** 12)
+
+
+def _free_problem(n_genes=60, n_donors=20, seed=4):
+    """Free fits of Hom-simulated genes at small N: many end on the singular-covariance edge
+    (the genes the restarts are for)."""
+    sim = ctmm.simulate_ctp(n_genes, n_donors, 4, hom2=0.25, V=[0, 0, 0, 0], seed=seed)
+    Y = sim["mean"].transpose("gene", "donor", "celltype").values
+    NU = sim["nu"].transpose("gene", "donor", "celltype").values
+    fitter = _Fitter(Y, NU, np.isfinite(Y), None, [], None, 4, FitConfig())
+    return fitter, fitter.problem("free")
+
+
+def test_restart_rounds_apply_the_sequential_rule_in_start_order():
+    """Every start of a round is one row of one optimisation; the result must be what running
+    the same starts one after the other gives: the first start reaching a regular optimum
+    wins (the row then stops), otherwise a start replaces the end point when its likelihood
+    is higher."""
+    fitter, prob = _free_problem(n_donors=15, seed=3)    # restarts 1 and 2-5 rescue genes
+    draw = fitter.random_start("free")
+    starts = []
+
+    def recording(rng, rows):
+        th = draw(rng, rows)
+        starts.append((np.array(rows), th.copy()))
+        return th
+
+    n = 5
+    assert opt.restart_rounds(n) == [1, 4]
+    res = opt.maximize_with_restarts(prob, fitter.start("free"), "reml", random_start=recording,
+                                     n_restarts=n, seed=3)
+    # sequential replay of the same starts
+    ref = opt.maximize(prob, fitter.start("free"), "reml")
+    ref.converged &= ~opt.near_edge(ref)
+    assert 0 < (~ref.converged).sum() < prob.rows      # some genes need the restarts
+    n_regular_by_restart = 0
+    for rows, th in starts:
+        k = len(rows) // len(np.unique(rows))
+        nb = len(rows) // k
+        for j in range(k):
+            r, t = rows[j * nb:(j + 1) * nb], th[j * nb:(j + 1) * nb]
+            todo = ~ref.converged[r]                    # still without a regular optimum
+            r, t = r[todo], t[todo]
+            if not r.size:
+                continue
+            r2 = opt.maximize(prob, t, "reml", rows=r, abandon=opt.RESTART_ABANDON)
+            r2.converged &= ~opt.near_edge(r2)
+            better = r2.converged | (r2.loglik > ref.loglik[r])
+            n_regular_by_restart += int(r2.converged.sum())
+            ref.theta[r[better]] = r2.theta[better]
+            ref.loglik[r[better]] = r2.loglik[better]
+            ref.converged[r[better]] = r2.converged[better]
+            ref.beta[r[better]] = r2.beta[better]
+    np.testing.assert_array_equal(res.converged, ref.converged)
+    np.testing.assert_array_equal(res.loglik, ref.loglik)
+    np.testing.assert_array_equal(res.theta, ref.theta)
+    np.testing.assert_array_equal(res.beta, ref.beta)
+    # a restart reaches a regular optimum in both rounds here (in round 2 all four starts of
+    # one gene do: the first is kept)
+    assert n_regular_by_restart >= 2
+
+
+def test_abandoned_rows_stop_in_the_spike_zone_and_others_are_unchanged():
+    """``abandon``: a row whose iterate gets closer to singular than the threshold stops there,
+    not converged; a row that never does follows exactly the path it follows without it."""
+    fitter, prob = _free_problem(seed=6)
+    rng = np.random.default_rng(0)
+    start = fitter.random_start("free")(rng, np.arange(prob.rows))
+    free = opt.maximize(prob, start, "reml")
+    stop = opt.maximize(prob, start, "reml", abandon=opt.RESTART_ABANDON)
+    gave_up = stop.rcmin < opt.RESTART_ABANDON
+    assert gave_up.any() and (~gave_up).any()
+    assert not stop.converged[gave_up].any()
+    assert (stop.iterations[gave_up] <= free.iterations[gave_up]).all()
+    for name in ("theta", "loglik", "beta", "rcmin", "iterations", "converged"):
+        np.testing.assert_array_equal(getattr(stop, name)[~gave_up], getattr(free, name)[~gave_up])
