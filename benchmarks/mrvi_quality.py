@@ -180,7 +180,11 @@ def main():
     study = build_study(a.cells, a.seed, json.loads(a.design))
     truth = study.truth()
     import hashlib
-    tag = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    from scdist.vae.mrvi import MRVI_OPTIMIZER
+    # the run is named after the options together with MrVI's optimiser defaults, so a changed
+    # default never reloads a model trained under the old one
+    named = {**{k: v for k, v in MRVI_OPTIMIZER.items() if k != "optimizer"}, **options}
+    tag = hashlib.sha1(json.dumps(named, sort_keys=True).encode()).hexdigest()[:8]
     train_seed = a.seed if a.train_seed is None else a.train_seed
     run = f"q{MRVI_DESIGN_VERSION}_{a.epochs}_{a.variant}_{a.seed}_{tag}"
     if train_seed != a.seed:
@@ -201,7 +205,7 @@ def main():
     top = truth["donor_top_group"].to_series().reindex(donors).to_numpy()
     tree = np.where(leaf[:, None] == leaf[None], 0, np.where(top[:, None] == top[None], 1, 2))
     de_type, da_type = truth.attrs["mrvi_celltype"], truth.attrs["da_celltype"]
-    res = {"cells": a.cells, "study": study.url, "train_seed": train_seed, "epochs": a.epochs, "variant": a.variant, "options": options, "train_s": train_s,
+    res = {"cells": a.cells, "study": study.url, "train_seed": train_seed, "epochs": a.epochs, "variant": a.variant, "options": named, "train_s": train_s,
            "epochs_run": len(model.history.epoch)}
 
     t0 = time.perf_counter()
