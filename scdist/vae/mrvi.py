@@ -54,7 +54,8 @@ U_ADVERSARY = 0.0
 # Optimiser defaults of MrVI (the paper: Adam on minibatches, its values are not given there;
 # these are the authors' software's: learning rate 2e-3, Adam epsilon 1e-8). scdist's generic
 # VAE loop uses scVI's 1e-3 / 1e-2, with which MrVI is far from converged after 20-40 epochs
-# on the semi-synthetic study (README: leaf ARI 0.27 -> 0.80 at 10k cells, 20 epochs).
+# on the semi-synthetic study (README: at 10k cells, 20 epochs, leaf ARI in z
+# 0.57 -> 0.80, null-type ARI 0.25 -> 0.02, DE gene AUC 0.50 -> 0.93).
 MRVI_OPTIMIZER = {"optimizer": "adamw", "lr": 2e-3, "adam_eps": 1e-8}
 
 
