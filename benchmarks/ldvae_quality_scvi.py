@@ -6,8 +6,8 @@
 
 Study: ``mrvi_quality.build_study`` (40 donors in 2 batches, 500 genes, 4 cell types, design tag
 ``MRVI_DESIGN_VERSION``; ``--genes`` other than 500 builds the same design with that many genes,
-store ``mrvi_quality_<cells>_v<design>_g<genes>``), the same cells for both sides: LinearSCVI (benchmarks/.venv-scvi,
-1.4.2, 10 factors, batch_key = batch, minibatch 256, its own defaults otherwise) is trained on
+store ``mrvi_quality_<cells>_v<design>_g<genes>``), the same cells for both sides: LinearSCVI
+(benchmarks/.venv-scvi, 1.4.2, 10 factors, batch_key = batch, minibatch 256, its own defaults otherwise) is trained on
 exactly the cells scdist trains on (scdist's validation split given to it as a mask) and both are
 evaluated on the held-out 10%. Both run ``--epochs`` epochs without early stopping, one torch thread
 each (scvi-tools in a subprocess while scdist's variants train here, one after the other).
