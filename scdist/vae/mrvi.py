@@ -13,6 +13,9 @@ Generative model (paper notation -> arguments):
     x_ng ~ NB(l_n h_ng, r_g)                     l_n observed total count (scVI size factor)
 ``variant="linear"`` (preprint): z_n = A_uz u_n + A_s u_n + a_s and h_n = softmax(A_zh z_n +
 B_{b_n} + gamma_zh), with per-sample A_s, a_s and per-batch offsets B_b.
+``linear_decoder=True`` (attention variant only; a combination of the two papers' pieces, off
+by default): the attention u -> z above with the preprint's decoder h_n = softmax(A_zh z_n +
+B_{b_n} + gamma_zh), so Euclidean distances in z are not warped by a nonlinear batch attention.
 
 Inference: q(u_n | x_n, s_n) Normal from an MLP on log1p(x_n) (``n_hidden``, ``encoder_n_layers``).
 The paper writes q(u_n | x_n); like the authors' software we also feed the sample one-hot to
@@ -46,7 +49,7 @@ from .likelihoods import log_nb_cells
 
 MODULE_KEYS = ("n_latent", "n_latent_u", "n_hidden", "encoder_n_layers", "n_components", "label_epsilon",
                "n_emb", "n_heads", "attention_hidden", "dropout", "variant", "l2_scale", "encoder_sample",
-               "detach_query", "u_adversary")
+               "detach_query", "u_adversary", "linear_decoder")
 
 
 # Default weight of the sample adversary on u (outside the paper, off; see train_mrvi).
@@ -80,7 +83,7 @@ class MrVIModule(nn.Module):
                  label_epsilon: float = 0.0, use_labels: bool = False, n_emb: int = 16, n_heads: int = 2,
                  attention_hidden: int = 32, dropout: float = 0.1, variant: str = "attention",
                  l2_scale: float = 1.0, encoder_sample: bool = True, detach_query: bool = False,
-                 u_adversary: float = 0.0):
+                 u_adversary: float = 0.0, linear_decoder: bool = False):
         super().__init__()
         if variant not in ("attention", "linear"):
             raise InputError(f"variant={variant!r}", field="variant", fix="use 'attention' or 'linear'")
@@ -100,13 +103,17 @@ class MrVIModule(nn.Module):
             nn.init.normal_(self.sample_emb.weight, std=0.1)
             self.g_uz = CovariateAttention(n_latent_u, n_emb, n_latent, n_heads=n_heads, n_hidden=attention_hidden,
                                            detach_query=detach_query)
-            if n_batch > 1:
+            if n_batch > 1 and not linear_decoder:
                 self.batch_emb = nn.Embedding(n_batch, n_emb)
                 nn.init.normal_(self.batch_emb.weight, std=0.1)
                 self.g_zh = CovariateAttention(n_latent, n_emb, n_latent, n_heads=n_heads, n_hidden=attention_hidden)
         else:
             self.A_s = nn.Parameter(torch.zeros(n_sample, n_latent, n_latent_u))
             self.a_s = nn.Parameter(torch.zeros(n_sample, n_latent))
+        # the preprint's decoder (linear in z, per-batch offsets): always in the linear variant,
+        # with the attention variant's u -> z when ``linear_decoder``
+        self.linear_decoder = variant == "linear" or bool(linear_decoder)
+        if self.linear_decoder:
             self.batch_offset = nn.Parameter(torch.zeros(n_batch, n_genes))
         self.u_adversary = float(u_adversary)
         if self.u_adversary > 0 and n_sample > 1:
@@ -149,11 +156,11 @@ class MrVIModule(nn.Module):
 
     def h_logits(self, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Unnormalised log h (before the softmax over genes) for z (... x L_z), batch (...)."""
-        if self.variant == "attention":
-            if self.n_batch > 1:
-                z = z + self.g_zh(z, self.batch_emb(batch))
-            return self.decoder(z)
-        return self.decoder(z) + self.batch_offset[batch]
+        if self.linear_decoder:
+            return self.decoder(z) + self.batch_offset[batch]
+        if self.n_batch > 1:
+            z = z + self.g_zh(z, self.batch_emb(batch))
+        return self.decoder(z)
 
     def h(self, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Normalised expression h_n (softmax over genes)."""
@@ -292,7 +299,8 @@ def train_mrvi(data, sample_key: str, batch_key: str | None = None, labels_key: 
     ``attention_hidden`` (32), ``dropout`` (0.1), ``variant`` ("attention" | "linear"),
     ``l2_scale`` (1), ``encoder_sample`` (True: q(u | x, s) as the authors' software; False:
     the paper's q(u | x)), ``u_adversary`` (lambda, 0 = the paper's objective; 5 = the
-    setting measured below);
+    setting measured below), ``linear_decoder`` (False; True: the preprint's linear decoder
+    with per-batch offsets under the attention u -> z);
     training fields of :class:`~scdist.vae.train.TrainConfig` (MrVI
     defaults: AdamW, ``lr`` 2e-3, ``adam_eps`` 1e-8, weight decay 1e-6, as the authors'
     software; see ``MRVI_OPTIMIZER``); engine: ``num_workers``, ``use_gpu``, ``checkpoint_dir``.
