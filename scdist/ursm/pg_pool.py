@@ -7,11 +7,11 @@ has its own z (the sampler's set-up for z is redone per draw). The sweep needs o
 How (exact): the PG(1, z) density is cosh(z/2) e^{−z² ω / 2} p(ω | 0), so for |z_b| ≤ |z| a draw
 ω ~ PG(1, z_b) kept with probability e^{−(z² − z_b²) ω / 2} is a PG(1, z) draw (rejection sampling
 with bound cosh(z/2) / cosh(z_b/2); PG(1, z) is even in z). Entries are binned by z = |ψ| with the
-bin's lower edge z_b as the proposal; the bins are narrow enough that the bound stays ≤ 1.05 (3 %
-of proposals rejected on average at |ψ| ≈ 1):
+bin's lower edge z_b as the proposal; the bins are narrow enough that the bound stays ≤ 1.051
+below z = 6 and ≤ 1.105 up to ``Z_POOL`` (at most ~3 % of proposals rejected below z = 2):
 
 * z < 2: equal steps of ``_DZ2`` in z² (there cosh(z/2) ≈ 1 + z²/8, so the bound is ≤ e^{0.03});
-* 2 ≤ z < 6: steps of 0.1 in z (bound ≤ e^{0.05}); 6 ≤ z < ``Z_POOL``: steps of 0.2 (≤ e^{0.1});
+* 2 ≤ z < 6: steps of 0.1 in z (bound ≤ e^{0.05} ≈ 1.051); 6 ≤ z < ``Z_POOL``: steps of 0.2 (≤ e^{0.1});
 * z ≥ ``Z_POOL`` (about 1 % of entries in the §4.1 simulations) and bins with fewer than
   ``MIN_POOL`` entries (a package call's overhead would exceed the saving): one direct array call.
 
@@ -132,6 +132,8 @@ class PGPool:
     def draw(self, psi: np.ndarray, omega: np.ndarray, rng: np.random.Generator) -> int:
         """Fill ``omega`` (C-contiguous, shape of ``psi``) with ω ~ PG(1, ψ); returns the number of
         entries drawn directly (no bin, or their bin's pool ran out)."""
+        if not (psi.flags.c_contiguous and omega.flags.c_contiguous and omega.shape == psi.shape):
+            raise ValueError("psi and omega must be C-contiguous arrays of one shape")   # reshape must not copy
         pf = psi.reshape(-1)
         of = omega.reshape(-1)
         n_direct = 0
