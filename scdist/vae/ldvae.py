@@ -14,7 +14,7 @@ Inference: q(z_n | x_n, s_n) Normal from an MLP on log1p(x) (``n_hidden``, ``n_l
 ``dropout``); ``latent_distribution="ln"`` gives scVI's logistic-normal z = softmax(sample).
 ``decoder_batch_norm=True`` is the paper's variant with batch normalisation on W z_n
 (LinearSCVI's default); the loadings then fold the normalisation's per-gene scale into W. It
-ranks marker genes better (README: 10-23 points of top-gene precision on the semi-synthetic
+ranks marker genes better (README: 10-26 points of top-100 precision on the semi-synthetic
 study; at 2,000 genes it meets the issue's 78% at top 100, the defaults do not) at the same
 held-out reconstruction once trained, but reconstructs worse in shorter training, so it is not
 the default. ``decoder_bn_scale`` is the normalisation's initial per-gene scale gamma_g (1 as in
