@@ -196,3 +196,35 @@ def test_compiled_kernel_equals_numpy_on_selected_and_leave_one_out_rows(model, 
         np.testing.assert_array_equal(a.ok, b.ok)
         np.testing.assert_allclose(lk.fisher(loo.take(rows), a, method),
                                    lk.fisher(loo.dense().take(rows), b, method), rtol=1e-9)
+
+
+@pytest.mark.parametrize("covariates", [False, True])
+def test_free_closed_forms_equal_the_generic_compiled_loops(covariates):
+    """Free's closed forms (AI and Fisher terms of J and e_c e_c') against the generic compiled
+    loops on the same rows, ML and REML, with missing pairs, a donor with nothing observed,
+    leave-one-out rows, with and without donor covariates (X_b = I or not): AI, gradient and likelihood bit-identical (only products with the
+    basis' zeros are skipped), Fisher information to rounding."""
+    from scdist.ctmm import blockkernel as bk
+
+    Y, NU, mask, Z, _ = _data(seed=13)
+    prob = _problem("free", Y, NU, mask, Z if covariates else None, None)
+    assert bk.is_free_basis(prob.K)
+    for model in ("hom", "iid", "full"):
+        assert not bk.is_free_basis(_problem(model, Y, NU, mask, None, None).K)
+    rng = np.random.default_rng(2)
+    th = np.abs(rng.normal(size=(G * N, C + 1))) * 0.3
+    th[::3, 1] = -0.02              # negative V entries, total still positive definite
+    y, nu, mk, X, Kb, full = prob.contiguous
+    src, drop = np.repeat(np.arange(G), N), np.tile(np.arange(N), G)
+    drop[::4] = -1
+    for reml in (False, True):
+        a, b = (bk.evaluate_shared(y, nu, mk, X, Kb, th, src, drop, full, reml, True, True, lk.RCOND,
+                                   want_fisher=True, free=f) for f in (True, False))
+        assert a["ok"].sum() > 0.9 * len(th)
+        for name in ("ll", "ok", "beta", "Hinv", "rcmin", "grad", "ai"):
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        np.testing.assert_allclose(a["fisher"], b["fisher"], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="Free"):
+        hom = _problem("hom", Y, NU, mask, None, None)
+        bk.evaluate_shared(y, nu, mk, X, np.ascontiguousarray(hom.K), th[:, :1], src, drop, full,
+                           True, True, True, lk.RCOND, free=True)

@@ -168,8 +168,65 @@ def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, KF, Mf, FI):
             FI[k, l] += v
 
 
+# not inlined, like _fisher_block (shorter cold compile; Fisher rows are few)
 @nb.njit(cache=True)
-def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, reml, want_grad, want_ai,
+def _fisher_block_free(W, F, FH, m, p, reml, Ef, fv, Mf, FI):
+    """:func:`_fisher_block` for the Free basis ``K_0 = J`` (all ones), ``K_c = e_c e_c'``
+    (c = 1..m), in closed form: with w = W_b 1, e = E_b 1 and E_b = F_b H^-1 F_b',
+
+        tr(Q_0 Q_0) = (1'w)^2,  tr(Q_c Q_0) = w_c^2,  tr(Q_c Q_d) = W_cd^2,
+        tr(Q_0 E K_0) = (1'w)(1'e),  tr(Q_0 E K_c) = tr(Q_c E K_0) = w_c e_c,
+        tr(Q_d E K_c) = W_cd E_cd,
+        M_0 += (F_b'1)(F_b'1)',  M_c += F_b[c]' F_b[c]   (F_b[c]: row c),
+
+    O(m^2 + m p^2) per block instead of O(K m^3 + K m^2 p)."""
+    w = fv[0]
+    e = fv[1]
+    gcol = fv[2]
+    a = 0.0
+    for x in range(m):
+        v = 0.0
+        for z in range(m):
+            v += W[x, z]
+        w[x] = v
+        a += v
+    eps = 0.0
+    if reml:
+        for x in range(m):
+            for z in range(x, m):
+                v = _rowdot(FH, x, F, z, p)
+                Ef[x, z] = v
+                Ef[z, x] = v
+        for x in range(m):
+            v = 0.0
+            for z in range(m):
+                v += Ef[x, z]
+            e[x] = v
+            eps += v
+        for i in range(p):
+            v = 0.0
+            for x in range(m):
+                v += F[x, i]
+            gcol[i] = v
+        for i in range(p):
+            for j in range(p):
+                Mf[0, i, j] += gcol[i] * gcol[j]
+                for c in range(m):
+                    Mf[c + 1, i, j] += F[c, i] * F[c, j]
+    FI[0, 0] += a * a - 2.0 * a * eps if reml else a * a
+    for c in range(m):
+        if reml:
+            FI[c + 1, 0] += w[c] * w[c] - 2.0 * w[c] * e[c]
+            for d in range(c + 1):
+                FI[c + 1, d + 1] += W[c, d] * W[c, d] - 2.0 * W[c, d] * Ef[c, d]
+        else:
+            FI[c + 1, 0] += w[c] * w[c]
+            for d in range(c + 1):
+                FI[c + 1, d + 1] += W[c, d] * W[c, d]
+
+
+@nb.njit(cache=True)
+def shared_eval(mt, pt, kt, ident, free, theta, idx, drop, full, Kb, y, nu, mask, X, reml, want_grad, want_ai,
                 want_fisher, rcond, ll, ok_out, beta, Hinv_out, grad, ai, fisher, rcmin):
     """Fill ``ll, ok_out, beta, Hinv_out, grad, ai, fisher, rcmin`` for every row of ``theta``.
 
@@ -177,6 +234,10 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
     E_b = F_b H^-1 F_b' and M_k = sum_b F_b' K_kb F_b,
     ``2 Fisher_kl = sum_b tr(Q_kb Q_lb) - [REML] (sum_b tr(Q_lb E_b K_kb) + tr(Q_kb E_b K_lb)
     - tr(H^-1 M_k H^-1 M_l))``, i.e. 1/2 tr(P K_k P K_l) (W for ML) without forming P.
+
+    ``free``: the basis is Free's (``Kb[0] = J``, ``Kb[c] = e_c e_c'``, shared by all blocks):
+    the AI terms and the Fisher block terms in closed form (the AI terms bit-identical to
+    the generic loops: only products with the basis' zeros are skipped).
 
     theta (R, Kc); idx (R,) row of y/nu/mask; drop (R,) block left out (-1: none); full: no
     entry of ``mask`` is False (skips the per-entry checks); y, nu (G, B, m) float;
@@ -220,6 +281,7 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
     KF = np.empty((m, p))
     HMf = np.empty((Kc, p, p))
     FI = np.empty((Kc, Kc))
+    fv = np.empty((3, max(m, p)))
     perblock = Kb.shape[1] > 1      # a basis per block (OP: P_i' k P_i per donor)
     for row in range(R):
         g = idx[row]
@@ -382,7 +444,10 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                     for q in range(p):
                         FH[x, q] = _rowdot(F, x, Hinv, q, p)
             if want_fisher:
-                _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, KF, Mf, FI)
+                if free:
+                    _fisher_block_free(W, F, FH, m, p, reml, Ef, fv, Mf, FI)
+                else:
+                    _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, KF, Mf, FI)
             if want_grad:
                 if perblock:
                     # per-block basis: tr(K_kb (W_b - s_b s_b' - E_b)) block by block
@@ -406,7 +471,33 @@ def shared_eval(mt, pt, kt, ident, theta, idx, drop, full, Kb, y, nu, mask, X, r
                         for x in range(m):
                             for z in range(x, m):
                                 Esum[x, z] += _rowdot(FH, x, F, z, p)
-            if want_ai:
+            if want_ai and free:
+                # u_0 = J s = (1's) 1, u_c = s_c e_c: the generic loops below without their
+                # products with zeros (same operations, same order: bit-identical sums)
+                ssum = 0.0
+                for z in range(m):
+                    ssum += s[z]
+                for x in range(m):
+                    v = 0.0
+                    for z in range(m):
+                        v += W[x, z] * ssum
+                    Wu[0, x] = v
+                for q in range(p):
+                    v = 0.0
+                    for x in range(m):
+                        v += F[x, q] * ssum
+                    Fu[0, q] += v
+                    for ct in range(m):
+                        Fu[ct + 1, q] += F[ct, q] * s[ct]
+                v = 0.0
+                for x in range(m):
+                    v += ssum * Wu[0, x]
+                AIl[0, 0] += v
+                for ct in range(m):
+                    AIl[ct + 1, 0] += s[ct] * Wu[0, ct]
+                    for d in range(ct + 1):
+                        AIl[ct + 1, d + 1] += s[ct] * (W[ct, d] * s[d])
+            elif want_ai:
                 for k in range(Kc):
                     for x in range(m):
                         v = 0.0
@@ -495,10 +586,29 @@ SPECIALISE_MIN = int(os.environ.get("SCDIST_CTMM_SPECIALISE_MIN", "20000"))
 _SPECIALISED: set = set()
 
 
+# Free's basis gets the closed forms of shared_eval unless this is False (benchmarks compare
+# the two paths in one process)
+FREE_CLOSED_FORM = True
+
+
+def is_free_basis(Kb: np.ndarray) -> bool:
+    """``Kb`` (Kc, Bk, m, m) is the Free model's basis shared by all blocks: ``J`` (all ones)
+    then the unit diagonals ``e_c e_c'`` for c = 1..m (CTP without extra random effects)."""
+    Kc, Bk, m, _ = Kb.shape
+    if Bk != 1 or Kc != m + 1:
+        return False
+    unit = np.zeros((m, m, m))
+    unit[np.arange(m), np.arange(m), np.arange(m)] = 1.0
+    return bool((Kb[0, 0] == 1.0).all() and np.array_equal(Kb[1:, 0], unit))
+
+
 def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool, want_grad: bool,
                     want_ai: bool, rcond: float, want_fisher: bool = False,
-                    problem_rows: int = 0):
+                    problem_rows: int = 0, free: bool | None = None):
     """Allocate the outputs and run :func:`shared_eval`; returns a dict of arrays.
+
+    ``free``: use the Free basis' closed forms (None: when :func:`is_free_basis`; False: the
+    generic loops, kept as their reference).
 
     The version compiled for the exact sizes runs when the call, or the whole problem it is
     part of (``problem_rows`` rows: an optimiser's later iterations and restarts evaluate a few
@@ -521,7 +631,11 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
         _SPECIALISED.add((m, p, Kc))
     else:
         sizes = np.zeros(m, np.int64), np.zeros(p, np.int64), np.zeros(Kc, np.int64)
-    shared_eval(*sizes, ident, theta, idx, drop, bool(full), Kb, y, nu, mask, X,
+    if free is None:
+        free = FREE_CLOSED_FORM and is_free_basis(Kb)
+    elif free and not is_free_basis(Kb):
+        raise ValueError("free=True needs the Free model's basis (J, e_1 e_1', ..., e_m e_m')")
+    shared_eval(*sizes, ident, bool(free), theta, idx, drop, bool(full), Kb, y, nu, mask, X,
                 bool(reml), bool(want_grad), bool(want_ai), bool(want_fisher), float(rcond),
                 out["ll"], out["ok"], out["beta"], out["Hinv"], out["grad"], out["ai"],
                 out["fisher"], out["rcmin"])

@@ -1,0 +1,276 @@
+"""CTMM Free closed-form kernel against the generic compiled kernel, and the restarts' yield.
+
+``--check``: every fit of the check sets with the Free closed forms
+(``scdist.ctmm.blockkernel.FREE_CLOSED_FORM = True``, the default) and with the generic loops
+(``False``), compared: which fits are regular (converged), estimates, log-likelihoods, GLS
+beta, iterations and p-values (bit-identical, else the largest difference over regular fits).
+Sets: the reference's 300-gene mixed set (N = 94, Hom + Free REML, LRT + Wald), 1,000 null
+genes at N = 20 and 50 (Hom + Free REML, LRT + Wald + jackknife), 40 genes with ML and the
+jackknife, 200 genes with 10 % missing pairs (REML, LRT + Wald + jackknife).
+
+``--time``: paired per-gene CPU of the Free REML first pass (one optimisation from the
+default start, no restarts) and of the whole Free REML + Wald fit (``fit_block``) on the
+reference's set, the two kernels alternating in one process; medians of ``--repeats``.
+
+``--restarts``: on the reference's set and the null sets, what restarts 2..10 change for fits
+without a regular optimum after the first pass and restart 1: per start, whether it rescues
+the gene (first regular optimum) or raises its best log-likelihood by more than 1e-3.
+
+    .venv/bin/python benchmarks/ctmm_free_kernel.py --check --time --restarts
+"""
+from __future__ import annotations
+
+import os
+
+for _k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_k] = "1"   # one core; must precede numpy's import
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+REF_SEED = 20240611
+FREE_V = [0.25, 0.1, 0.05, 0.0]     # ctmm_calibration's default (only its length matters here)
+
+
+def reference_set():
+    from ctmm_perf import as_cube
+    from ctmm_reference import simulate_ctp
+
+    return as_cube(simulate_ctp(300, seed=REF_SEED))
+
+
+def null_set(n_donors: int, reps: int = 1000):
+    from ctmm_calibration import simulate
+
+    ds = simulate(n_donors, reps, "hom", FREE_V, 7 + 1000 * n_donors)
+    return ds[["mean", "nu"]]
+
+
+def missing_set():
+    from scdist.ctmm.simulate import simulate_ctp
+
+    ds = simulate_ctp(200, 50, 4, hom2=0.25, V=[0.2, 0.1, 0.0, 0.0], missing_frac=0.1, seed=3)
+    return ds[["mean", "nu"]]
+
+
+def check_sets():
+    """(name, dataset, models, method, tests) of the equality checks."""
+    ref = reference_set()
+    return [
+        ("reference 300 genes, REML", ref, ("hom", "free"), "reml", ("lrt", "wald")),
+        ("null N=20 1,000 genes, REML", null_set(20), ("hom", "free"), "reml",
+         ("lrt", "wald", "jackknife")),
+        ("null N=50 1,000 genes, REML", null_set(50), ("hom", "free"), "reml",
+         ("lrt", "wald", "jackknife")),
+        ("reference 40 genes, ML + jackknife", ref.isel(gene=slice(0, 40)), ("hom", "free"), "ml",
+         ("lrt", "wald", "jackknife")),
+        ("missing pairs 200 genes, REML", missing_set(), ("hom", "free"), "reml",
+         ("lrt", "wald", "jackknife")),
+    ]
+
+
+def fit(ds, models, method, tests, closed_form: bool):
+    from scdist.ctmm import blockkernel
+    from scdist.ctmm.kernel import FitConfig, fit_block, test_labels
+
+    blockkernel.FREE_CLOSED_FORM = closed_form
+    try:
+        cfg = FitConfig(models=tuple(models), method=method, tests=tuple(tests),
+                        test_labels=test_labels(models, method, tests))
+        return fit_block(ds, cfg)
+    finally:
+        blockkernel.FREE_CLOSED_FORM = True
+
+
+def _maxdiff(a, b, where) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    where = np.broadcast_to(where.reshape(where.shape + (1,) * (a.ndim - where.ndim)), a.shape)
+    both = where & np.isfinite(a) & np.isfinite(b)
+    return float(np.abs(a - b)[both].max()) if both.any() else 0.0
+
+
+def compare(gen, cf) -> dict:
+    """Generic (``gen``) against closed-form (``cf``) results of one set."""
+    out = {}
+    for model in gen["model"].values:
+        g, c = gen.sel(model=model), cf.sel(model=model)
+        reg_g, reg_c = g["converged"].values, c["converged"].values
+        row = {"regular": int(reg_g.sum()), "regular_sets_equal": bool((reg_g == reg_c).all()),
+               "iterations_equal": bool((g["iterations"].values == c["iterations"].values).all())}
+        ident = True
+        for v in ("hom2", "V", "beta", "loglik"):
+            a, b = g[v].values, c[v].values
+            ident &= bool(np.array_equal(a, b, equal_nan=True))
+            row[f"max_abs_diff_{v}_regular"] = _maxdiff(a, b, reg_g & reg_c)
+            row[f"max_abs_diff_{v}_all"] = _maxdiff(a, b, np.ones_like(reg_g))
+        row["bit_identical"] = ident
+        out[str(model)] = row
+    if "pvalue" in gen:
+        pv = {}
+        for t in gen["test"].values:
+            a, b = gen["pvalue"].sel(test=t).values, cf["pvalue"].sel(test=t).values
+            same_nan = bool((np.isnan(a) == np.isnan(b)).all())
+            pv[str(t)] = {"bit_identical": bool(np.array_equal(a, b, equal_nan=True)),
+                          "same_tested_genes": same_nan,
+                          "max_abs_diff": _maxdiff(a, b, np.ones(a.shape, bool)),
+                          "rejections_at_0.05": [int((a < 0.05).sum()), int((b < 0.05).sum())]}
+        out["pvalue"] = pv
+    return out
+
+
+def run_check() -> dict:
+    res = {}
+    for name, ds, models, method, tests in check_sets():
+        gen = fit(ds, models, method, tests, False)
+        cf = fit(ds, models, method, tests, True)
+        res[name] = compare(gen, cf)
+        print(name, json.dumps(res[name], indent=1), flush=True)
+    return res
+
+
+def run_time(repeats: int) -> dict:
+    """Paired CPU per gene: first pass and whole Free REML + Wald fit, both kernels."""
+    from scdist.ctmm import blockkernel
+    from scdist.ctmm.kernel import FitConfig, _Fitter
+    from scdist.ctmm.optimize import maximize
+
+    ds = reference_set()
+    G = ds.sizes["gene"]
+    Y = ds["mean"].transpose("gene", "donor", "celltype").values
+    NU = ds["nu"].transpose("gene", "donor", "celltype").values
+    fitter = _Fitter(Y, NU, np.isfinite(Y), None, [], None, 4, FitConfig(models=("free",)))
+    prob = fitter.problem("free")
+    th0 = fitter.start("free")
+    for cf in (False, True):        # compile / load both paths outside the timings
+        fit(ds.isel(gene=slice(0, 8)), ("free",), "reml", ("wald",), cf)
+    times = {k: {"generic": [], "closed_form": []} for k in ("first_pass", "free_reml_wald")}
+    for r in range(repeats):
+        for cf in ((False, True) if r % 2 == 0 else (True, False)):
+            key = "closed_form" if cf else "generic"
+            blockkernel.FREE_CLOSED_FORM = cf
+            t = time.process_time()
+            maximize(prob, th0, "reml")
+            times["first_pass"][key].append((time.process_time() - t) / G * 1e3)
+            blockkernel.FREE_CLOSED_FORM = True
+            t = time.process_time()
+            fit(ds, ("free",), "reml", ("wald",), cf)
+            times["free_reml_wald"][key].append((time.process_time() - t) / G * 1e3)
+    out = {"load_before": os.getloadavg()}
+    for k, v in times.items():
+        med = {kk: float(np.median(vv)) for kk, vv in v.items()}
+        out[k] = {"cpu_ms_per_gene_median": med, "runs": v,
+                  "speedup": med["generic"] / med["closed_form"]}
+        print(k, {kk: round(x, 3) for kk, x in med.items()},
+              f"speed-up {out[k]['speedup']:.2f}x", flush=True)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def restart_yield(ds, method: str = "reml") -> dict:
+    """What each restart start did for the genes still without a regular optimum.
+
+    Replays ``maximize_with_restarts`` on the Free fits, recording every restart round's
+    optimisation (the draws are those of the fit); per start j = 1..n: rescues (first regular
+    optimum of a gene that had none) and raises (no rescue, best log-likelihood up by > 1e-3)."""
+    from scdist.ctmm import optimize
+    from scdist.ctmm.kernel import FitConfig, _Fitter
+
+    Y = ds["mean"].transpose("gene", "donor", "celltype").values
+    NU = ds["nu"].transpose("gene", "donor", "celltype").values
+    mask = np.isfinite(Y) & np.isfinite(NU)
+    C = Y.shape[2]
+    cfg = FitConfig(models=("free",), method=method)
+    fitter = _Fitter(Y, NU, mask, None, [], None, C, cfg)
+    prob = fitter.problem("free")
+    rounds = []
+    orig = optimize.maximize
+
+    def spy(p, th, m, **kw):
+        r = orig(p, th, m, **kw)
+        if kw.get("abandon", 0) > 0:
+            rounds.append((np.asarray(kw["rows"]), r))
+        return r
+
+    optimize.maximize = spy
+    try:
+        first = orig(prob, fitter.start("free"), method)
+        first.converged &= ~optimize.near_edge(first)
+        ll0 = first.loglik.copy()
+        reg0 = first.converged.copy()
+        res = optimize.maximize_with_restarts(prob, fitter.start("free"), method,
+                                              random_start=fitter.random_start("free"),
+                                              n_restarts=cfg.n_restarts, seed=cfg.seed)
+    finally:
+        optimize.maximize = orig
+    # replay the starts in order per gene
+    per_start = {}
+    best = {int(g): ll0[g] for g in np.flatnonzero(~reg0)}
+    rescued = set()
+    j0 = 0
+    for rows, r in rounds:
+        reg = r.converged & ~optimize.near_edge(r)
+        genes = np.unique(rows)
+        k = rows.size // genes.size
+        for j in range(k):
+            sl = slice(j * genes.size, (j + 1) * genes.size)
+            resc = raise_ = tried = 0
+            for g, rg, ll in zip(rows[sl], reg[sl], r.loglik[sl]):
+                g = int(g)
+                if g in rescued:
+                    continue
+                tried += 1
+                if rg:
+                    rescued.add(g)
+                    resc += 1
+                elif np.isfinite(ll) and ll > best[g] + 1e-3:
+                    raise_ += 1
+                if np.isfinite(ll) and ll > best[g]:
+                    best[g] = ll
+            per_start[j0 + j + 1] = {"genes_without_regular_optimum": tried, "rescued": resc,
+                                     "best_loglik_raised_by_more_than_1e-3": raise_}
+        j0 += k
+    return {"genes": int(prob.rows), "regular_after_first_pass": int(reg0.sum()),
+            "regular_after_restarts": int(res.converged.sum()), "per_start": per_start}
+
+
+def run_restarts() -> dict:
+    out = {}
+    for name, ds in (("reference 300 genes", reference_set()), ("null N=20", null_set(20)),
+                     ("null N=50", null_set(50))):
+        out[name] = restart_yield(ds)
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--time", action="store_true")
+    ap.add_argument("--restarts", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(HERE / "out" / "ctmm_free_kernel.json"))
+    a = ap.parse_args(argv)
+    res = {"load_start": os.getloadavg()}
+    if a.check:
+        res["check"] = run_check()
+    if a.time:
+        res["time"] = run_time(a.repeats)
+    if a.restarts:
+        res["restarts"] = run_restarts()
+    res["load_end"] = os.getloadavg()
+    Path(a.out).parent.mkdir(exist_ok=True)
+    prev = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}
+    prev.update(res)
+    Path(a.out).write_text(json.dumps(prev, indent=1))
+
+
+if __name__ == "__main__":
+    main()
