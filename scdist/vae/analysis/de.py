@@ -11,6 +11,14 @@ covariate's two contrast values with the other covariates at their mean (binary:
 levels; continuous: +-1/2 s.d.), under the cell's own nuisance batch:
 LFC_ng = log2 h_ng(z_n^1) - log2 h_ng(z_n^0). Per-cell LFCs are cells x covariates x genes,
 so they are kept for ``lfc_cells`` only; their mean per cell group always.
+
+``lfc_space="expression"`` (outside the paper; default ``"z"``, the paper's): the same linear
+model fitted to the decoded counterfactual log-expression log2 h_n(z_n^s) (cell's own batch)
+instead of z_n^s, the LFC being its coefficient times the contrast width (binary: the mean
+decoded log2 h of one level's samples minus the other's). With the nonlinear decoder,
+decoding the fitted mean state is not the mean of the decoded states; on the semi-synthetic
+study this ranks the true DE genes better (docs/readme/vae.md). The effect statistics
+(chi2, beta_norm) stay in z either way.
 """
 from __future__ import annotations
 
@@ -30,10 +38,30 @@ from .posteriors import sample_components
 from .stream import group_codes, map_chunks, resolve_cells
 
 LN2 = float(np.log(2.0))
+LFC_SPACES = ("z", "expression")
+DECODED_ELEMENTS = 1 << 23  # cells x S x genes floats of decoded states held at once (lfc_space="expression")
+
+
+def _expression_lfc(module, Z: torch.Tensor, batch: torch.Tensor, X: torch.Tensor, W: torch.Tensor,
+                    width: torch.Tensor) -> torch.Tensor:
+    """LFCs (B x (P-1) x G, log2) from the per-cell weighted least squares of the decoded
+    log h_n(z_n^s) (natural log, batch ``batch``) on X over the admissible samples W (B x S),
+    times the contrast width of each covariate column; decoded in blocks of cells."""
+    B, S = Z.shape[0], Z.shape[1]
+    Xf = X.float()
+    inv = torch.linalg.pinv(torch.einsum("sp,bs,sq->bpq", X.double(), W.double(), X.double()),
+                            hermitian=True)[:, 1:].float()                      # B x (P-1) x P
+    step = max(1, DECODED_ELEMENTS // (S * module.n_genes))
+    out = []
+    for a in range(0, B, step):
+        r = slice(a, a + step)
+        logh = torch.log_softmax(module.h_logits(Z[r], batch[r, None].expand(-1, S)), dim=-1)  # b x S x G
+        out.append(inv[r] @ torch.einsum("sp,bs,bsg->bpg", Xf, W[r].float(), logh))
+    return torch.cat(out) * (width[None, :, None] / LN2)
 
 
 @torch.no_grad()
-def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=None):
+def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=None, lfc_space="z"):
     module = model.module
     # admissibility scored here, on the same encoded minibatches (no second pass over the counts)
     scorer = None if filter is None else (ComponentScorer(*filter["components"]), filter["threshold"])
@@ -42,6 +70,7 @@ def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=N
     P = X.shape[1]
     lo = torch.from_numpy(low[1:]).float()[None, :, None]
     hi = torch.from_numpy(high[1:]).float()[None, :, None]
+    width = torch.from_numpy(high[1:] - low[1:]).float()
     G = len(model.gene_names)
     lfc_sum = torch.zeros((n_groups, P - 1, G), dtype=torch.float64)
     lfc_n = torch.zeros((n_groups, P - 1), dtype=torch.float64)
@@ -57,10 +86,14 @@ def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=N
         fit = weighted_least_squares(Z, Xt, W)
         st = covariate_statistics(fit)
         beta = fit["beta"].float()                                   # B x P x Lz
-        z0 = beta[:, :1] + lo * beta[:, 1:]                          # B x (P-1) x Lz
-        z1 = beta[:, :1] + hi * beta[:, 1:]
-        bb = b["batch"][:, None].expand(-1, P - 1)
-        lfc = (torch.log_softmax(module.h_logits(z1, bb), -1) - torch.log_softmax(module.h_logits(z0, bb), -1)) / LN2
+        if lfc_space == "expression":
+            lfc = _expression_lfc(module, Z, b["batch"], Xt, W, width)
+        else:
+            z0 = beta[:, :1] + lo * beta[:, 1:]                      # B x (P-1) x Lz
+            z1 = beta[:, :1] + hi * beta[:, 1:]
+            bb = b["batch"][:, None].expand(-1, P - 1)
+            lfc = (torch.log_softmax(module.h_logits(z1, bb), -1)
+                   - torch.log_softmax(module.h_logits(z0, bb), -1)) / LN2
         ok = torch.from_numpy(np.isfinite(st["chi2"][:, 1:]))        # identified covariates
         lfc = torch.where(ok[:, :, None], lfc, torch.zeros(()))
         codes = torch.from_numpy(local["group"][r])
@@ -85,7 +118,8 @@ def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=N
 
 def differential_expression(model, covariates: Sequence[str] | str, data=None, *, groupby=None, cells=None,
                             admissible=True, lfc_cells=None, quantile: float = 0.05, max_cells: int = 1000,
-                            seed: int = 0, client=None, batch_size: int = 512, progress=None) -> xr.Dataset:
+                            seed: int = 0, client=None, batch_size: int = 512, progress=None,
+                            lfc_space: str = "z") -> xr.Dataset:
     """Per-cell multivariate DE of sample covariates (obs columns constant within samples).
 
     ``covariates``: sample-level obs columns c^s (categorical: one-hot after the first level;
@@ -94,12 +128,16 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
     False = use every sample; or a Dataset returned by :func:`admissibility` (reused).
     ``groupby``: obs column / per-cell labels for the group-mean LFCs (one group "all" when None).
     ``lfc_cells``: positions / mask of cells whose per-gene LFCs are returned in full.
+    ``lfc_space``: "z" (the paper's: decode the fitted states z_n^1, z_n^0) or "expression"
+    (the linear model on the decoded counterfactual log-expression; module docstring).
 
     Returns a Dataset: ``chi2``, ``pvalue``, ``beta_norm`` (cell, covariate), ``beta`` (cell,
     covariate, latent_z), ``n_admissible`` (cell), ``lfc_mean`` (group, covariate, gene: mean LFC
     over the group's cells where the covariate is identified), ``n_lfc`` (group, covariate) and,
     with ``lfc_cells``, ``lfc`` (lfc_cell, covariate, gene).
     """
+    if lfc_space not in LFC_SPACES:
+        raise InputError(f"lfc_space={lfc_space!r}", field="lfc_space", fix=f"use one of {LFC_SPACES}")
     if isinstance(covariates, pd.DataFrame):
         missing = [s for s in model.samples if s not in covariates.index.astype(str)]
         if missing:
@@ -152,7 +190,7 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
                                       cell_params={"group": codes, "lfc_cell": lfc_mask,
                                                    **({} if adm_full is None else {"admissible": adm_full})},
                                       X=design.X, low=design.lfc_low, high=design.lfc_high, n_groups=len(groups),
-                                      filter=filt)]
+                                      filter=filt, lfc_space=lfc_space)]
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("index", "chi2", "pvalue", "beta_norm", "beta", "n_adm",
                                                               "lfc_index", "lfc")}
     lfc_sum = sum(p["lfc_sum"] for p in parts)
@@ -174,7 +212,7 @@ def differential_expression(model, covariates: Sequence[str] | str, data=None, *
         coords={"cell": names[idx], "cell_index": ("cell", idx), "covariate": cov_names,
                 "gene": np.asarray(model.gene_names, dtype=object), "group": np.asarray(groups, dtype=object),
                 "latent_z": np.arange(cat["beta"].shape[-1])},
-        attrs={"covariates": list(covariates), "design_kinds": design.kind[1:], "lfc_base": 2,
+        attrs={"covariates": list(covariates), "design_kinds": design.kind[1:], "lfc_base": 2, "lfc_space": lfc_space,
                "groupby": groupby if isinstance(groupby, str) else ""})
     if lfc_keep is not None:
         o = np.argsort(cat["lfc_index"], kind="stable")
