@@ -34,7 +34,7 @@ from scipy.special import logsumexp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from mrvi_quality import (OUT, auc, average_precision, build_study, design_tag,  # noqa: E402
+from mrvi_quality import (OUT, auc, average_precision, build_study, de_figures, design_tag,  # noqa: E402
                           distance_figures, tree_of)
 
 
@@ -116,6 +116,7 @@ def main():
     mean_lfc = lfc[:, -1].mean(0)
     res["de_n_cells"] = int(lfc.shape[0])
     res["de_auc_genes"] = auc(np.abs(mean_lfc), truth["mrvi_gene"].values)
+    res["de_figures"] = de_figures(mean_lfc, truth)
     res["de_lfc_covariates"] = list(r["lfc_covariate"])
     if "u" in r.files:  # kNN top-group agreement of u inside each cell type (0.5 = mixed), as mrvi_quality.py
         from mrvi_u_leak import knn_group_agreement

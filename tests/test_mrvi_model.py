@@ -3,6 +3,7 @@ u; counterfactuals are consistent with the model's own z; variants, save/load, b
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -186,6 +187,48 @@ def test_expression_space_distances(sim):
     np.testing.assert_allclose(small, agg.sel(group="all").values, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match=r"\[space\]"):
         model.sample_distances(space="logh")
+
+
+def test_expression_space_lfc(sim):
+    """lfc_space="expression": the LFC of a binary covariate is the mean decoded log2 h of one
+    level's admissible samples minus the other level's (cell's own batch), per cell; dropping
+    pairs through an admissibility Dataset drops them from those means; a small decoding block
+    gives the same numbers; unknown spaces are refused."""
+    import xarray as xr
+    import scdist.vae.analysis.de as de_mod
+    adata, _ = sim
+    model = train_mrvi(adata, "sample", "batch", seed=0, max_epochs=1, n_hidden=16, n_latent=8, n_latent_u=4)
+    S = len(model.samples)
+    level = np.array([1, 0, 1, 1, 0, 0][:S])
+    cov = pd.DataFrame({"arm": np.where(level == 1, "b", "a")}, index=list(model.samples))
+    cells = np.arange(0, 400, 9)
+    rng = np.random.default_rng(0)
+    adm = np.ones((len(cells), S), bool)
+    adm[rng.random(adm.shape) < 0.2] = False
+    adm[:, 0] = adm[:, 1] = True                      # every cell keeps a sample of each level
+    ds = xr.Dataset({"admissible": (("cell", "sample"), adm)},
+                    coords={"cell_index": ("cell", cells), "sample": list(model.samples)})
+    out = model.differential_expression(cov, cells=cells, admissible=ds, lfc_cells=cells, lfc_space="expression")
+    assert out.attrs["lfc_space"] == "expression"
+    got = out["lfc"].values[:, 0]                     # cells x genes
+    ref = []
+    for b in model.iter_counterfactuals(cells=cells, batch_size=len(cells)):
+        logh = torch.log2(model.decode_h(b["z"], b["batch"][None, :].expand(b["z"].shape[:2]))).double()  # S x B x G
+        rows = np.searchsorted(cells, b["index"].numpy())
+        W = torch.from_numpy(adm[rows]).double().T[:, :, None]                                       # S x B x 1
+        one, zero = torch.from_numpy(level == 1)[:, None, None], torch.from_numpy(level == 0)[:, None, None]
+        ref.append((((logh * W * one).sum(0) / (W * one).sum(0)) - ((logh * W * zero).sum(0) / (W * zero).sum(0))).numpy())
+    np.testing.assert_allclose(got, np.concatenate(ref), rtol=1e-3, atol=2e-4)
+    old = de_mod.DECODED_ELEMENTS
+    try:
+        de_mod.DECODED_ELEMENTS = 3 * S * adata.n_vars                # 3 cells per decoded block
+        small = model.differential_expression(cov, cells=cells, admissible=ds, lfc_cells=cells,
+                                              lfc_space="expression")["lfc"].values[:, 0]
+    finally:
+        de_mod.DECODED_ELEMENTS = old
+    np.testing.assert_allclose(small, got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match=r"\[lfc_space\]"):
+        model.differential_expression(cov, cells=cells, lfc_space="logh")
 
 
 def _ari(a, b) -> float:
