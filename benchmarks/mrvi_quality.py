@@ -324,6 +324,16 @@ def main():
     res["distances_normalized_s"] = time.perf_counter() - t0
     res["distances_normalized"] = distance_figures({str(ct): agg.sel(group=ct).values
                                                     for ct in agg["group"].values}, donors, truth)
+    # how much the aggregate hides: leaf ARI of single cells' own D(n), 200 random DE-type cells
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+    from scdist.vae.analysis import local_sample_distances
+    ctv_all = study.obs()["celltype"].astype(str).to_numpy()
+    pick = np.sort(np.random.default_rng(0).choice(np.flatnonzero(ctv_all == de_type), 200, replace=False))
+    Dn = local_sample_distances(model, pick, data=study).values
+    res["per_cell_leaf_ari_median"] = {m: float(np.median([ari(fcluster(linkage(squareform(D, checks=False), m), 8,
+                                                                        "maxclust"), leaf) for D in Dn]))
+                                       for m in ("average", "ward")}
     # other aggregations (posterior draws; distance of group means), for the screen
     for k, v in distance_variants(model, study).items():
         res[f"distances_{k}"] = distance_figures(v, donors, truth)
