@@ -207,7 +207,8 @@ def restart_yield(ds, method: str = "reml") -> dict:
         reg0 = first.converged.copy()
         res = optimize.maximize_with_restarts(prob, fitter.start("free"), method,
                                               random_start=fitter.random_start("free"),
-                                              n_restarts=cfg.n_restarts, seed=cfg.seed)
+                                              n_restarts=cfg.n_restarts, seed=cfg.seed,
+                                              stop_after=0)
     finally:
         optimize.maximize = orig
     # replay the starts in order per gene
@@ -250,11 +251,63 @@ def run_restarts() -> dict:
     return out
 
 
+def fit_stop(ds, models, method, tests, stop_after: int):
+    from scdist.ctmm import optimize
+
+    old = optimize.RESTART_STOP_AFTER
+    optimize.RESTART_STOP_AFTER = stop_after
+    try:
+        return fit(ds, models, method, tests, True)
+    finally:
+        optimize.RESTART_STOP_AFTER = old
+
+
+def run_stop(stop_after: int, repeats: int) -> dict:
+    """The multi-start stopping rule (``stop_after``) against every gene getting all ten
+    restarts (0): which Free fits are regular, regular estimates, every positive rate at
+    alpha = 0.05 (null sets: false positive rates) and CPU of Free REML + Wald (paired)."""
+    out = {}
+    sets = [("reference 300 genes", reference_set(), ("lrt", "wald")),
+            ("null N=20", null_set(20), ("lrt", "wald", "jackknife")),
+            ("null N=50", null_set(50), ("lrt", "wald", "jackknife"))]
+    for name, ds, tests in sets:
+        a = fit_stop(ds, ("hom", "free"), "reml", tests, 0)
+        b = fit_stop(ds, ("hom", "free"), "reml", tests, stop_after)
+        row = compare(a, b)
+        fa, fb = a.sel(model="free"), b.sel(model="free")
+        nonreg = ~fa["converged"].values
+        dl = (fb["loglik"].values - fa["loglik"].values)[nonreg]
+        row["free_nonregular_loglik_change"] = {
+            "genes": int(nonreg.sum()), "median": float(np.nanmedian(dl)) if dl.size else 0.0,
+            "min": float(np.nanmin(dl)) if dl.size else 0.0}
+        row["iterations_total"] = [int(fa["iterations"].sum()), int(fb["iterations"].sum())]
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
+    ds = sets[0][1]
+    G = ds.sizes["gene"]
+    for s in (0, stop_after):
+        fit_stop(ds.isel(gene=slice(0, 8)), ("free",), "reml", ("wald",), s)
+    runs = {0: [], stop_after: []}
+    for r in range(repeats):
+        for s in ((0, stop_after) if r % 2 == 0 else (stop_after, 0)):
+            t = time.process_time()
+            fit_stop(ds, ("free",), "reml", ("wald",), s)
+            runs[s].append((time.process_time() - t) / G * 1e3)
+    med = {str(k): float(np.median(v)) for k, v in runs.items()}
+    out["free_reml_wald_cpu_ms_per_gene"] = {"median": med, "runs": {str(k): v for k, v in
+                                                                      runs.items()},
+                                             "load": os.getloadavg()}
+    print("Free REML + Wald ms/gene (stop_after: median)", med, flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--restarts", action="store_true")
+    ap.add_argument("--stop", type=int, default=0,
+                    help="compare the multi-start stopping rule with this k against k = 0")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_free_kernel.json"))
     a = ap.parse_args(argv)
@@ -265,6 +318,8 @@ def main(argv=None) -> None:
         res["time"] = run_time(a.repeats)
     if a.restarts:
         res["restarts"] = run_restarts()
+    if a.stop:
+        res[f"stop_after_{a.stop}"] = run_stop(a.stop, a.repeats)
     res["load_end"] = os.getloadavg()
     Path(a.out).parent.mkdir(exist_ok=True)
     prev = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {}

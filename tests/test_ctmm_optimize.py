@@ -31,7 +31,7 @@ def test_restart_rounds_apply_the_sequential_rule_in_start_order():
     """Every start of a round is one row of one optimisation; the result must be what running
     the same starts one after the other gives: the first start reaching a regular optimum
     wins (the row then stops), otherwise a start replaces the end point when its likelihood
-    is higher."""
+    is higher. (Without the stopping rule: every row gets every start.)"""
     fitter, prob = _free_problem(n_donors=15, seed=3)    # restarts 1 and 2-5 rescue genes
     draw = fitter.random_start("free")
     starts = []
@@ -44,7 +44,7 @@ def test_restart_rounds_apply_the_sequential_rule_in_start_order():
     n = 5
     assert opt.restart_rounds(n) == [1, 4]
     res = opt.maximize_with_restarts(prob, fitter.start("free"), "reml", random_start=recording,
-                                     n_restarts=n, seed=3)
+                                     n_restarts=n, seed=3, stop_after=0)
     # sequential replay of the same starts
     ref = opt.maximize(prob, fitter.start("free"), "reml")
     ref.converged &= ~opt.near_edge(ref)
@@ -90,3 +90,61 @@ def test_abandoned_rows_stop_in_the_spike_zone_and_others_are_unchanged():
     assert (stop.iterations[gave_up] <= free.iterations[gave_up]).all()
     for name in ("theta", "loglik", "beta", "rcmin", "iterations", "converged"):
         np.testing.assert_array_equal(getattr(stop, name)[~gave_up], getattr(free, name)[~gave_up])
+
+
+def test_stopping_rule_replays_sequentially_and_changes_only_stopped_rows():
+    """Multi-start stopping rule: a row stops restarting once ``stop_after`` consecutive starts
+    ended non-regular without raising its best log-likelihood by more than ``stop_tol``
+    (checked at round ends; rounds [1, k, n - 1 - k]). The batched rounds must equal a
+    sequential replay of the same draws with that rule, and rows the rule never stops must
+    end exactly where they end when every row gets every start."""
+    fitter, prob = _free_problem(n_donors=15, seed=3)
+    draw = fitter.random_start("free")
+    starts = []
+
+    def recording(rng, rows):
+        th = draw(rng, rows)
+        starts.append((np.array(rows), th.copy()))
+        return th
+
+    n, k, tol = 6, 2, 1e-3
+    assert opt.restart_rounds(n, k) == [1, 2, 3]
+    res = opt.maximize_with_restarts(prob, fitter.start("free"), "reml", random_start=recording,
+                                     n_restarts=n, seed=3, stop_after=k, stop_tol=tol)
+    ref = opt.maximize(prob, fitter.start("free"), "reml")
+    ref.converged &= ~opt.near_edge(ref)
+    stopped = np.zeros(prob.rows, bool)
+    streak = np.zeros(prob.rows, int)
+    for rows, th in starts:
+        kk = len(rows) // len(np.unique(rows))
+        nb = len(rows) // kk
+        # stopped rows are still drawn for (the other rows' draws do not depend on the rule)
+        assert set(rows[:nb]) == set(np.flatnonzero(~ref.converged))
+        for j in range(kk):
+            r, t = rows[j * nb:(j + 1) * nb], th[j * nb:(j + 1) * nb]
+            todo = ~ref.converged[r] & ~stopped[r]
+            r, t = r[todo], t[todo]
+            if not r.size:
+                continue
+            r2 = opt.maximize(prob, t, "reml", rows=r, abandon=opt.RESTART_ABANDON)
+            r2.converged &= ~opt.near_edge(r2)
+            for i, g in enumerate(r):
+                up = np.isfinite(r2.loglik[i]) and r2.loglik[i] > ref.loglik[g] + tol
+                streak[g] = 0 if (up or r2.converged[i]) else streak[g] + 1
+                if r2.converged[i] or r2.loglik[i] > ref.loglik[g]:
+                    ref.theta[g], ref.loglik[g] = r2.theta[i], r2.loglik[i]
+                    ref.converged[g], ref.beta[g] = r2.converged[i], r2.beta[i]
+        stopped |= (streak >= k) & ~ref.converged
+    assert stopped.any() and (~stopped & ~ref.converged).any()
+    np.testing.assert_array_equal(res.converged, ref.converged)
+    np.testing.assert_array_equal(res.loglik, ref.loglik)
+    np.testing.assert_array_equal(res.theta, ref.theta)
+    # rows never stopped: exactly the result of the same rounds without stops (a tolerance of
+    # -inf counts every finite start as progress)
+    full = opt.maximize_with_restarts(prob, fitter.start("free"), "reml", random_start=draw,
+                                      n_restarts=n, seed=3, stop_after=k, stop_tol=-np.inf)
+    np.testing.assert_array_equal(res.converged, full.converged)     # no rescue lost here
+    keep = ~stopped
+    for name in ("theta", "loglik", "beta", "converged"):
+        np.testing.assert_array_equal(getattr(res, name)[keep], getattr(full, name)[keep])
+    assert res.iterations.sum() < full.iterations.sum()
