@@ -200,10 +200,11 @@ def test_compiled_kernel_equals_numpy_on_selected_and_leave_one_out_rows(model, 
 
 @pytest.mark.parametrize("covariates", [False, True])
 def test_free_closed_forms_equal_the_generic_compiled_loops(covariates):
-    """Free's closed forms (AI and Fisher terms of J and e_c e_c') against the generic compiled
-    loops on the same rows, ML and REML, with missing pairs, a donor with nothing observed,
-    leave-one-out rows, with and without donor covariates (X_b = I or not): AI, gradient and likelihood bit-identical (only products with the
-    basis' zeros are skipped), Fisher information to rounding."""
+    """Free's closed forms (Sherman-Morrison block inverse, AI and Fisher terms of J and
+    e_c e_c') against the generic compiled loops on the same rows, ML and REML, with missing
+    pairs, a donor with nothing observed, leave-one-out rows, with and without donor
+    covariates (X_b = I or not), and rows whose blocks are near the edge (the Cholesky
+    fallback): equal to rounding, the same rows positive definite."""
     from scdist.ctmm import blockkernel as bk
 
     Y, NU, mask, Z, _ = _data(seed=13)
@@ -214,16 +215,23 @@ def test_free_closed_forms_equal_the_generic_compiled_loops(covariates):
     rng = np.random.default_rng(2)
     th = np.abs(rng.normal(size=(G * N, C + 1))) * 0.3
     th[::3, 1] = -0.02              # negative V entries, total still positive definite
+    th[1::5, 2] = -0.1              # d = V + nu close to 0 for some donors: Cholesky fallback
+    th[2::7, 0] = -0.05             # negative sigma_alpha^2
     y, nu, mk, X, Kb, full = prob.contiguous
     src, drop = np.repeat(np.arange(G), N), np.tile(np.arange(N), G)
     drop[::4] = -1
+    d = np.where(mk[src], th[:, None, 1:] + nu[src], np.inf).min(axis=2)     # (rows, blocks)
+    small = d <= bk.SM_MIN * np.abs(th[:, :1])
+    assert small.any() and (~small).any()            # both inverse paths run
     for reml in (False, True):
         a, b = (bk.evaluate_shared(y, nu, mk, X, Kb, th, src, drop, full, reml, True, True, lk.RCOND,
                                    want_fisher=True, free=f) for f in (True, False))
         assert a["ok"].sum() > 0.9 * len(th)
-        for name in ("ll", "ok", "beta", "Hinv", "rcmin", "grad", "ai"):
-            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-        np.testing.assert_allclose(a["fisher"], b["fisher"], rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(a["ok"], b["ok"])
+        for name in ("ll", "beta", "Hinv", "rcmin", "ai", "fisher"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        scale = np.abs(b["grad"]).max(axis=1, keepdims=True) + 1e-300
+        np.testing.assert_allclose(a["grad"] / scale, b["grad"] / scale, atol=1e-10)
     with pytest.raises(ValueError, match="Free"):
         hom = _problem("hom", Y, NU, mask, None, None)
         bk.evaluate_shared(y, nu, mk, X, np.ascontiguousarray(hom.K), th[:, :1], src, drop, full,

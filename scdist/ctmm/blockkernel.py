@@ -282,6 +282,7 @@ def shared_eval(mt, pt, kt, ident, free, theta, idx, drop, full, Kb, y, nu, mask
     HMf = np.empty((Kc, p, p))
     FI = np.empty((Kc, Kc))
     fv = np.empty((3, max(m, p)))
+    dinv = np.empty(m)
     perblock = Kb.shape[1] > 1      # a basis per block (OP: P_i' k P_i per donor)
     for row in range(R):
         g = idx[row]
@@ -329,22 +330,71 @@ def shared_eval(mt, pt, kt, ident, free, theta, idx, drop, full, Kb, y, nu, mask
                         for k in range(Kc):
                             v += theta[row, k] * Kb[k, bb, x, z]
                         base[x, z] = v
-            dmax = 0.0
-            for x in range(m):
-                ox = full or mask[g, bb, x]
-                for z in range(x + 1):
-                    if ox and (full or mask[g, bb, z]):
-                        v = base[x, z]
-                        if x == z:
-                            v += nu[g, bb, x]
-                    elif x == z:
-                        v = 1.0
+            sm = False
+            if free:
+                # Free: Sigma_b = h J + diag(d), d_x = V_x + nu_bx (observed x); when every
+                # d_x is positive and not tiny against h, the inverse by Sherman-Morrison
+                # (O(m^2), no Cholesky): W = D^-1 - h / (1 + h 1'D^-1 1) D^-1 1 1' D^-1,
+                # |Sigma_b| = |D| (1 + h 1'D^-1 1); otherwise (near the edge) the Cholesky path
+                h = theta[row, 0]
+                sinv = 0.0
+                dprod = 1.0
+                dmax = 0.0
+                sm = True
+                for x in range(m):
+                    if full or mask[g, bb, x]:
+                        dx = theta[row, x + 1] + nu[g, bb, x]
+                        if not dx > SM_MIN * abs(h):
+                            sm = False
+                            break
+                        di = 1.0 / dx
+                        dinv[x] = di
+                        sinv += di
+                        dprod *= dx
+                        ax = abs(h + dx)
                     else:
-                        v = 0.0
-                    A[x, z] = v
-                if abs(A[x, x]) > dmax:
-                    dmax = abs(A[x, x])
-            okb, ld, trW = _chol_inv(A, m, S, piv, True)
+                        dinv[x] = 0.0
+                        ax = 1.0
+                    if ax > dmax:
+                        dmax = ax
+                den = 1.0 + h * sinv
+                if sm and den > 0.0:
+                    coef = h / den
+                    trW = 0.0
+                    for x in range(m):
+                        if full or mask[g, bb, x]:
+                            for z in range(x):
+                                v = -coef * dinv[x] * dinv[z]
+                                S[x, z] = v
+                                S[z, x] = v
+                            S[x, x] = dinv[x] - coef * dinv[x] * dinv[x]
+                        else:
+                            for z in range(x):
+                                S[x, z] = 0.0
+                                S[z, x] = 0.0
+                            S[x, x] = 1.0
+                        trW += S[x, x]
+                    okb = True
+                    ld = math.log(dprod * den)
+                else:
+                    sm = False
+            if not sm:
+                dmax = 0.0
+                for x in range(m):
+                    ox = full or mask[g, bb, x]
+                    for z in range(x + 1):
+                        if ox and (full or mask[g, bb, z]):
+                            v = base[x, z]
+                            if x == z:
+                                v += nu[g, bb, x]
+                        elif x == z:
+                            v = 1.0
+                        else:
+                            v = 0.0
+                        A[x, z] = v
+                    if abs(A[x, x]) > dmax:
+                        dmax = abs(A[x, x])
+                okb, ld, trW = _chol_inv(A, m, S, piv, True)
             rc = 1.0 / (trW * dmax) if trW * dmax > 0 else 0.0
             if rcond > 0 and not rc > rcond:
                 okb = False
@@ -585,6 +635,10 @@ SPECIALISE_MIN = int(os.environ.get("SCDIST_CTMM_SPECIALISE_MIN", "20000"))
 # (m, p, K) sizes whose specialised version this process has already compiled or loaded
 _SPECIALISED: set = set()
 
+
+# Sherman-Morrison inverse of a Free block only when every d_x = V_x + nu_bx exceeds this times
+# |sigma_alpha^2| (W_xx = 1/d_x - O(h / d_x^2) cancels when d_x << h; the Cholesky path then)
+SM_MIN = 1e-2
 
 # Free's basis gets the closed forms of shared_eval unless this is False (benchmarks compare
 # the two paths in one process)
