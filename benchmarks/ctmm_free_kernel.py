@@ -301,6 +301,53 @@ def run_stop(stop_after: int, repeats: int) -> dict:
     return out
 
 
+def run_op_split(G: int = 128, repeats: int = 2) -> dict:
+    """Where OP's cost goes: CPU of the full fits (optimiser with restarts) and of the
+    jackknife refits, per data kind (CTP, OP) and model, in one in-process REML fit (Hom +
+    Free, LRT + Wald + jackknife) of a Free-simulated block with its OP variables (the
+    transcriptome benchmark's simulation)."""
+    import scdist.ctmm as ctmm
+    from scdist.ctmm import kernel
+    from scdist.ctmm.kernel import FitConfig, fit_block, test_labels
+
+    sim = ctmm.simulate_ctp(G, 94, 4, hom2=0.2, V=[0.1, 0.2, 0.0, 0.1], seed=0)
+    ds = sim.drop_vars([v for v in sim.data_vars if v.startswith("true_")])
+    models, tests = ("hom", "free"), ("lrt", "wald", "jackknife")
+    cfg = FitConfig(models=models, method="reml", tests=tests, op=True,
+                    test_labels=test_labels(models, "reml", tests))
+    fit_block(ds.isel(gene=slice(0, 8)), cfg)
+    acc: dict = {}
+    orig = {"full": kernel.maximize_with_restarts, "jackknife": kernel.jackknife_reml}
+
+    def timed(part):
+        def f(prob, *a, **kw):
+            t = time.process_time()
+            r = orig[part](prob, *a, **kw)
+            kind = "OP" if prob.X.shape[1] == 1 else "CTP"
+            model = "hom" if prob.n_vc == 1 else "free"
+            key = f"{kind} {model} {part}"
+            acc[key] = acc.get(key, 0.0) + time.process_time() - t
+            return r
+        return f
+
+    kernel.maximize_with_restarts = timed("full")
+    kernel.jackknife_reml = timed("jackknife")
+    try:
+        total = 0.0
+        for _ in range(repeats):
+            t = time.process_time()
+            fit_block(ds, cfg)
+            total += time.process_time() - t
+    finally:
+        kernel.maximize_with_restarts = orig["full"]
+        kernel.jackknife_reml = orig["jackknife"]
+    out = {"genes": G, "load": os.getloadavg(),
+           "total_cpu_ms_per_gene": total / repeats / G * 1e3,
+           "cpu_ms_per_gene": {k: v / repeats / G * 1e3 for k, v in sorted(acc.items())}}
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true")
@@ -308,6 +355,7 @@ def main(argv=None) -> None:
     ap.add_argument("--restarts", action="store_true")
     ap.add_argument("--stop", type=int, default=0,
                     help="compare the multi-start stopping rule with this k against k = 0")
+    ap.add_argument("--op-split", action="store_true", help="OP cost: full fits vs refits")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_free_kernel.json"))
     a = ap.parse_args(argv)
@@ -318,6 +366,8 @@ def main(argv=None) -> None:
         res["time"] = run_time(a.repeats)
     if a.restarts:
         res["restarts"] = run_restarts()
+    if a.op_split:
+        res["op_split"] = run_op_split()
     if a.stop:
         res[f"stop_after_{a.stop}"] = run_stop(a.stop, a.repeats)
     res["load_end"] = os.getloadavg()
