@@ -142,11 +142,28 @@ def run_scvi(h5ad: Path, mask: Path, epochs: int, seed: int, options: dict, out:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# "" = the code before decoder batch norm became the default (models cached under those hashes);
+# "bn-default-v1": decoder batch norm on by default, its offsets started at the log gene shares,
+# bias-corrected running statistics, encoder batch norm on; "bn-default-v2": the same with the
+# encoder batch norm off by default (when the decoder's is on)
+MODEL_CODE = "bn-default-v2"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def ours(study, epochs: int, seed: int, options: dict, cells: int, tag: str):
     """Train (or reload) scdist's LDVAE with ``options`` and model seed ``seed``; returns
     (the decoder's uncentred effective loadings, figures)."""
     from scdist.vae import LDVAE, train_ldvae
-    h = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8] + (f"_t{seed}" if seed else "")
+    # MODEL_CODE names the LDVAE defaults / initialisation: a model trained under older ones is never reloaded
+    h = hashlib.sha1(json.dumps({"options": options, "code": MODEL_CODE} if MODEL_CODE else options,
+                                sort_keys=True).encode()).hexdigest()[:8] + (f"_t{seed}" if seed else "")
     mdir = OUT / f"ldvae_quality_model_{cells}_{tag}_{epochs}_{h}"
     if (mdir / "config.json").exists():
         model = LDVAE.load(str(mdir))
@@ -165,7 +182,8 @@ def ours(study, epochs: int, seed: int, options: dict, cells: int, tag: str):
     raw = raw.numpy()
     assert np.allclose(centre(raw), W.values, atol=1e-5)
     z = model.latent(study).values
-    res = {"train_epoch_s": float(sum(model.history.seconds)), "epochs_run": len(model.history.epoch),
+    res = {"model_code": MODEL_CODE, "commit": _commit(),
+           "train_epoch_s": float(sum(model.history.seconds)), "epochs_run": len(model.history.epoch),
            "heldout": {k: float(v) for k, v in model.evaluate(study).items()},
            "latent_sd_per_factor": [round(float(v), 3) for v in z.std(0)]}
     return raw, res

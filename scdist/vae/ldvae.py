@@ -12,14 +12,17 @@ Generative model (paper notation -> arguments):
                                              gene and batch ("gene-batch")
 Inference: q(z_n | x_n, s_n) Normal from an MLP on log1p(x) (``n_hidden``, ``n_layers``,
 ``dropout``); ``latent_distribution="ln"`` gives scVI's logistic-normal z = softmax(sample).
-``decoder_batch_norm=True`` is the paper's variant with batch normalisation on W z_n
-(LinearSCVI's default); the loadings then fold the normalisation's per-gene scale into W. It
-ranks marker genes better (README: 10-26 points of top-100 precision on the semi-synthetic
-study; at 2,000 genes it meets the issue's 78% at top 100, the defaults do not) at the same
-held-out reconstruction once trained, but reconstructs worse in shorter training, so it is not
-the default. ``decoder_bn_scale`` is the normalisation's initial per-gene scale gamma_g (1 as in
-BatchNorm; 0.5 removed the 3-epoch cost on the 2,400-cell test study and narrowed it at 20k
-cells, but not the cost after 40 epochs).
+``decoder_batch_norm=True`` (the default) is the paper's variant with batch normalisation on
+W z_n [+ B s_n] (LinearSCVI's decoder); the loadings then fold the normalisation's per-gene scale
+into W. Two initialisation choices differ from LinearSCVI's (README "Loading precision"):
+the normalisation's per-gene offset beta_g starts at the log of gene g's share of all counts
+(one streaming pass before training; with beta_g = 0 every gene starts at rate 1/G and Adam's
+per-step bound takes ~1/lr steps to move a baseline by one log-unit), and its running statistics
+are a bias-corrected moving average (the plain mean of the batches seen while they are fewer
+than 1/momentum = 100; a moving average started at mean 0 / variance 1 scores the held-out
+set in the first epochs with statistics that are mostly that start). ``decoder_bn_scale`` is
+the normalisation's initial per-gene scale gamma_g (1 as in BatchNorm); it is an error when
+batch normalisation is off.
 ``loadings()`` centres each factor over genes (the softmax makes a per-factor offset
 unidentifiable).
 """
@@ -41,15 +44,33 @@ MODULE_KEYS = ("n_hidden", "n_layers", "dropout", "likelihood", "dispersion", "l
                "decoder_batch_norm", "decoder_bn_scale", "decoder_bias", "library", "encoder_batch_norm")
 
 
+class DecoderBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose running statistics are a bias-corrected moving average: batch t (1-based)
+    enters with weight max(momentum, 1/t), so the statistics are the plain mean over the batches
+    seen until 1/momentum of them, then the usual moving average. They never carry BatchNorm's
+    arbitrary start (mean 0, variance 1), which with momentum 0.01 still holds ~90% of the
+    weight after 10 steps. ``num_batches_tracked`` is a buffer, so resume and DDP's buffer
+    broadcast keep the count."""
+
+    def forward(self, x):
+        if self.training and self.track_running_stats:
+            self.momentum = max(self.base_momentum, 1.0 / (float(self.num_batches_tracked) + 1.0))
+        return super().forward(x)
+
+    def __init__(self, n, *, momentum: float = 0.01, eps: float = 1e-3):
+        super().__init__(n, momentum=momentum, eps=eps)
+        self.base_momentum = momentum
+
+
 class LDVAEModule(nn.Module):
     """The torch module (generative model + inference network) of LDVAE."""
 
     def __init__(self, n_genes: int, n_latent: int = 10, *, n_batch: int = 1, n_sample: int = 1, n_label: int = 1,
                  n_hidden: int = 128, n_layers: int = 1, dropout: float = 0.1, likelihood: str = "nb",
-                 dispersion: str = "gene", latent_distribution: str = "normal", decoder_batch_norm: bool = False,
+                 dispersion: str = "gene", latent_distribution: str = "normal", decoder_batch_norm: bool = True,
                  decoder_bn_scale: float = 1.0, decoder_bias: bool = False, library: str = "observed",
-                 encoder_batch_norm: bool = True,
-                 library_log_means=None, library_log_vars=None):
+                 encoder_batch_norm: bool | None = None,
+                 library_log_means=None, library_log_vars=None, gene_log_freq=None):
         super().__init__()
         checks = {"likelihood": (likelihood, ("nb", "zinb", "poisson")), "dispersion": (dispersion, ("gene", "gene-batch")),
                   "latent_distribution": (latent_distribution, ("normal", "ln")), "library": (library, ("observed", "latent"))}
@@ -58,13 +79,16 @@ class LDVAEModule(nn.Module):
                 raise InputError(f"{key}={val!r} is not supported", field=key, fix=f"use one of {list(allowed)}")
         self.n_genes, self.n_latent, self.n_batch = n_genes, n_latent, n_batch
         self.likelihood, self.dispersion, self.library = likelihood, dispersion, library
+        if encoder_batch_norm is None:
+            # the encoder's batch norm only with the plain linear decoder (see the module docstring)
+            encoder_batch_norm = not decoder_batch_norm
         self.encoder = GaussianEncoder(n_genes, n_latent, n_cat=n_batch, n_hidden=n_hidden, n_layers=n_layers,
                                        dropout=dropout, batch_norm=encoder_batch_norm,
                                        distribution=latent_distribution)
         nb = n_batch if n_batch > 1 else 0
         self._nb = nb
         self.decoder = nn.Linear(n_latent + nb, n_genes, bias=decoder_bias)
-        self.decoder_bn = nn.BatchNorm1d(n_genes, momentum=0.01, eps=1e-3) if decoder_batch_norm else None
+        self.decoder_bn = DecoderBatchNorm(n_genes, momentum=0.01, eps=1e-3) if decoder_batch_norm else None
         if self.decoder_bn is not None:
             if not (isinstance(decoder_bn_scale, (int, float)) and decoder_bn_scale > 0):
                 raise InputError(f"decoder_bn_scale={decoder_bn_scale!r}", field="decoder_bn_scale",
@@ -73,6 +97,14 @@ class LDVAEModule(nn.Module):
             # cells from the first step; a smaller scale starts the decoder nearer the
             # data's (small) per-gene log-fold variation.
             nn.init.constant_(self.decoder_bn.weight, float(decoder_bn_scale))
+            if gene_log_freq is not None:
+                # rho starts at the genes' shares of all counts (the no-z model's MLE), not at 1/G
+                init = torch.as_tensor(gene_log_freq, dtype=torch.float32).reshape(-1)
+                if init.shape[0] != n_genes:
+                    raise InputError(f"gene_log_freq has {init.shape[0]} values for {n_genes} genes",
+                                     field="gene_log_freq", fix="give one value per gene (or None)")
+                with torch.no_grad():
+                    self.decoder_bn.bias.copy_(init)
         if likelihood == "zinb":
             self.dropout_decoder = nn.Linear(n_latent + nb, n_genes, bias=True)
         self.log_theta = nn.Parameter(torch.randn(n_genes, n_batch if dispersion == "gene-batch" else 1).T.contiguous())
@@ -143,21 +175,47 @@ class LDVAEModule(nn.Module):
         return (W - W.mean(0)).cpu().numpy()
 
 
-def _library_prior(source, cats, module_kwargs):
-    """Per-batch mean and variance of log library size (one streaming pass), for library="latent"."""
-    if module_kwargs.get("library", "observed") != "latent":
+def _module_with_legacy_defaults(**kwargs) -> LDVAEModule:
+    """LDVAEModule from saved kwargs. Kwargs saved before decoder batch norm became the default
+    lack ``decoder_batch_norm`` (training now always records it): they meant the defaults of
+    then, no decoder batch norm and an encoder batch norm."""
+    if "decoder_batch_norm" not in kwargs:
+        kwargs = {"decoder_batch_norm": False, "encoder_batch_norm": True, **kwargs}
+    return LDVAEModule(**kwargs)
+
+
+def _prepare(source, cats, module_kwargs):
+    """One streaming pass before training: the decoder batch norm's initial offsets (log of each
+    gene's share of all counts) and, for library="latent", the per-batch mean and variance of
+    the log library size."""
+    module_kwargs = dict(module_kwargs, decoder_batch_norm=bool(module_kwargs.get("decoder_batch_norm", True)))
+    module_kwargs.setdefault("encoder_batch_norm", not module_kwargs["decoder_batch_norm"])
+    latent = module_kwargs.get("library", "observed") == "latent"
+    bn = module_kwargs["decoder_batch_norm"]
+    if not (latent or bn):
         return module_kwargs
     nb = cats["batch"].n
     s1, s2, n = np.zeros(nb), np.zeros(nb), np.zeros(nb)
+    gene_tot = np.zeros(source.n_genes)
     for a, b in source.chunks:
-        ll = np.log(np.maximum(np.asarray(source.read(a, b).sum(1)).ravel(), 1.0))
-        codes = cats["batch"].codes[a:b]
-        s1 += np.bincount(codes, ll, nb)
-        s2 += np.bincount(codes, ll ** 2, nb)
-        n += np.bincount(codes, minlength=nb)
-    mean = s1 / np.maximum(n, 1)
-    var = np.maximum(s2 / np.maximum(n, 1) - mean ** 2, 1e-4)
-    return dict(module_kwargs, library_log_means=mean.tolist(), library_log_vars=var.tolist())
+        X = source.read(a, b)
+        gene_tot += np.asarray(X.sum(0)).ravel()
+        if latent:
+            ll = np.log(np.maximum(np.asarray(X.sum(1)).ravel(), 1.0))
+            codes = cats["batch"].codes[a:b]
+            s1 += np.bincount(codes, ll, nb)
+            s2 += np.bincount(codes, ll ** 2, nb)
+            n += np.bincount(codes, minlength=nb)
+    out = dict(module_kwargs)
+    if bn:
+        # +1: a gene never seen starts small but finite; softmax ignores the common offset
+        lf = np.log(gene_tot + 1.0)
+        out["gene_log_freq"] = np.round(lf - lf.mean(), 4).tolist()
+    if latent:
+        mean = s1 / np.maximum(n, 1)
+        var = np.maximum(s2 / np.maximum(n, 1) - mean ** 2, 1e-4)
+        out.update(library_log_means=mean.tolist(), library_log_vars=var.tolist())
+    return out
 
 
 class LDVAE(VAEModel):
@@ -165,6 +223,10 @@ class LDVAE(VAEModel):
 
     module_path = "scdist.vae.ldvae:LDVAEModule"
     method = "ldvae"
+
+    @classmethod
+    def _module_cls(cls):
+        return _module_with_legacy_defaults
 
     @property
     def n_latent(self) -> int:
@@ -222,8 +284,8 @@ def train_ldvae(data, batch_key: str | None = None, n_latent: int = 10, *, seed:
 
     Options: architecture (``n_hidden``=128, ``n_layers``=1, ``dropout``=0.1, ``likelihood``
     "nb"|"zinb"|"poisson", ``dispersion`` "gene"|"gene-batch", ``latent_distribution``
-    "normal"|"ln", ``decoder_batch_norm``=False, ``decoder_bn_scale``=1.0 (initial scale of that
-    batch norm), ``decoder_bias``=False, ``library``
+    "normal"|"ln", ``decoder_batch_norm``=True, ``decoder_bn_scale``=1.0 (initial scale of that
+    batch norm; only with it), ``decoder_bias``=False, ``library``
     "observed"|"latent"), training (:class:`~scdist.vae.train.TrainConfig` fields:
     ``max_epochs``, ``batch_size``=256, ``lr``, ``optimizer``, ``kl_warmup_epochs``,
     ``val_fraction``=0.1, ``patience``...), engine (``num_workers``=1, ``use_gpu``=False,
@@ -232,5 +294,9 @@ def train_ldvae(data, batch_key: str | None = None, n_latent: int = 10, *, seed:
     if not isinstance(n_latent, (int, np.integer)) or n_latent < 1:
         raise InputError(f"n_latent={n_latent!r}", field="n_latent", fix="use a positive integer (e.g. 10)")
     mod, tr, eng = split_options(options, MODULE_KEYS)
+    if "decoder_bn_scale" in mod and not mod.get("decoder_batch_norm", True):
+        raise InputError("decoder_bn_scale is given but decoder_batch_norm=False (it would be ignored)",
+                         field="decoder_bn_scale",
+                         fix="drop decoder_bn_scale, or set decoder_batch_norm=True (the default)")
     mod["n_latent"] = int(n_latent)
-    return LDVAE._train(data, {"batch": batch_key}, mod, tr, eng, seed=seed, prepare=_library_prior)
+    return LDVAE._train(data, {"batch": batch_key}, mod, tr, eng, seed=seed, prepare=_prepare)
