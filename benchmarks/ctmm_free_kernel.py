@@ -152,6 +152,7 @@ def run_time(repeats: int) -> dict:
     for cf in (False, True):        # compile / load both paths outside the timings
         fit(ds.isel(gene=slice(0, 8)), ("free",), "reml", ("wald",), cf)
     times = {k: {"generic": [], "closed_form": []} for k in ("first_pass", "free_reml_wald")}
+    load_before = os.getloadavg()
     for r in range(repeats):
         for cf in ((False, True) if r % 2 == 0 else (True, False)):
             key = "closed_form" if cf else "generic"
@@ -163,7 +164,7 @@ def run_time(repeats: int) -> dict:
             t = time.process_time()
             fit(ds, ("free",), "reml", ("wald",), cf)
             times["free_reml_wald"][key].append((time.process_time() - t) / G * 1e3)
-    out = {"load_before": os.getloadavg()}
+    out = {"load_before": load_before}
     for k, v in times.items():
         med = {kk: float(np.median(vv)) for kk, vv in v.items()}
         out[k] = {"cpu_ms_per_gene_median": med, "runs": v,
