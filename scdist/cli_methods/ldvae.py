@@ -7,7 +7,9 @@ import typer
 
 HELP = ("Train LDVAE (linear-decoder VAE) on STORE's cells and write latent factors and gene loadings "
         "to results/ldvae/<run>.\n\nOptions are the keys of the spec's `ldvae:` block; --num-workers > 1 "
-        "or --use-gpu trains under Ray Train. A rerun resumes from the last checkpoint.")
+        "or --use-gpu trains under Ray Train. A rerun resumes from the last checkpoint. The decoder has batch "
+        "normalisation by default (the paper's and LinearSCVI's variant); --set 'options={decoder_batch_norm: false}' "
+        "gives the plain linear decoder.")
 
 
 def stage_verb(app: typer.Typer, name: str, help_: str) -> None:

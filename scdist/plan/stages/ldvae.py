@@ -31,6 +31,9 @@ class VaeTrainConfig(StageConfig):
 
 
 class LdvaeConfig(VaeTrainConfig):
+    """``options`` are train_ldvae's: e.g. ``decoder_batch_norm`` (default true, the paper's variant;
+    false gives the plain linear decoder), ``likelihood``, ``library``, ``n_hidden``."""
+
     batch_key: str | None = Field(None, description="obs column of the batch covariate (e.g. 'batch')")
     n_latent: int = Field(10, ge=1, description="Number of factors K")
 
