@@ -658,11 +658,13 @@ def is_free_basis(Kb: np.ndarray) -> bool:
 
 def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool, want_grad: bool,
                     want_ai: bool, rcond: float, want_fisher: bool = False,
-                    problem_rows: int = 0, free: bool | None = None):
+                    problem_rows: int = 0, free: bool | None = None,
+                    ident: bool | None = None):
     """Allocate the outputs and run :func:`shared_eval`; returns a dict of arrays.
 
     ``free``: use the Free basis' closed forms (None: when :func:`is_free_basis`; False: the
-    generic loops, kept as their reference).
+    generic loops, kept as their reference). ``ident``: X_b = I in every block (None: checked
+    here; callers with a problem pass its cached answers).
 
     The version compiled for the exact sizes runs when the call, or the whole problem it is
     part of (``problem_rows`` rows: an optimiser's later iterations and restarts evaluate a few
@@ -677,7 +679,8 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
                ai=np.empty((R, Kc, Kc) if want_ai else (1, Kc, Kc)),
                fisher=np.empty((R, Kc, Kc) if want_fisher else (1, Kc, Kc)))
     m = X.shape[1]
-    ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
+    if ident is None:
+        ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
     idx = np.ascontiguousarray(idx, dtype=np.int64)
     drop = np.full(R, -1, np.int64) if drop is None else np.ascontiguousarray(drop, np.int64)
     if max(R, problem_rows) * X.shape[0] >= SPECIALISE_MIN or (m, p, Kc) in _SPECIALISED:
@@ -687,7 +690,7 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
         sizes = np.zeros(m, np.int64), np.zeros(p, np.int64), np.zeros(Kc, np.int64)
     if free is None:
         free = FREE_CLOSED_FORM and is_free_basis(Kb)
-    elif free and not is_free_basis(Kb):
+    elif free and (Kb.shape[1] != 1 or Kc != m + 1):    # shapes only: callers pass a checked basis
         raise ValueError("free=True needs the Free model's basis (J, e_1 e_1', ..., e_m e_m')")
     shared_eval(*sizes, ident, bool(free), theta, idx, drop, bool(full), Kb, y, nu, mask, X,
                 bool(reml), bool(want_grad), bool(want_ai), bool(want_fisher), float(rcond),

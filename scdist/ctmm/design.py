@@ -79,6 +79,14 @@ class Problem:
                 bool(self.mask.all()))
 
     @cached_property
+    def free_basis(self) -> bool:
+        """The basis is Free's on CTP (J, then e_c e_c', shared by all blocks): the compiled
+        kernel's closed forms apply (see :func:`scdist.ctmm.blockkernel.is_free_basis`)."""
+        from .blockkernel import is_free_basis
+
+        return is_free_basis(self.K)
+
+    @cached_property
     def rank_one(self):
         """Per-donor statistics of the closed-form kernel (:mod:`scdist.ctmm.rankone`) when the
         model is one rank-one variance component per donor block (Hom on CTP or OP, no extra

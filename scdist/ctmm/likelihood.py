@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import Problem
+from . import blockkernel
 from .blockkernel import evaluate_shared
 from .rankone import rank_one_eval
 from .linalg import _SMALL, spd_inverse, spd_inverse_soa
@@ -204,7 +205,9 @@ def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: 
         if prob.src is not None:
             idx, drop = prob.src[idx], prob.drop[idx]
         o = evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full, reml, want_grad,
-                            want_ai, RCOND, want_fisher, problem_rows=prob.rows)
+                            want_ai, RCOND, want_fisher, problem_rows=prob.rows,
+                            free=(blockkernel.FREE_CLOSED_FORM and prob.free_basis),
+                            ident=prob.identity_design)
     ok = o["ok"]
     return State(theta=theta, ok=ok, loglik=o["ll"], beta=o["beta"], Hinv=o["Hinv"], W=None,
                  F=None, s=None, grad=o["grad"], ai=o["ai"], edge=(o["rcmin"] < EDGE) & ok,
