@@ -222,9 +222,10 @@ def test_default_decoder_batch_norm_starts_at_the_gene_shares(programs):
     """The default decoder has batch norm (and no encoder batch norm); its offsets beta_g start at
     the log gene totals, so the untrained decoder's rate at the logits' batch mean is each gene's
     share of all counts (with beta_g = 0 every gene would start at 1/G)."""
+    from scdist.vae.data import MatrixSource
     from scdist.vae.ldvae import LDVAEModule, _prepare
     adata, _ = programs
-    src = as_source(adata)
+    src = MatrixSource(adata.X, obs=adata.obs, gene_names=adata.var_names, chunk_size=adata.n_obs)  # all cells
     kw = _prepare(src, {"batch": src.categorical("batch")}, {"n_genes": src.n_genes, "n_latent": 3, "n_batch": 2})
     assert kw["decoder_batch_norm"] is True and kw["encoder_batch_norm"] is False
     mod = LDVAEModule(**kw)
@@ -234,6 +235,26 @@ def test_default_decoder_batch_norm_starts_at_the_gene_shares(programs):
     assert share.max() / share.min() > 10  # the study's genes differ: a real test of the start
     off = _prepare(src, {"batch": src.categorical("batch")}, {"decoder_batch_norm": False})
     assert "gene_log_freq" not in off and off["encoder_batch_norm"] is True
+
+
+def test_offset_pass_reads_a_bounded_number_of_chunks(programs):
+    """Without a latent library the offsets come from at most 8 chunks spread over the data (the
+    pass costs the same at any cell count); with library="latent" every chunk is read."""
+    from scdist.vae.data import MatrixSource
+    from scdist.vae.ldvae import _prepare
+    adata, _ = programs
+    src = MatrixSource(adata.X, obs=adata.obs, gene_names=adata.var_names, chunk_size=100)  # 24 chunks
+    read = []
+    orig = src.read
+    src.read = lambda a, b: read.append((a, b)) or orig(a, b)
+    cats = {"batch": src.categorical("batch")}
+    kw = _prepare(src, cats, {})
+    assert len(read) == 8 and read[0] == src.chunks[0] and read[-1] == src.chunks[-1]
+    sub = sum(np.asarray(adata.X[a:b].sum(0)).ravel() for a, b in read) + 1.0
+    np.testing.assert_allclose(np.asarray(kw["gene_log_freq"]), np.log(sub) - np.log(sub).mean(), atol=1e-4)
+    read.clear()
+    _prepare(src, cats, {"library": "latent"})
+    assert len(read) == len(src.chunks) == 24
 
 
 def test_decoder_bn_running_statistics_are_bias_corrected():

@@ -13,16 +13,18 @@ Generative model (paper notation -> arguments):
 Inference: q(z_n | x_n, s_n) Normal from an MLP on log1p(x) (``n_hidden``, ``n_layers``,
 ``dropout``); ``latent_distribution="ln"`` gives scVI's logistic-normal z = softmax(sample).
 ``decoder_batch_norm=True`` (the default) is the paper's variant with batch normalisation on
-W z_n [+ B s_n] (LinearSCVI's decoder); the loadings then fold the normalisation's per-gene scale
-into W. Two initialisation choices differ from LinearSCVI's (README "Loading precision"):
-the normalisation's per-gene offset beta_g starts at the log of gene g's share of all counts
-(one streaming pass before training; with beta_g = 0 every gene starts at rate 1/G and Adam's
-per-step bound takes ~1/lr steps to move a baseline by one log-unit), and its running statistics
-are a bias-corrected moving average (the plain mean of the batches seen while they are fewer
-than 1/momentum = 100; a moving average started at mean 0 / variance 1 scores the held-out
-set in the first epochs with statistics that are mostly that start). ``decoder_bn_scale`` is
-the normalisation's initial per-gene scale gamma_g (1 as in BatchNorm); it is an error when
-batch normalisation is off.
+W z_n [+ B s_n] (LinearSCVI's decoder); the loadings then fold the normalisation's per-gene
+scale into W. Three choices differ from LinearSCVI's (README, LDVAE "Reading"):
+- the normalisation's per-gene offset beta_g starts at the log of gene g's share of all counts
+  (read before training from at most 8 cell chunks spread over the data); at beta_g = 0 every
+  gene starts at rate 1/G, and Adam moves an offset by about lr per step;
+- its running statistics are a bias-corrected moving average (:class:`DecoderBatchNorm`);
+- the encoder has no batch normalisation (``encoder_batch_norm`` defaults to ``not
+  decoder_batch_norm``): the encoder's running statistics lag its fast-moving hidden units early
+  in training, so its eval-mode output differs from training's, and the decoder's normalisation
+  amplifies the difference in every held-out ELBO and latent computed in eval mode.
+``decoder_bn_scale`` is the normalisation's initial per-gene scale gamma_g (1 as in BatchNorm);
+it is an error when batch normalisation is off.
 ``loadings()`` centres each factor over genes (the softmax makes a per-factor offset
 unidentifiable).
 """
@@ -184,20 +186,25 @@ def _module_with_legacy_defaults(**kwargs) -> LDVAEModule:
     return LDVAEModule(**kwargs)
 
 
-def _prepare(source, cats, module_kwargs):
-    """One streaming pass before training: the decoder batch norm's initial offsets (log of each
+def _prepare(source, cats, module_kwargs, *, max_offset_chunks: int = 8):
+    """Streaming pass before training: the decoder batch norm's initial offsets (log of each
     gene's share of all counts) and, for library="latent", the per-batch mean and variance of
-    the log library size."""
+    the log library size (every chunk). The offsets are only a starting point: without a
+    latent library they come from at most ``max_offset_chunks`` chunks spread over the store,
+    so the pass costs the same at any cell count."""
     module_kwargs = dict(module_kwargs, decoder_batch_norm=bool(module_kwargs.get("decoder_batch_norm", True)))
     module_kwargs.setdefault("encoder_batch_norm", not module_kwargs["decoder_batch_norm"])
     latent = module_kwargs.get("library", "observed") == "latent"
     bn = module_kwargs["decoder_batch_norm"]
     if not (latent or bn):
         return module_kwargs
+    chunks = list(source.chunks)
+    if not latent and len(chunks) > max_offset_chunks:
+        chunks = [chunks[i] for i in np.linspace(0, len(chunks) - 1, max_offset_chunks).round().astype(int)]
     nb = cats["batch"].n
     s1, s2, n = np.zeros(nb), np.zeros(nb), np.zeros(nb)
     gene_tot = np.zeros(source.n_genes)
-    for a, b in source.chunks:
+    for a, b in chunks:
         X = source.read(a, b)
         gene_tot += np.asarray(X.sum(0)).ravel()
         if latent:
