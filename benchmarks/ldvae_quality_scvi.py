@@ -1,7 +1,7 @@
 """LDVAE loading precision side by side with scvi-tools' LinearSCVI on scdist's semi-synthetic study.
 
     .venv/bin/python benchmarks/ldvae_quality_scvi.py [--cells 20000] [--genes 500] [--epochs 40] [--scvi]
-        [--variants 'default={}' 'bn_latent={"decoder_batch_norm": true, "library": "latent"}']
+        [--variants 'default={}' 'latent={"library": "latent"}' 'nobn={"decoder_batch_norm": false}']
         [--scvi-options '{"plan": {"n_epochs_kl_warmup": 10}}']
 
 Study: ``mrvi_quality.build_study`` (40 donors in 2 batches, 500 genes, 4 cell types, design tag
