@@ -24,7 +24,7 @@ scale into W. Three choices differ from LinearSCVI's (README, LDVAE "Reading"):
   in training, so its eval-mode output differs from training's, and the decoder's normalisation
   amplifies the difference in every held-out ELBO and latent computed in eval mode.
 ``decoder_bn_scale`` is the normalisation's initial per-gene scale gamma_g (1 as in BatchNorm);
-it is an error when batch normalisation is off.
+``train_ldvae`` refuses it when batch normalisation is off.
 ``loadings()`` centres each factor over genes (the softmax makes a per-factor offset
 unidentifiable).
 """
@@ -54,14 +54,15 @@ class DecoderBatchNorm(nn.BatchNorm1d):
     weight after 10 steps. ``num_batches_tracked`` is a buffer, so resume and DDP's buffer
     broadcast keep the count."""
 
-    def forward(self, x):
-        if self.training and self.track_running_stats:
-            self.momentum = max(self.base_momentum, 1.0 / (float(self.num_batches_tracked) + 1.0))
-        return super().forward(x)
-
     def __init__(self, n, *, momentum: float = 0.01, eps: float = 1e-3):
         super().__init__(n, momentum=momentum, eps=eps)
         self.base_momentum = momentum
+
+    def forward(self, x):
+        if self.training and self.track_running_stats:
+            # BatchNorm1d increments the count before using momentum as the update weight
+            self.momentum = max(self.base_momentum, 1.0 / (float(self.num_batches_tracked) + 1.0))
+        return super().forward(x)
 
 
 class LDVAEModule(nn.Module):
