@@ -185,11 +185,15 @@ def true_lfc(truth) -> np.ndarray:
 
 
 def de_figures(lfc, truth) -> dict:
-    """AUC of |LFC| for the MrVI genes vs the rest, Pearson r with the true LFC, and the slope of
-    the LFC on the true LFC over the MrVI genes (1 = unshrunk)."""
+    """AUC of |LFC| for the MrVI genes vs the rest (``auc_centred``: of |LFC - median over genes|;
+    h is a composition, so a change of total expression shifts every gene's LFC alike), Pearson
+    r with the true LFC, and the slope of the LFC on the true LFC over the MrVI genes (1 =
+    unshrunk), ``median``: the median LFC over genes."""
     genes, t = truth["mrvi_gene"].values, true_lfc(truth)
     lfc = np.asarray(lfc, float)
-    return {"auc": auc(np.abs(lfc), genes), "pearson_true": float(np.corrcoef(lfc, t)[0, 1]),
+    med = float(np.median(lfc))
+    return {"auc": auc(np.abs(lfc), genes), "auc_centred": auc(np.abs(lfc - med), genes), "median": med,
+            "pearson_true": float(np.corrcoef(lfc, t)[0, 1]),
             "slope_true": float(np.polyfit(t[genes], lfc[genes], 1)[0])}
 
 
