@@ -148,3 +148,23 @@ def test_stopping_rule_replays_sequentially_and_changes_only_stopped_rows():
     for name in ("theta", "loglik", "beta", "converged"):
         np.testing.assert_array_equal(getattr(res, name)[keep], getattr(full, name)[keep])
     assert res.iterations.sum() < full.iterations.sum()
+
+
+def test_compiled_small_solve_equals_lapack_and_flags_singular_rows():
+    """The optimiser's compiled batched solve (Gaussian elimination with partial pivoting)
+    against LAPACK, on systems that need pivoting; exactly singular or NaN rows come back
+    NaN (the optimiser then takes a scaled gradient step)."""
+    from scdist.ctmm.linalg import solve_small
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(50, 5, 5))
+    A[:10, 0, 0] = 0.0                      # first pivot must come from another row
+    b = rng.normal(size=(50, 5))
+    x = solve_small(A, b)
+    np.testing.assert_allclose(np.einsum("rij,rj->ri", A, x), b, atol=1e-9)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b[..., None])[..., 0], rtol=1e-8, atol=1e-10)
+    A[3] = 0.0
+    A[4, :, 2] = 0.0
+    A[5, 1, 1] = np.nan
+    x = solve_small(A, b)
+    assert np.isnan(x[3:6]).all() and np.isfinite(np.delete(x, [3, 4, 5], axis=0)).all()

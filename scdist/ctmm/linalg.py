@@ -8,6 +8,7 @@ whole batch instead (structure-of-arrays), and fall back to LAPACK for large blo
 """
 from __future__ import annotations
 
+import numba as nb
 import numpy as np
 
 _SMALL = 8  # block sizes up to this use the vectorised entry-wise recursion
@@ -126,3 +127,60 @@ def _spd_inverse_lapack(A: np.ndarray, rcond: float = 0.0):
     W[~ok] = np.eye(m)
     logdet[~ok] = 0.0
     return W.reshape(A.shape), logdet.reshape(batch), ok.reshape(batch)
+
+
+@nb.njit(cache=True)
+def _solve_rows(A, b, out):
+    K = A.shape[1]
+    M = np.empty((K, K))
+    v = np.empty(K)
+    for r in range(A.shape[0]):
+        for i in range(K):
+            v[i] = b[r, i]
+            for j in range(K):
+                M[i, j] = A[r, i, j]
+        singular = False
+        for c in range(K):
+            piv = c
+            best = abs(M[c, c])
+            for i in range(c + 1, K):
+                if abs(M[i, c]) > best:
+                    best = abs(M[i, c])
+                    piv = i
+            if not best > 0.0:          # zero (or NaN) pivot column
+                singular = True
+                break
+            if piv != c:
+                for j in range(K):
+                    t = M[c, j]
+                    M[c, j] = M[piv, j]
+                    M[piv, j] = t
+                t = v[c]
+                v[c] = v[piv]
+                v[piv] = t
+            for i in range(c + 1, K):
+                f = M[i, c] / M[c, c]
+                for j in range(c + 1, K):
+                    M[i, j] -= f * M[c, j]
+                v[i] -= f * v[c]
+        if singular:
+            for i in range(K):
+                out[r, i] = np.nan
+            continue
+        for i in range(K - 1, -1, -1):
+            t = v[i]
+            for j in range(i + 1, K):
+                t -= M[i, j] * out[r, j]
+            out[r, i] = t / M[i, i]
+
+
+def solve_small(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``A[r] x[r] = b[r]`` for a stack of small square systems (R, K, K), (R, K) by
+    Gaussian elimination with partial pivoting, one compiled loop over the rows (a batched
+    LAPACK solve costs ~0.3 ms of call overhead at the optimiser's batch sizes). Rows with
+    an exactly singular (or NaN) pivot column come back as NaN."""
+    A = np.ascontiguousarray(A, dtype=np.float64)
+    b = np.ascontiguousarray(b, dtype=np.float64)
+    out = np.empty(b.shape)
+    _solve_rows(A, b, out)
+    return out

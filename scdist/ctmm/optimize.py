@@ -16,6 +16,7 @@ import numpy as np
 
 from .design import Problem
 from .likelihood import EDGE, evaluate, fisher_at
+from .linalg import solve_small
 
 # a converged optimum with a covariance block closer to singular than this (reciprocal
 # condition proxy, see likelihood.RCOND) is re-examined by the random restarts
@@ -54,15 +55,7 @@ def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
         return d
     A = ai + (1e-10 * scale)[:, None, None] * np.eye(K)
     with np.errstate(all="ignore"):
-        try:
-            d = np.linalg.solve(A, g[..., None])[..., 0]
-        except np.linalg.LinAlgError:
-            d = np.full_like(g, np.nan)
-            for i in range(len(g)):          # rare: only when a batch holds a singular AI
-                try:
-                    d[i] = np.linalg.solve(A[i], g[i])
-                except np.linalg.LinAlgError:
-                    pass
+        d = solve_small(A, g)                # NaN rows where A is singular
     bad = ~np.isfinite(d).all(axis=1)
     if bad.any():  # fall back to a scaled gradient step
         d[bad] = g[bad] / scale[bad, None]
