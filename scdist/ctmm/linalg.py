@@ -5,6 +5,8 @@ donors sharing a blocked random effect), so every likelihood evaluation inverts 
 blocks at once. LAPACK called once per 4 x 4 matrix is dominated by call overhead; for small
 blocks we run the Cholesky recursion over the matrix entries as vector operations across the
 whole batch instead (structure-of-arrays), and fall back to LAPACK for large blocks.
+``solve_small`` solves a stack of small general systems (the optimiser's directions) in one
+compiled loop for the same reason.
 """
 from __future__ import annotations
 
