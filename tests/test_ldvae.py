@@ -237,6 +237,25 @@ def test_default_decoder_batch_norm_starts_at_the_gene_shares(programs):
     assert "gene_log_freq" not in off and off["encoder_batch_norm"] is True
 
 
+def test_models_saved_before_the_default_changed_still_load(programs, tmp_path):
+    """A config.json written before decoder batch norm became the default has no
+    decoder_batch_norm / encoder_batch_norm keys; it meant the plain decoder with an encoder
+    batch norm, and loads as that model, the same weights and outputs."""
+    import json
+    adata, _ = programs
+    m = train_ldvae(adata, "batch", n_latent=3, max_epochs=1, n_hidden=16, decoder_batch_norm=False)
+    assert m.module_kwargs["decoder_batch_norm"] is False and m.module_kwargs["encoder_batch_norm"] is True
+    m.save(str(tmp_path / "m"))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for k in ("decoder_batch_norm", "encoder_batch_norm"):
+        del cfg["module_kwargs"][k]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    old = LDVAE.load(str(tmp_path / "m"))
+    assert old.module.decoder_bn is None
+    xr.testing.assert_equal(old.loadings(), m.loadings())
+    np.testing.assert_array_equal(old.latent(adata).values, m.latent(adata).values)
+
+
 def test_offset_pass_reads_a_bounded_number_of_chunks(programs):
     """Without a latent library the offsets come from at most 8 chunks spread over the data (the
     pass costs the same at any cell count); with library="latent" every chunk is read."""
