@@ -104,7 +104,7 @@ def latent_scatter(z: np.ndarray, labels=None, title: str = "latent") -> bytes:
 
 
 def distance_heatmap(d: np.ndarray, samples, title: str) -> bytes:
-    """Sample x sample distances ordered by average-linkage clustering, with its dendrogram."""
+    """Sample x sample distances ordered by Ward-linkage clustering, with its dendrogram."""
     from scipy.cluster.hierarchy import dendrogram, linkage
     from scipy.spatial.distance import squareform
 
@@ -114,7 +114,7 @@ def distance_heatmap(d: np.ndarray, samples, title: str) -> bytes:
     fig, (ax_d, ax_h) = plt.subplots(1, 2, figsize=(6.4, 3.6), gridspec_kw={"width_ratios": [1, 3]})
     order = np.arange(len(d))
     if len(d) > 2:
-        link = linkage(squareform(d, checks=False), method="average")
+        link = linkage(squareform(d, checks=False), method="ward")
         dn = dendrogram(link, orientation="left", no_labels=True, ax=ax_d, color_threshold=0)
         order = np.asarray(dn["leaves"])[::-1]
     ax_d.axis("off")

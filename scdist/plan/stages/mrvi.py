@@ -35,7 +35,7 @@ class DistancesOptions(_Opts):
 
 class SampleClustersOptions(_Opts):
     method: Literal["average", "complete", "single", "weighted", "ward"] = Field(
-        "average", description="Linkage of the hierarchical clustering of samples")
+        "ward", description="Linkage of the hierarchical clustering of samples (Ward: the MrVI paper's)")
     n_clusters: int | None = Field(None, ge=1, description="Cut the dendrogram into this many clusters")
 
 

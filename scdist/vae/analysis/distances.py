@@ -228,11 +228,13 @@ def _check_common(normalize, mc_samples, min_cells, space="z"):
 
 
 # ----------------------------------------------------------------------------- sample clustering
-def cluster_samples(distances: xr.DataArray, *, method: str = "average", n_clusters: int | None = None
+def cluster_samples(distances: xr.DataArray, *, method: str = "ward", n_clusters: int | None = None
                     ) -> xr.Dataset:
     """Hierarchical clustering of samples on each group's aggregated distance matrix D(C).
 
-    ``method``: scipy linkage method ("average", "complete", "ward", ...). Samples with NaN
+    ``method``: scipy linkage method ("ward", "average", "complete", ...). The default is Ward's
+    variance minimisation, the linkage of the MrVI paper's sample dendrograms (Nature Methods,
+    Supplementary figure legends) and of its authors' benchmark code. Samples with NaN
     rows (too few cells in the group) are left out. Returns a Dataset with
     ``linkage(group, merge, linkage_field)`` (scipy's Z: the two merged clusters, their
     distance, the new cluster's size; leaf i = i-th sample with ``clustered``), ``clustered(group,
