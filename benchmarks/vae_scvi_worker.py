@@ -1,5 +1,5 @@
 """Runs inside benchmarks/.venv-scvi (scvi-tools 1.4.2): trains LinearSCVI or MRVI on an h5ad and
-writes per-epoch training seconds and held-out reconstruction to JSON. Called by vae_benchmark.py.
+writes per-epoch training seconds (wall and process CPU) and held-out reconstruction to JSON. Called by vae_benchmark.py.
 
 Usage: python vae_scvi_worker.py MODEL H5AD VAL_MASK.npy EPOCHS BATCH_SIZE OUT.json
 """
@@ -27,17 +27,19 @@ def main(model_name, h5ad, val_mask, epochs, batch_size, out):
     val = np.load(val_mask)
     train = adata[~val].copy()
     held = adata[val].copy()
-    times = []
+    times, cpu_times = [], []
 
     class Timer(pl.Callback):  # training batches only (validation runs inside the epoch hooks)
         def on_train_epoch_start(self, trainer, module):
             self.t0 = self.t1 = time.perf_counter()
+            self.c0 = self.c1 = time.process_time()  # CPU seconds of this process (all its threads)
 
         def on_train_batch_end(self, *args, **kwargs):
-            self.t1 = time.perf_counter()
+            self.t1, self.c1 = time.perf_counter(), time.process_time()
 
         def on_train_epoch_end(self, trainer, module):
             times.append(self.t1 - self.t0)
+            cpu_times.append(self.c1 - self.c0)
 
     kw = dict(max_epochs=epochs, batch_size=batch_size, train_size=1.0, accelerator="cpu", devices=1,
               callbacks=[Timer()], enable_progress_bar=False, logger=False, enable_checkpointing=False)
@@ -58,7 +60,8 @@ def main(model_name, h5ad, val_mask, epochs, batch_size, out):
         m.train(**kw)
         res = {"n_train_used": int(len(m.train_indices)) if getattr(m, "train_indices", None) is not None else None}
     n_train = res.pop("n_train_used", None) or int(train.n_obs)
-    res.update(model=model_name, n_train=n_train, epoch_seconds=times, scvi=scvi.__version__,
+    res.update(model=model_name, n_train=n_train, epoch_seconds=times, epoch_cpu_seconds=cpu_times,
+               torch_threads=torch.get_num_threads(), scvi=scvi.__version__,
                n_params=int(sum(p.numel() for p in m.module.parameters())))
     with open(out, "w") as f:
         json.dump(res, f)
