@@ -126,9 +126,10 @@ class LDVAEModule(nn.Module):
             return torch.cat([z, F.one_hot(batch, self._nb).to(z.dtype)], dim=-1)
         return z
 
-    def encode(self, x, batch, *, sample: bool = True):
-        """q(z | x): returns (z, q_mean, q_std) with z = transform(q_mean + q_std * eps)."""
-        qm, qs = self.encoder(torch.log1p(x), batch)
+    def encode(self, x, batch, *, sample: bool = True, log_x=None):
+        """q(z | x): returns (z, q_mean, q_std) with z = transform(q_mean + q_std * eps).
+        ``log_x``: log1p(x) when the caller has it already."""
+        qm, qs = self.encoder(torch.log1p(x) if log_x is None else log_x, batch)
         pre = qm + qs * torch.randn_like(qs) if sample else qm
         return self.encoder.transform(pre), qm, qs
 
@@ -145,11 +146,12 @@ class LDVAEModule(nn.Module):
 
     def forward(self, batch: dict, kl_weight: float = 1.0) -> dict:
         x, b = batch["x"], batch["batch"]
-        z, qm, qs = self.encode(x, b)
+        log_x = torch.log1p(x)  # one B x G pass shared by both encoders
+        z, qm, qs = self.encode(x, b, log_x=log_x)
         kl_z = kl_normal_standard(qm, qs)
         kl_l = torch.zeros_like(kl_z)
         if self.library == "latent":
-            lm, ls = self.l_encoder(torch.log1p(x), b)
+            lm, ls = self.l_encoder(log_x, b)
             log_lib = lm + ls * torch.randn_like(ls)
             kl_l = kl_normal_normal(lm, ls, self.lib_mean[b].unsqueeze(-1), torch.sqrt(self.lib_var[b]).unsqueeze(-1))
         else:
