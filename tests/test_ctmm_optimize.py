@@ -27,12 +27,8 @@ def _free_problem(n_genes=60, n_donors=20, seed=4):
     return fitter, fitter.problem("free")
 
 
-def test_restart_rounds_apply_the_sequential_rule_in_start_order():
-    """Every start of a round is one row of one optimisation; the result must be what running
-    the same starts one after the other gives: the first start reaching a regular optimum
-    wins (the row then stops), otherwise a start replaces the end point when its likelihood
-    is higher. (Without the stopping rule: every row gets every start.)"""
-    fitter, prob = _free_problem(n_donors=15, seed=3)    # restarts 1 and 2-5 rescue genes
+def _recording_draw(fitter):
+    """Free random starts that also record each call's (rows, starts) for a sequential replay."""
     draw = fitter.random_start("free")
     starts = []
 
@@ -41,6 +37,23 @@ def test_restart_rounds_apply_the_sequential_rule_in_start_order():
         starts.append((np.array(rows), th.copy()))
         return th
 
+    return draw, recording, starts
+
+
+def _round_starts(rows, th):
+    """Split one recorded round (its starts stacked start by start) into (rows, starts) per start."""
+    k = len(rows) // len(np.unique(rows))
+    nb = len(rows) // k
+    return [(rows[j * nb:(j + 1) * nb], th[j * nb:(j + 1) * nb]) for j in range(k)]
+
+
+def test_restart_rounds_apply_the_sequential_rule_in_start_order():
+    """Every start of a round is one row of one optimisation; the result must be what running
+    the same starts one after the other gives: the first start reaching a regular optimum
+    wins (the row then stops), otherwise a start replaces the end point when its likelihood
+    is higher. (Without the stopping rule: every row gets every start.)"""
+    fitter, prob = _free_problem(n_donors=15, seed=3)    # restarts 1 and 2-5 rescue genes
+    _, recording, starts = _recording_draw(fitter)
     n = 5
     assert opt.restart_rounds(n) == [1, 4]
     res = opt.maximize_with_restarts(prob, fitter.start("free"), "reml", random_start=recording,
@@ -51,10 +64,7 @@ def test_restart_rounds_apply_the_sequential_rule_in_start_order():
     assert 0 < (~ref.converged).sum() < prob.rows      # some genes need the restarts
     n_regular_by_restart = 0
     for rows, th in starts:
-        k = len(rows) // len(np.unique(rows))
-        nb = len(rows) // k
-        for j in range(k):
-            r, t = rows[j * nb:(j + 1) * nb], th[j * nb:(j + 1) * nb]
+        for r, t in _round_starts(rows, th):
             todo = ~ref.converged[r]                    # still without a regular optimum
             r, t = r[todo], t[todo]
             if not r.size:
@@ -99,14 +109,7 @@ def test_stopping_rule_replays_sequentially_and_changes_only_stopped_rows():
     sequential replay of the same draws with that rule, and rows the rule never stops must
     end exactly where they end when every row gets every start."""
     fitter, prob = _free_problem(n_donors=15, seed=3)
-    draw = fitter.random_start("free")
-    starts = []
-
-    def recording(rng, rows):
-        th = draw(rng, rows)
-        starts.append((np.array(rows), th.copy()))
-        return th
-
+    draw, recording, starts = _recording_draw(fitter)
     n, k, tol = 6, 2, 1e-3
     assert opt.restart_rounds(n, k) == [1, 2, 3]
     res = opt.maximize_with_restarts(prob, fitter.start("free"), "reml", random_start=recording,
@@ -116,12 +119,10 @@ def test_stopping_rule_replays_sequentially_and_changes_only_stopped_rows():
     stopped = np.zeros(prob.rows, bool)
     streak = np.zeros(prob.rows, int)
     for rows, th in starts:
-        kk = len(rows) // len(np.unique(rows))
-        nb = len(rows) // kk
+        per_start = _round_starts(rows, th)
         # stopped rows are still drawn for (the other rows' draws do not depend on the rule)
-        assert set(rows[:nb]) == set(np.flatnonzero(~ref.converged))
-        for j in range(kk):
-            r, t = rows[j * nb:(j + 1) * nb], th[j * nb:(j + 1) * nb]
+        assert set(per_start[0][0]) == set(np.flatnonzero(~ref.converged))
+        for r, t in per_start:
             todo = ~ref.converged[r] & ~stopped[r]
             r, t = r[todo], t[todo]
             if not r.size:

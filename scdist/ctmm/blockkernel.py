@@ -115,6 +115,19 @@ def _fail_row(row, p, Kc, ll, beta, Hinv_out, grad, ai, fisher, want_grad, want_
 
 
 @nb.njit(cache=True, inline="always")
+def _row_sums(A, n, out):
+    """out[i] = sum_t A[i, t] over the leading n x n block; returns the sum of all of them."""
+    total = 0.0
+    for i in range(n):
+        v = 0.0
+        for t in range(n):
+            v += A[i, t]
+        out[i] = v
+        total += v
+    return total
+
+
+@nb.njit(cache=True, inline="always")
 def _rowdot(A, i, B, j, n):
     """sum_t A[i, t] B[j, t] over t < n: row i of A times row j of B (with a symmetric B, the
     (i, j) entry of A B)."""
@@ -184,13 +197,7 @@ def _fisher_block_free(W, F, FH, m, p, reml, Ef, fv, Mf, FI):
     w = fv[0]
     e = fv[1]
     gcol = fv[2]
-    a = 0.0
-    for x in range(m):
-        v = 0.0
-        for z in range(m):
-            v += W[x, z]
-        w[x] = v
-        a += v
+    a = _row_sums(W, m, w)
     eps = 0.0
     if reml:
         for x in range(m):
@@ -198,12 +205,7 @@ def _fisher_block_free(W, F, FH, m, p, reml, Ef, fv, Mf, FI):
                 v = _rowdot(FH, x, F, z, p)
                 Ef[x, z] = v
                 Ef[z, x] = v
-        for x in range(m):
-            v = 0.0
-            for z in range(m):
-                v += Ef[x, z]
-            e[x] = v
-            eps += v
+        eps = _row_sums(Ef, m, e)
         for i in range(p):
             v = 0.0
             for x in range(m):
