@@ -43,14 +43,14 @@ DECODED_ELEMENTS = 1 << 23  # cells x S x genes floats of decoded states held at
 
 
 def _expression_lfc(module, Z: torch.Tensor, batch: torch.Tensor, X: torch.Tensor, W: torch.Tensor,
-                    width: torch.Tensor) -> torch.Tensor:
+                    XtWX_inv: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
     """LFCs (B x (P-1) x G, log2) from the per-cell weighted least squares of the decoded
-    log h_n(z_n^s) (natural log, batch ``batch``) on X over the admissible samples W (B x S),
-    times the contrast width of each covariate column; decoded in blocks of cells."""
+    log h_n(z_n^s) (natural log, batch ``batch``) on X over the admissible samples W (B x S)
+    (``XtWX_inv``: the z regression's (X^T W_n X)^{-1}, the same design and weights), times the
+    contrast width of each covariate column; decoded in blocks of cells."""
     B, S = Z.shape[0], Z.shape[1]
     Xf = X.float()
-    inv = torch.linalg.pinv(torch.einsum("sp,bs,sq->bpq", X.double(), W.double(), X.double()),
-                            hermitian=True)[:, 1:].float()                      # B x (P-1) x P
+    inv = XtWX_inv[:, 1:].float()                                                # B x (P-1) x P
     step = max(1, DECODED_ELEMENTS // (S * module.n_genes))
     out = []
     for a in range(0, B, step):
@@ -87,7 +87,7 @@ def _de_kernel(model, batches, *, chunk, local, X, low, high, n_groups, filter=N
         st = covariate_statistics(fit)
         beta = fit["beta"].float()                                   # B x P x Lz
         if lfc_space == "expression":
-            lfc = _expression_lfc(module, Z, b["batch"], Xt, W, width)
+            lfc = _expression_lfc(module, Z, b["batch"], Xt, W, fit["inv"], width)
         else:
             z0 = beta[:, :1] + lo * beta[:, 1:]                      # B x (P-1) x Lz
             z1 = beta[:, :1] + hi * beta[:, 1:]

@@ -175,7 +175,8 @@ def weighted_least_squares(Z: torch.Tensor, X: torch.Tensor, W: torch.Tensor) ->
     ``W`` (B x S) 0/1 weights (admissible cell-sample pairs). Returns ``beta`` (B x P x L),
     ``sigma2`` (B, residual variance pooled over the L dimensions), ``cov_diag`` (B x P,
     diagonal of (X^T W_n X)^{-1}), ``dof`` (B, admissible samples minus P) and
-    ``identified`` (B x P, the column varies over the cell's admissible samples).
+    ``identified`` (B x P, the column varies over the cell's admissible samples) and ``inv``
+    (B x P x P, (X^T W_n X)^{-1}, for further regressions on the same design and weights).
     Unidentified columns get beta 0 (pseudo-inverse) and are reported as such.
     """
     Z, X, W = Z.double(), X.double(), W.double()
@@ -195,7 +196,7 @@ def weighted_least_squares(Z: torch.Tensor, X: torch.Tensor, W: torch.Tensor) ->
     identified = wvar > 1e-10
     identified[:, 0] = n > 0  # intercept
     return {"beta": beta, "sigma2": sigma2, "cov_diag": torch.diagonal(inv, dim1=1, dim2=2),
-            "dof": dof, "identified": identified}
+            "dof": dof, "identified": identified, "inv": inv}
 
 
 def covariate_statistics(fit: dict) -> dict:
