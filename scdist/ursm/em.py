@@ -11,6 +11,7 @@ import numpy as np
 from . import mstep
 from .diagnostics import max_finite, split_rhat_from_moments, split_rhat_traces
 from .gibbs import BulkBlockSampler, BulkStats, CellBlockSampler, CellStats, block_rng
+from .mcerror import StopRule, batch_stats, crossfit_increment, increment_se
 from .params import Theta
 
 CELL, BULK = 0, 1
@@ -40,6 +41,11 @@ class EMSettings:
     bulk_burnin: int | None = None      # bulk chain: burn-in after the first EM iteration (default: as cells)
     bulk_samples: int | None = None     # bulk chain: kept sweeps (default: ``samples``)
     thin: int = 1                       # keep every thin-th sweep after burn-in
+    mc_batches: int = 0                 # batch means per chain for the MC error of ΔQ (0: none)
+    stop_rule: str = "none"             # 'mcse': stop when ΔQ is within stop_k MC SEs (mcerror)
+    stop_k: float = 2.0
+    stop_patience: int = 3
+    stop_min_iters: int = 5
 
     @property
     def samples_bulk(self) -> int:
@@ -84,10 +90,12 @@ def run_block(sampler, key, theta: Theta, s: EMSettings, em_iter: int, burnin: i
     chain, kind, block = key
     rng = block_rng(s.seed, chain, kind, block, em_iter)
     if kind == CELL:
-        return sampler.run(theta, rng, burnin, s.samples, cold=cold_sc, track=s.track, thin=s.thin)
+        return sampler.run(theta, rng, burnin, s.samples, cold=cold_sc, track=s.track, thin=s.thin,
+                           batches=s.mc_batches)
     if s.bulk_burnin is not None and em_iter > 0:
         burnin = s.bulk_burnin
-    return sampler.run(theta, rng, burnin, s.samples_bulk, cold=False, track=s.track, thin=s.thin)
+    return sampler.run(theta, rng, burnin, s.samples_bulk, cold=False, track=s.track, thin=s.thin,
+                       batches=s.mc_batches)
 
 
 class LocalExecutor:
@@ -123,8 +131,18 @@ class Pooled:
     bulk: BulkStats | None
 
 
+def _cat(parts, name, axis):
+    return None if getattr(parts[0], name) is None else np.concatenate([getattr(p, name) for p in parts], axis=axis)
+
+
+def _add(parts, name):
+    return None if getattr(parts[0], name) is None else sum(getattr(p, name) for p in parts)
+
+
 def _concat_cells(parts: list[CellStats]) -> CellStats:
-    return CellStats(ES=np.concatenate([p.ES for p in parts]), Ek=np.concatenate([p.Ek for p in parts]),
+    return CellStats(bES=_cat(parts, "bES", 1), bmom=_cat(parts, "bmom", 2), bC1=_add(parts, "bC1"),
+                     bC2=_add(parts, "bC2"),
+                     ES=np.concatenate([p.ES for p in parts]), Ek=np.concatenate([p.Ek for p in parts]),
                      Ek2=np.concatenate([p.Ek2 for p in parts]), Et=np.concatenate([p.Et for p in parts]),
                      Et2=np.concatenate([p.Et2 for p in parts]), C1=sum(p.C1 for p in parts),
                      C2=sum(p.C2 for p in parts),
@@ -133,7 +151,7 @@ def _concat_cells(parts: list[CellStats]) -> CellStats:
 
 
 def _concat_bulk(parts: list[BulkStats]) -> BulkStats:
-    return BulkStats(cZ=sum(p.cZ for p in parts), ElnW=sum(p.ElnW for p in parts),
+    return BulkStats(bcZ=_add(parts, "bcZ"), bElnW=_add(parts, "bElnW"), cZ=sum(p.cZ for p in parts), ElnW=sum(p.ElnW for p in parts),
                      EW=np.concatenate([p.EW for p in parts]),
                      halves=None if parts[0].halves is None else np.concatenate([p.halves for p in parts], axis=2),
                      logjoint=None if parts[0].logjoint is None else sum(p.logjoint for p in parts))
@@ -141,6 +159,18 @@ def _concat_bulk(parts: list[BulkStats]) -> BulkStats:
 
 def _mean(objs, attrs, cls):
     return cls(**{a: np.mean([getattr(o, a) for o in objs], axis=0) for a in attrs})
+
+
+def mean_pooled(parts: list[Pooled]) -> Pooled:
+    """Equal-weight mean of statistics (batches); bulk statistics shared by all parts stay as they are."""
+    cell = bulk = None
+    if parts[0].cell is not None:
+        cell = _mean([p.cell for p in parts], ["ES", "Ek", "Ek2", "Et", "Et2", "C1", "C2"], CellStats)
+    if parts[0].bulk is not None:
+        bulk = parts[0].bulk if all(p.bulk is parts[0].bulk for p in parts) else BulkStats(
+            cZ=np.mean([p.bulk.cZ for p in parts], axis=0), ElnW=np.mean([p.bulk.ElnW for p in parts], axis=0),
+            EW=None)
+    return Pooled(cell, bulk)
 
 
 def pool(results: dict, layout: BlockLayout, chains: int) -> tuple[Pooled, list[Pooled]]:
@@ -208,7 +238,9 @@ class GibbsEM:
         return pooled, per_chain
 
     # -- M-step ------------------------------------------------------------------
-    def mstep(self, pooled: Pooled) -> Theta:
+    def mstep(self, pooled: Pooled, keep_state: bool = True) -> Theta:
+        """θᵗ⁺¹ from the statistics ``pooled``; ``keep_state=False`` leaves the EM state untouched
+        (the cross-fitted M-steps of the stopping rule)."""
         s, th = self.s, self.state.theta.copy()
         N, K = self.N, self.K
         C1 = C2 = np.zeros((N, K))
@@ -227,8 +259,9 @@ class GibbsEM:
                                            s.eps_A, max_iter=s.a_max_iter, tol=s.a_tol, t0=self.state.a_step,
                                            solver=s.a_solver)
         th.A = A
-        self.state.a_step = t
-        self._a_steps = steps
+        if keep_state:
+            self.state.a_step = t
+            self._a_steps = steps
         return th
 
     def objective(self, th: Theta, p: Pooled) -> float:
@@ -272,10 +305,27 @@ class GibbsEM:
         s = self.s
         tr = {k: [] for k in ("objective", "a_steps", "rhat_kappa", "rhat_tau", "rhat_W", "rhat_logjoint")}
         tr["objective_chain"] = []
+        tr.update(dQ=[], dQ_se=[], dQ_cv=[], dQ_cv_se=[], samples=[])
+        rule = StopRule(s.stop_rule, s.stop_k, s.stop_patience, s.stop_min_iters)
+        self.stop_reason, self.iters_run = "em_iters", s.em_iters
         for it in range(s.em_iters):
             pooled, per_chain = self.estep(it)
+            th_old = self.state.theta
             th = self.mstep(pooled)
             self.state.theta = th
+            dq = se = cv = cv_se = np.nan
+            if s.mc_batches:
+                fixed = pooled.bulk if (self.X is not None and s.map_w) else None
+                bats = batch_stats(per_chain, CellStats, BulkStats, Pooled, fixed_bulk=fixed)
+                if len(bats) >= 2:
+                    dq, se = increment_se(self.objective, th_old, th, pooled, bats)
+                    cv, cv_se = crossfit_increment(self.objective, lambda p: self.mstep(p, keep_state=False),
+                                                   mean_pooled, th_old, bats)
+            tr["dQ"].append(dq)
+            tr["dQ_se"].append(se)
+            tr["dQ_cv"].append(cv)
+            tr["dQ_cv_se"].append(cv_se)
+            tr["samples"].append(s.samples)
             tr["objective"].append(self.objective(th, pooled))
             tr["objective_chain"].append([self.objective(th, p) for p in per_chain])
             tr["a_steps"].append(self._a_steps)
@@ -287,8 +337,11 @@ class GibbsEM:
                 callback(it, th, pooled)
             if progress is not None:
                 progress.update(1)
+            if rule.update(it, cv, cv_se):
+                self.stop_reason, self.iters_run = "mc_error", it + 1
+                break
         if s.final_estep:
-            pooled, _ = self.estep(s.em_iters)
+            pooled, _ = self.estep(self.iters_run)
             self.pooled = pooled
         self.state.trace = tr
         return self.state.theta, self.pooled, tr

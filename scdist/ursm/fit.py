@@ -8,6 +8,7 @@ from ..errors import InputError
 from .data import UrsmData, prepare
 from .em import BlockLayout, EMSettings, GibbsEM, LocalExecutor
 from .gibbs import PG_SAMPLERS, S_UPDATES
+from .mcerror import STOP_RULES
 from .params import Theta, initial_theta
 
 ENGINES = ("local", "ray")
@@ -24,7 +25,8 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         init_dropout="wide", eps_A=1e-6, eps_alpha=None, map_w_steps=1, final_estep=True,
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
         min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500,
-        max_actor_restarts=3, pg_sampler="polyagamma",
+        max_actor_restarts=3, pg_sampler="polyagamma", stop_rule="none", stop_k=2.0, stop_patience=3,
+        stop_min_iters=5, mc_batches=None,
         a_solver="scaled", theta0: Theta | None = None, callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
@@ -54,6 +56,15 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     ``scdist.ursm.pg_pool``; ~0.75× the time of one call per sweep), 'polyagamma_direct' (one
     package call per sweep, every draw with its own ψ) or 'compiled' (scdist's exact Devroye
     sampler ``scdist.ursm.polya_gamma``, inlined into the compiled sweep).
+
+    Stopping (spec §2.6, ``scdist.ursm.mcerror``): ``em_iters`` is the maximum. Each iteration's
+    increment ΔQ = Q(θᵗ⁺¹ | s̄) − Q(θᵗ | s̄) of the M-step objective gets a Monte-Carlo standard
+    error from ``mc_batches`` batch means of the kept sweeps per chain (default 4 when a rule is
+    on, else 0 = not computed; costs ``mc_batches`` × cells × genes × 4 bytes). ``stop_rule='mcse'``
+    stops once ΔQ < ``stop_k`` · SE in ``stop_patience`` consecutive iterations, not before
+    ``stop_min_iters``; 'none' runs all ``em_iters``. The result's attrs ``stop_reason``
+    ('em_iters' or 'mc_error') and ``em_iters_run`` say why and when it stopped; ``dQ``, ``dQ_se``
+    and ``samples`` (T) are traced per iteration.
 
     Engine: ``engine='local'`` runs in-process; ``'ray'`` runs (chain, block) samplers on Ray
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
@@ -88,6 +99,21 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         _check_int("bulk_burnin", bulk_burnin, 0)
     if bulk_samples is not None:
         _check_int("bulk_samples", bulk_samples, 1)
+    if stop_rule not in STOP_RULES:
+        raise InputError(f"unknown stopping rule {stop_rule!r}", field="stop_rule", fix=f"use one of {STOP_RULES}")
+    _check_int("stop_patience", stop_patience, 1)
+    _check_int("stop_min_iters", stop_min_iters, 1)
+    if isinstance(stop_k, bool) or not isinstance(stop_k, (int, float, np.integer, np.floating)) or not stop_k > 0:
+        raise InputError(f"must be a number > 0, got {stop_k!r}", field="stop_k", fix="use e.g. stop_k=2.0")
+    if mc_batches is None:
+        mc_batches = 0 if stop_rule == "none" else 4
+    _check_int("mc_batches", mc_batches, 0)
+    if stop_rule != "none" and mc_batches * chains < 2:
+        raise InputError(f"stop_rule={stop_rule!r} needs at least 2 batches in all, got mc_batches={mc_batches} "
+                         f"with chains={chains}", field="mc_batches", fix="use mc_batches >= 2 (default 4)")
+    if mc_batches > samples:
+        raise InputError(f"mc_batches={mc_batches} exceeds samples={samples}", field="mc_batches",
+                         fix="use at most one batch per kept sweep")
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", field="engine", fix=f"use one of {ENGINES}")
     if s_update not in S_UPDATES:
@@ -123,7 +149,9 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
                           eps_alpha=eps_alpha, sc_warm_start=warm_start, s_update=s_update,
                           rao_blackwell=rao_blackwell, seed=int(seed), final_estep=final_estep,
                           a_max_iter=a_max_iter, a_solver=a_solver, bulk_burnin=bulk_burnin,
-                          bulk_samples=bulk_samples, thin=thin, pg_sampler=pg_sampler)
+                          bulk_samples=bulk_samples, thin=thin, pg_sampler=pg_sampler, mc_batches=mc_batches,
+                          stop_rule=stop_rule, stop_k=float(stop_k), stop_patience=stop_patience,
+                          stop_min_iters=stop_min_iters)
     theta = theta0.copy() if theta0 is not None else initial_theta(
         data.Y, data.G, data.X, data.K, data.markers, eps_A=eps_A, init_dropout=init_dropout,
         alpha0=max(1.0, eps_alpha))
@@ -144,6 +172,9 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     finally:
         executor.close()
     ds = to_dataset(data, theta, pooled, trace, settings, impute_threshold)
+    ds.attrs["stop_rule"] = stop_rule
+    ds.attrs["stop_reason"] = em.stop_reason
+    ds.attrs["em_iters_run"] = em.iters_run
     ds.attrs["engine"] = "ray" if use_ray else "local"
     ds.attrs["thin"] = thin
     ds.attrs["n_blocks_cells"] = len(layout.cell_blocks)
@@ -156,11 +187,17 @@ def to_dataset(data: UrsmData, theta: Theta, pooled, trace: dict, s: EMSettings,
     """Assemble the result Dataset with labelled coordinates."""
     K = data.K
     coords = {"gene": data.gene_names, "celltype": data.celltype_names,
-              "em_iter": np.arange(s.em_iters)}
+              "em_iter": np.arange(len(trace["objective"]))}
     dv = {"A": (("gene", "celltype"), theta.A),
           "alpha": (("celltype",), theta.alpha),
           "objective": (("em_iter",), np.asarray(trace["objective"])),
-          "a_steps": (("em_iter",), np.asarray(trace["a_steps"]))}
+          "a_steps": (("em_iter",), np.asarray(trace["a_steps"])),
+          "samples": (("em_iter",), np.asarray(trace["samples"], np.int64))}
+    if s.mc_batches:
+        dv["dQ"] = (("em_iter",), np.asarray(trace["dQ"], float))
+        dv["dQ_se"] = (("em_iter",), np.asarray(trace["dQ_se"], float))
+        dv["dQ_cv"] = (("em_iter",), np.asarray(trace["dQ_cv"], float))
+        dv["dQ_cv_se"] = (("em_iter",), np.asarray(trace["dQ_cv_se"], float))
     if data.Y is not None:
         c = pooled.cell
         Y = data.Y
@@ -189,5 +226,7 @@ def to_dataset(data: UrsmData, theta: Theta, pooled, trace: dict, s: EMSettings,
     ds.attrs.update(method="ursm", em_iters=s.em_iters, burnin=s.burnin, samples=s.samples,
                     warm_burnin=-1 if s.warm_burnin is None else s.warm_burnin, chains=s.chains,
                     map_w=int(s.map_w), seed=s.seed, s_update=s.s_update, sc_warm_start=int(s.sc_warm_start),
-                    rao_blackwell=int(s.rao_blackwell), eps_A=s.eps_A, eps_alpha=s.eps_alpha, K=K)
+                    rao_blackwell=int(s.rao_blackwell), eps_A=s.eps_A, eps_alpha=s.eps_alpha, K=K,
+                    mc_batches=s.mc_batches, stop_k=s.stop_k, stop_patience=s.stop_patience,
+                    stop_min_iters=s.stop_min_iters)
     return ds

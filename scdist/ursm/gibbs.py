@@ -43,6 +43,11 @@ def block_rng(seed: int, chain: int, kind: int, block: int, em_iter: int) -> np.
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chain, kind, block, em_iter)))
 
 
+def batch_sizes(samples: int, batches: int) -> np.ndarray:
+    """Kept sweeps per batch when kept sweep t goes to batch t·nb // T (consecutive, sizes differ by ≤ 1)."""
+    return np.bincount(np.arange(samples) * batches // samples, minlength=batches)
+
+
 def _half(t: int, samples: int) -> int:
     """Which half of the kept sweeps draw t belongs to for split R-hat (−1: the middle draw of an odd T)."""
     h = samples // 2
@@ -81,6 +86,11 @@ class CellStats:
     C2: np.ndarray        # (N, K) Σ_{l∈k} Ê[ω_il τ_l²]
     halves: np.ndarray | None = None   # (2, 4, Lb): per half of the kept sweeps Σκ, Σκ², Στ, Στ²
     logjoint: np.ndarray | None = None  # (T,) log p(S, κ, τ, Y | θ) per kept sweep (up to a constant)
+    # batch means of the statistics over nb consecutive batches of the kept sweeps (MC error, ``mcerror``)
+    bES: np.ndarray | None = None      # (nb, Lb, N) float32
+    bmom: np.ndarray | None = None     # (nb, 4, Lb) Ê κ, Ê κ², Ê τ, Ê τ²
+    bC1: np.ndarray | None = None      # (nb, N, K)
+    bC2: np.ndarray | None = None      # (nb, N, K)
 
 
 @dataclass
@@ -92,6 +102,8 @@ class BulkStats:
     EW: np.ndarray        # (Mb, K) Ê W_kj
     halves: np.ndarray | None = None   # (2, 2, Mb, K): per half Σ W, Σ W²
     logjoint: np.ndarray | None = None  # (T,)
+    bcZ: np.ndarray | None = None      # (nb, N, K) batch means of Σ_j Ê Z̃_ijk
+    bElnW: np.ndarray | None = None    # (nb, K) batch means of Σ_j Ê ln W_kj
 
 
 class CellBlockSampler:
@@ -129,9 +141,10 @@ class CellBlockSampler:
         kernels.sequential_s(S, self.pos, psi, a, self.R, rng)
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
-            cold: bool, track: bool = False, thin: int = 1) -> CellStats:
+            cold: bool, track: bool = False, thin: int = 1, batches: int = 0) -> CellStats:
         """Run ``burnin`` + ``samples`` × ``thin`` sweeps at θ and return the averages over the
-        ``samples`` kept sweeps (every ``thin``-th after burn-in)."""
+        ``samples`` kept sweeps (every ``thin``-th after burn-in); ``batches`` > 0 also returns the
+        averages over that many consecutive batches of the kept sweeps (their mean is the total)."""
         Lb, N = self.Y.shape
         a = np.ascontiguousarray(theta.A[:, self.G].T)          # a_il = A_{i,G_l}
         if cold or self.S is None:
@@ -142,10 +155,12 @@ class CellBlockSampler:
         ik2, it2 = 1.0 / theta.s2_kappa, 1.0 / theta.s2_tau
         psi = kappa[:, None] + tau[:, None] * a
         omega = np.empty_like(psi)
-        ES = np.zeros((Lb, N))
-        C1 = np.zeros((N, self.K))
-        C2 = np.zeros((N, self.K))
-        mom = np.zeros((4, Lb))
+        nb = min(batches, samples)
+        # with batches the kernel accumulates into the current batch's slice; totals are their sums
+        ES = np.zeros((max(nb, 1), Lb, N))
+        C1 = np.zeros((max(nb, 1), N, self.K))
+        C2 = np.zeros((max(nb, 1), N, self.K))
+        mom = np.zeros((max(nb, 1), 4, Lb))
         halves = np.zeros((2, 4, Lb)) if track else None
         lps = np.zeros(samples) if track else None
         sequential = self.s_update == "sequential"
@@ -164,16 +179,17 @@ class CellBlockSampler:
                 random_polyagamma(1.0, psi, out=omega, method="devroye", disable_checks=True,
                                   random_state=rng)
             keep = s >= burnin and (s - burnin + 1) % thin == 0
+            t = (s - burnin) // thin
+            b = t * nb // samples if (keep and nb) else 0
             # (S1) unless drawn above, (S2), (S3), ψ and, if kept, the within-sweep products of
             # spec §1.2 (compiled)
             kernels.cell_sweep(S, self.pos, psi, a, self.R, self.G, omega, kappa, tau, theta.mu_kappa, ik2,
-                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES, C1, C2,
-                               WEIGHT_TABLE, compiled_pg)
+                               theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES[b], C1[b],
+                               C2[b], WEIGHT_TABLE, compiled_pg)
             if not keep:
                 continue
-            t = (s - burnin) // thin
             cur = np.stack([kappa, kappa * kappa, tau, tau * tau])
-            mom += cur
+            mom[b] += cur
             if track:
                 h = _half(t, samples)
                 if h >= 0:
@@ -187,8 +203,15 @@ class CellBlockSampler:
                           + (S * psi).sum() - np.logaddexp(0.0, psi).sum()
                           + ylna - (self.R * lnU).sum())
         inv = 1.0 / samples
+        bat = {}
+        if nb:
+            w = (1.0 / batch_sizes(samples, nb))[:, None, None]
+            bat = dict(bES=(ES * w).astype(np.float32), bmom=mom * w, bC1=C1 * w, bC2=C2 * w)
+            ES, C1, C2, mom = ES.sum(0), C1.sum(0), C2.sum(0), mom.sum(0)
+        else:
+            ES, C1, C2, mom = ES[0], C1[0], C2[0], mom[0]
         return CellStats(ES=ES * inv, Ek=mom[0] * inv, Ek2=mom[1] * inv, Et=mom[2] * inv, Et2=mom[3] * inv,
-                         C1=C1 * inv, C2=C2 * inv, halves=halves, logjoint=lps)
+                         C1=C1 * inv, C2=C2 * inv, halves=halves, logjoint=lps, **bat)
 
 
 class BulkBlockSampler:
@@ -218,15 +241,16 @@ class BulkBlockSampler:
         return n
 
     def run(self, theta: Theta, rng: np.random.Generator, burnin: int, samples: int, *,
-            cold: bool = False, track: bool = False, thin: int = 1) -> BulkStats:
+            cold: bool = False, track: bool = False, thin: int = 1, batches: int = 0) -> BulkStats:
         Mb, N = self.X.shape
         K = self.K
         A, alpha = np.ascontiguousarray(theta.A), theta.alpha
         if cold or self.n is None:
             W0 = np.tile(alpha / alpha.sum(), (Mb, 1))
             self.n = self._draw_Z(W0, A, rng)
-        cZ = np.zeros((N, K))
-        ElnW = np.zeros(K)
+        nb = min(batches, samples)
+        cZ = np.zeros((max(nb, 1), N, K))
+        ElnW = np.zeros((max(nb, 1), K))
         EW = np.zeros((Mb, K))
         halves = np.zeros((2, 2, Mb, K)) if track else None
         lps = np.zeros(samples) if track else None
@@ -236,19 +260,20 @@ class BulkBlockSampler:
             g = rng.standard_gamma(alpha[None, :] + self.n)
             W = g / g.sum(axis=1, keepdims=True)              # (B1)
             keep = s >= burnin and (s - burnin + 1) % thin == 0
+            t = (s - burnin) // thin
+            b = t * nb // samples if (keep and nb) else 0
             # (B2); on kept sweeps also Σ_j E[Z̃_ijk | W] into cZ (Rao-Blackwellised)
             self.n = self._draw_Z(W, A, rng, zsum if keep else None,
-                                  cZ if (keep and self.rao_blackwell) else None)
+                                  cZ[b] if (keep and self.rao_blackwell) else None)
             if not keep:
                 continue
-            t = (s - burnin) // thin
             post = alpha[None, :] + self.n
             if self.rao_blackwell:
-                ElnW += (digamma(post) - digamma(post.sum(axis=1, keepdims=True))).sum(axis=0)
+                ElnW[b] += (digamma(post) - digamma(post.sum(axis=1, keepdims=True))).sum(axis=0)
                 EW += post / post.sum(axis=1, keepdims=True)
             else:
-                cZ += zsum
-                ElnW += np.log(W).sum(axis=0)
+                cZ[b] += zsum
+                ElnW[b] += np.log(W).sum(axis=0)
                 EW += W
             if track:
                 h = _half(t, samples)
@@ -260,4 +285,9 @@ class BulkBlockSampler:
                     lps[t] = (Mb * (gammaln(alpha.sum()) - gammaln(alpha).sum())
                               + np.nansum((alpha - 1.0) * lnW) + np.nansum(self.n * lnW) + (zsum * lnA).sum())
         inv = 1.0 / samples
-        return BulkStats(cZ=cZ * inv, ElnW=ElnW * inv, EW=EW * inv, halves=halves, logjoint=lps)
+        bat = {}
+        if nb:
+            w = 1.0 / batch_sizes(samples, nb)
+            bat = dict(bcZ=cZ * w[:, None, None], bElnW=ElnW * w[:, None])
+        return BulkStats(cZ=cZ.sum(0) * inv, ElnW=ElnW.sum(0) * inv, EW=EW * inv, halves=halves, logjoint=lps,
+                         **bat)

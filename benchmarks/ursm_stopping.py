@@ -1,0 +1,111 @@
+"""EM stopping rule on §4.1 simulations: run the fixed maximum of EM iterations with the Monte-Carlo
+error of each increment traced, then replay the stopping rule on the trace (the rule only truncates
+the run, so the stopped fit is the fixed run's prefix: same A, and W from the E-step it would run
+last) and compare iterations, L1(A), L1(W) and CPU time at the stop with the fixed run's end.
+
+  NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/ursm_stopping.py --seeds 0 1 2 --models joint sc \
+      --em-iters 50 --out benchmarks/results/ursm_stopping.json
+  .venv/bin/python benchmarks/ursm_stopping.py --report benchmarks/results/ursm_stopping.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from scdist.ursm import fit, simulate  # noqa: E402
+from scdist.ursm.mcerror import StopRule  # noqa: E402
+
+RULES = [(2.0, 3, 5), (1.0, 3, 5), (2.0, 2, 5), (3.0, 3, 5)]   # (k, patience, min_iters)
+
+
+def run_one(seed: int, model: str, em_iters: int, mc_batches: int, chains: int) -> dict:
+    sim = simulate(seed=seed)
+    rec = {"l1A": [], "l1W": [], "cpu": [], "mu_kappa": []}
+    t0 = time.process_time()
+
+    def cb(it, th, pooled):
+        rec["cpu"].append(time.process_time() - t0)
+        rec["l1A"].append(float(np.abs(th.A - sim.A).sum()))
+        rec["mu_kappa"].append(float(th.mu_kappa))
+        # W of this iteration's E-step (at θ^it): what a fit stopped after iteration it-1 returns
+        rec["l1W"].append(float(np.abs(pooled.bulk.EW - sim.W).sum()) if pooled.bulk is not None else None)
+
+    ds = fit(sim.Y, sim.cell_types, sim.X if model == "joint" else None, em_iters=em_iters,
+             mc_batches=mc_batches, chains=chains, seed=seed, callback=cb)
+    rec["cpu_total"] = time.process_time() - t0
+    rec["l1W_final"] = float(np.abs(ds.W.values - sim.W).sum()) if model == "joint" else None
+    for k in ("dQ", "dQ_se", "dQ_cv", "dQ_cv_se"):
+        rec[k] = ds[k].values.tolist()
+    rec.update(seed=seed, model=model, em_iters=em_iters, mc_batches=mc_batches, chains=chains)
+    return rec
+
+
+def replay(rec: dict, k: float, patience: int, min_iters: int) -> int:
+    rule = StopRule("mcse", k, patience, min_iters)
+    for it, (d, se) in enumerate(zip(rec["dQ_cv"], rec["dQ_cv_se"])):
+        if rule.update(it, d, se):
+            return it + 1
+    return rec["em_iters"]
+
+
+def at_stop(rec: dict, n: int) -> dict:
+    """Figures of the fit stopped after n iterations."""
+    l1W = None
+    if rec["model"] == "joint":
+        l1W = rec["l1W_final"] if n == rec["em_iters"] else rec["l1W"][n]
+    return {"iters": n, "l1A": rec["l1A"][n - 1], "l1W": l1W, "cpu": rec["cpu"][n - 1],
+            "mu_kappa": rec["mu_kappa"][n - 1]}
+
+
+def report(recs: list) -> None:
+    print("| model | seed | rule (k, m) | iterations | L1(A) stop / fixed | L1(W) stop / fixed | CPU s stop / fixed |")
+    print("|---|---|---|---|---|---|---|")
+    for rec in recs:
+        full = at_stop(rec, rec["em_iters"])
+        for k, m, mi in RULES:
+            s = at_stop(rec, replay(rec, k, m, mi))
+            w = "-" if s["l1W"] is None else f"{s['l1W']:.2f} / {full['l1W']:.2f}"
+            print(f"| {rec['model']} | {rec['seed']} | ({k:g}, {m}) | {s['iters']} | {s['l1A']:.3f} / "
+                  f"{full['l1A']:.3f} | {w} | {s['cpu']:.1f} / {full['cpu']:.1f} |")
+    print()
+    print("Cross-fitted increment / SE per iteration (every 5th):")
+    for rec in recs:
+        z = np.array(rec["dQ_cv"]) / np.array(rec["dQ_cv_se"])
+        print(rec["model"], rec["seed"], " ".join(f"{v:.1f}" for v in z[::5]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--models", nargs="+", default=["joint", "sc"], choices=["joint", "sc"])
+    ap.add_argument("--em-iters", type=int, default=50)
+    ap.add_argument("--mc-batches", type=int, default=4)
+    ap.add_argument("--chains", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--report", nargs="+", default=None, help="print tables from saved JSON files")
+    a = ap.parse_args()
+    if a.report:
+        recs = [r for f in a.report for r in json.load(open(f))["runs"]]
+        report(recs)
+        return
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    recs = []
+    for model in a.models:
+        for seed in a.seeds:
+            recs.append(run_one(seed, model, a.em_iters, a.mc_batches, a.chains))
+            print(f"{model} seed {seed}: {recs[-1]['cpu_total']:.1f} CPU s, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
+            if a.out:
+                json.dump({"commit": rev, "argv": sys.argv, "runs": recs}, open(a.out, "w"))
+    report(recs)
+
+
+if __name__ == "__main__":
+    main()
