@@ -112,6 +112,12 @@ def compare(gen, cf) -> dict:
             row[f"max_abs_diff_{v}_regular"] = _maxdiff(a, b, reg_g & reg_c)
             row[f"max_abs_diff_{v}_all"] = _maxdiff(a, b, np.ones_like(reg_g))
         row["bit_identical"] = ident
+        both = reg_g & reg_c
+        far = np.zeros(both.shape, bool)
+        for v in ("hom2", "V", "beta", "loglik"):
+            d = np.abs(g[v].values - c[v].values)
+            far |= (d.reshape(d.shape[0], -1) > 1e-8).any(axis=1)
+        row["regular_genes_differing_1e-8"] = int((far & both).sum())
         out[str(model)] = row
     if "pvalue" in gen:
         pv = {}
@@ -121,6 +127,7 @@ def compare(gen, cf) -> dict:
             pv[str(t)] = {"bit_identical": bool(np.array_equal(a, b, equal_nan=True)),
                           "same_tested_genes": same_nan,
                           "max_abs_diff": _maxdiff(a, b, np.ones(a.shape, bool)),
+                          "genes_differing_1e-8": int((np.abs(a - b) > 1e-8).sum()),
                           "rejections_at_0.05": [int((a < 0.05).sum()), int((b < 0.05).sum())]}
         out["pvalue"] = pv
     return out
@@ -349,6 +356,83 @@ def run_op_split(G: int = 128, repeats: int = 2) -> dict:
     return out
 
 
+def op_check_sets():
+    """(name, dataset with op_mean / op_nu / P, models, method, tests, covariates) of the OP
+    equality checks: null genes at N = 20 and 50, the OP split's Free set (N = 94), ML with
+    the jackknife, Full, and covariates with 10 % of the donors' OP missing."""
+    from scdist.ctmm.simulate import simulate_ctp
+
+    def sim(G, N, V, seed, **kw):
+        ds = simulate_ctp(G, N, 4, hom2=0.2, V=V, seed=seed, **kw)
+        return ds.drop_vars([v for v in ds.data_vars if v.startswith("true_")])
+
+    miss = sim(200, 50, [0.2, 0.1, 0.0, 0.0], 5, n_covariates=2)
+    hole = np.random.default_rng(5).random(miss["op_mean"].shape) < 0.1
+    miss["op_mean"] = miss["op_mean"].where(~hole)
+    miss["op_nu"] = miss["op_nu"].where(~hole)
+    jk = ("lrt", "wald", "jackknife")
+    return [
+        ("OP null N=20 1,000 genes, REML", sim(1000, 20, None, 20), ("hom", "free"), "reml", jk, ()),
+        ("OP null N=50 1,000 genes, REML", sim(1000, 50, None, 50), ("hom", "free"), "reml", jk, ()),
+        ("OP Free N=94 128 genes, REML", sim(128, 94, [0.1, 0.2, 0.0, 0.1], 0), ("hom", "free"),
+         "reml", jk, ()),
+        ("OP Free N=94 60 genes, ML", sim(60, 94, [0.1, 0.2, 0.0, 0.1], 1), ("hom", "free"), "ml",
+         jk, ()),
+        ("OP Full N=50 100 genes, REML", sim(100, 50, [0.1, 0.2, 0.0, 0.1], 2),
+         ("hom", "free", "full"), "reml", ("lrt", "wald"), ()),
+        ("OP covariates + 10 % missing N=50 200 genes, REML", miss, ("hom", "free"), "reml", jk,
+         ("cov0", "cov1")),
+    ]
+
+
+def fit_op(ds, models, method, tests, covariates, scalar_form: bool):
+    """The OP part of ``fit_block`` (OP variables only) with the scalar kernel on or off."""
+    import xarray as xr
+
+    from scdist.ctmm import scalar
+    from scdist.ctmm.kernel import FitConfig, _assemble, _fit_kind, donor_inputs, test_labels
+
+    scalar.SCALAR_FORM = scalar_form
+    try:
+        cfg = FitConfig(models=tuple(models), method=method, tests=tuple(tests), op=True,
+                        covariates=tuple(covariates), test_labels=test_labels(models, method, tests))
+        Y = np.asarray(ds["op_mean"].transpose("gene", "donor").values, float)[..., None]
+        NU = np.asarray(ds["op_nu"].transpose("gene", "donor").values, float)[..., None]
+        P = np.asarray(ds["P"].transpose("donor", "celltype").values, float)
+        Z, factors = donor_inputs(ds, cfg)
+        t = time.process_time()
+        fitter, fits, tests_o = _fit_kind(Y, NU, np.isfinite(Y) & np.isfinite(NU), Z, factors,
+                                          P, P.shape[1], cfg)
+        cpu = time.process_time() - t
+        d = _assemble(fits, tests_o, fitter, cfg, "", {})
+        coords = {"model": list(models)}
+        if cfg.test_labels:
+            coords["test"] = list(cfg.test_labels)
+        return xr.Dataset(d, coords=coords), cpu
+    finally:
+        scalar.SCALAR_FORM = True
+
+
+def run_op_check() -> dict:
+    """OP fits with the scalar kernel against the block kernel (``scalar.SCALAR_FORM``):
+    regular sets, estimates, log-likelihoods, p-values; and each side's CPU per gene."""
+    res = {}
+    for name, ds, models, method, tests, covs in op_check_sets():
+        blk, t_blk = fit_op(ds, models, method, tests, covs, False)
+        sca, t_sca = fit_op(ds, models, method, tests, covs, True)
+        row = compare(blk, sca)
+        # the problems' own conditioning: the block kernel against itself on the same data
+        # with every OP noise variance nu_i raised by one part in 1e14
+        tiny = ds.assign(op_nu=ds["op_nu"] * (1.0 + 1e-14))
+        blk2, _ = fit_op(tiny, models, method, tests, covs, False)
+        row["noise_floor_block_vs_block_nu_1e-14"] = compare(blk, blk2)
+        G = ds.sizes["gene"]
+        row["cpu_ms_per_gene"] = {"block": t_blk / G * 1e3, "scalar": t_sca / G * 1e3}
+        res[name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    return res
+
+
 def _lapack_solve(A, g):
     """The optimiser's earlier batched LAPACK solve (NaN rows where A is singular)."""
     try:
@@ -390,6 +474,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stop", type=int, default=0,
                     help="compare the multi-start stopping rule with this k against k = 0")
     ap.add_argument("--op-split", action="store_true", help="OP cost: full fits vs refits")
+    ap.add_argument("--op-check", action="store_true",
+                    help="OP scalar kernel against the block kernel (equality, CPU)")
     ap.add_argument("--solver-check", action="store_true",
                     help="optimiser's compiled small solve against the LAPACK one")
     ap.add_argument("--repeats", type=int, default=5)
@@ -404,6 +490,8 @@ def main(argv=None) -> None:
         res["restarts"] = run_restarts()
     if a.solver_check:
         res["solver_check"] = run_solver_check()
+    if a.op_check:
+        res["op_check"] = run_op_check()
     if a.op_split:
         res["op_split"] = run_op_split()
     if a.stop:

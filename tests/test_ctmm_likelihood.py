@@ -236,3 +236,67 @@ def test_free_closed_forms_equal_the_generic_compiled_loops(covariates):
         hom = _problem("hom", Y, NU, mask, None, None)
         bk.evaluate_shared(y, nu, mk, X, np.ascontiguousarray(hom.K), th[:, :1], src, drop, full,
                            True, True, True, lk.RCOND, free=True)
+
+
+def _op_problem(model, seed=4):
+    """OP (one scalar per donor, Eq 2) problem with donor covariates and missing donors."""
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.full(C, 2.0), size=N)
+    Y = rng.normal(size=(G, N, 1))
+    NU = rng.uniform(0.05, 0.3, size=(G, N, 1))
+    mask = np.ones((G, N, 1), bool)
+    mask[0, 3] = False
+    mask[2, [1, 6]] = False
+    Z = rng.normal(size=(N, 1))
+    lay = ds.make_layout(N, 1, None)
+    k = cv.basis(model, C)
+    return ds.Problem(y=lay.to_blocks(np.where(mask, Y, 0.0)), nu=lay.to_blocks(np.where(mask, NU, 1.0)),
+                      mask=lay.to_blocks(mask, False), X=ds.fixed_design(lay, Z, P),
+                      K=ds.covariance_basis(lay, k, None, P), n_vc=len(k)), P
+
+
+@pytest.mark.parametrize("model", ["hom", "free", "full"])
+def test_op_scalar_kernel_equals_numpy_with_left_out_donors(model):
+    """OP's scalar-variance kernel (sigma_i^2 = sum_k theta_k P_i' k_k P_i + nu_i) against the
+    numpy block formulas on leave-one-out rows (``src``/``drop``) with missing donors and a
+    covariate, ML and REML: log-likelihood, GLS beta, (X'WX)^-1, gradient (also against
+    finite differences), AI and Fisher; rows with a non-positive variance at an observed
+    donor are infeasible in both (one at a left-out donor is not)."""
+    prob, P = _op_problem(model)
+    assert prob.scalar is not None
+    K = prob.K.shape[0]
+    loo = ds.Problem(y=prob.y, nu=prob.nu, mask=prob.mask, X=prob.X, K=prob.K, n_vc=prob.n_vc,
+                     src=np.repeat(np.arange(G), N), drop=np.tile(np.arange(N), G))
+    rng = np.random.default_rng(8)
+    th = np.abs(rng.normal(size=(G * N, K))) * 0.3
+    if model == "full":
+        r, c = np.tril_indices(C)
+        th[:, :len(r)] = np.where(r == c, 0.4, 0.05) * rng.uniform(0.5, 1.5, (G * N, 1))
+    # a variance component so negative that some donors' sigma_i^2 < 0: infeasible, unless
+    # the only such donor is the one left out
+    kk = prob.K[:, :, 0, 0]                                      # (K, N)
+    th[5] = -1.0 / kk[-1].max() * np.eye(K)[-1] * 10 + th[5]
+    var5 = th[5] @ kk + prob.nu[0, :, 0]
+    assert (var5 <= 0).any()
+    rows = np.concatenate([[5], rng.choice(G * N, 30, replace=False)])
+    for method in ("ml", "reml"):
+        a = lk.evaluate(loo, th[rows], method, rows=rows)
+        b = lk.evaluate(loo.dense().take(rows), th[rows], method, compiled=False)
+        np.testing.assert_array_equal(a.ok, b.ok)
+        assert not a.ok[0] and a.ok.sum() >= 25
+        assert a.loglik[0] == b.loglik[0] == -np.inf
+        ok = a.ok
+        for name in ("loglik", "grad", "ai", "beta", "Hinv"):
+            np.testing.assert_allclose(getattr(a, name)[ok], getattr(b, name)[ok], rtol=1e-9,
+                                       atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(lk.fisher_at(loo, th[rows], method, rows=rows)[ok],
+                                   lk.fisher(loo.dense().take(rows), b, method)[ok], rtol=1e-9,
+                                   atol=1e-10)
+        okr = np.flatnonzero(a.ok)[:5]
+        eps = 1e-6
+        for j in range(K):
+            e = eps * np.eye(K)[j]
+            up = lk.evaluate(loo, th[rows[okr]] + e, method, rows=rows[okr], grad=False, ai=False)
+            dn = lk.evaluate(loo, th[rows[okr]] - e, method, rows=rows[okr], grad=False, ai=False)
+            np.testing.assert_allclose(a.grad[okr, j], (up.loglik - dn.loglik) / (2 * eps),
+                                       rtol=1e-5, atol=1e-6)

@@ -104,6 +104,17 @@ class Problem:
             return None
         return RankOneStats(y, nu, mask, X, u)
 
+    @cached_property
+    def scalar(self):
+        """Tables of the scalar-variance kernel (:mod:`scdist.ctmm.scalar`) when every block
+        is one donor's single observation (OP without extra random effects); else None."""
+        from . import scalar
+
+        if not scalar.SCALAR_FORM or self.X.shape[1] != 1 or self.K.shape[0] != self.n_vc:
+            return None
+        y, nu, mask, X, Kb, _ = self.contiguous
+        return scalar.ScalarProblem(y, nu, mask, X, Kb)
+
     def take(self, idx) -> "Problem":
         """The same problem restricted to rows ``idx``."""
         if self.src is not None:

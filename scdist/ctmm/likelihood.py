@@ -25,6 +25,7 @@ from .design import Problem
 from . import blockkernel
 from .blockkernel import evaluate_shared
 from .rankone import rank_one_eval
+from .scalar import scalar_eval
 from .linalg import _SMALL, spd_inverse, spd_inverse_soa
 
 LOG2PI = float(np.log(2.0 * np.pi))
@@ -199,6 +200,11 @@ def _evaluate_compiled(prob: Problem, theta: np.ndarray, reml: bool, want_grad: 
     ro = None if want_fisher else prob.rank_one
     if ro is not None:    # Hom: closed form per donor (Sherman-Morrison)
         o = rank_one_eval(ro, theta, idx, reml, want_grad, want_ai, RCOND)
+    elif prob.scalar is not None:    # OP: one scalar variance per donor
+        drop = None
+        if prob.src is not None:
+            idx, drop = prob.src[idx], prob.drop[idx]
+        o = scalar_eval(prob.scalar, theta, idx, drop, reml, want_grad, want_ai, want_fisher)
     else:
         y, nu, mask, X, Kb, full = prob.contiguous
         drop = None
