@@ -52,6 +52,21 @@ def he_fit(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
     return he_rows(prob, terms, inv.ravel())
 
 
+def ols_beta(prob: Problem) -> np.ndarray:
+    """OLS fixed effects (R, p) of every row on its observed entries: :func:`he_fit`'s
+    ``b_ols`` without HE's per-pattern trace terms (one (X' D_m X) per row, D_m the
+    observed-entry mask; its inverse is the identity where it is singular, as there)."""
+    prob = prob.dense()
+    R, B, m = prob.mask.shape
+    p = prob.X.shape[-1]
+    X2 = prob.X.reshape(B * m, p)
+    mf = prob.mask.reshape(R, B * m).astype(float)
+    G0 = (mf @ (X2[:, :, None] * X2[:, None, :]).reshape(B * m, p * p)).reshape(R, p, p)
+    G0inv, _, _ = spd_inverse(G0)
+    y = np.where(prob.mask, prob.y, 0.0).reshape(R, B * m)
+    return np.einsum("rpq,rq->rp", G0inv, y @ X2)
+
+
 def he_rows(prob: Problem, terms, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`he_fit` with the mask-pattern terms given: ``terms`` from :func:`_pattern_terms`
     on U patterns and ``inv (R,)`` the pattern of each row (the jackknife computes the

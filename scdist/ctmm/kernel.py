@@ -15,7 +15,7 @@ import xarray as xr
 
 from . import covariance as cov_models
 from .design import Layout, Problem, covariance_basis, encode_factor, fixed_design, make_layout
-from .he import he_fit
+from .he import he_fit, ols_beta
 from .jackknife import donor_weights, jackknife_he, jackknife_reml
 from .likelihood import evaluate, fisher_at
 from .optimize import maximize_with_restarts
@@ -178,9 +178,8 @@ class _Fitter:
         beta = st.beta
         if not st.ok.all():
             bad = ~st.ok
-            _, b_ols = he_fit(prob.take(np.flatnonzero(bad)))
             beta = beta.copy()
-            beta[bad] = b_ols
+            beta[bad] = ols_beta(prob.take(np.flatnonzero(bad)))
         return beta
 
 
