@@ -35,7 +35,11 @@ def _pattern_terms(mask: np.ndarray, X: np.ndarray, K: np.ndarray):
     A = trace_pkpk(K, W0, F0, G0inv, reml=True)
     Kb = np.broadcast_to(K, (K.shape[0], B, m, m))
     Pi = F0 @ G0inv[:, None] @ F0.transpose(0, 1, 3, 2)            # (U, B, m, m)
-    Nk = np.einsum("ubxp,kbxy,ubyq->ukpq", F0, Kb, F0)
+    if K.shape[1] == 1:     # basis shared by every block: K_k F_b, then one product per u, k
+        KF = np.einsum("kxy,ubyp->ukbxp", K[:, 0], F0).reshape(U, K.shape[0], B * m, p)
+        Nk = F0.reshape(U, 1, B * m, p).transpose(0, 1, 3, 2) @ KF
+    else:
+        Nk = np.einsum("ubxp,kbxy,ubyq->ukpq", F0, Kb, F0)
     GNG = G0inv[:, None] @ Nk @ G0inv[:, None]                     # (U, K, p, p)
     diag = (np.einsum("kbxx->kbx", Kb)[None] * mf[:, None]
             - 2.0 * np.einsum("ubxy,kbyx->ukbx", Pi, Kb)

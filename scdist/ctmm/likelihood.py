@@ -350,13 +350,15 @@ def trace_pkpk(K: np.ndarray, W: np.ndarray, F: np.ndarray, Hinv: np.ndarray, re
     Kc, Bk, m, _ = K.shape
     R = W.shape[0]
     Q = np.einsum("rbxy,kbyz->rkbxz", W, K)                           # W K_k
-    T = np.einsum("rkbxy,rlbyx->rkl", Q, Q)
+    # tr sums over (b, x, y) as batched matrix products with the transposed blocks
+    Qt = np.ascontiguousarray(Q.swapaxes(-1, -2)).reshape(R, Kc, -1).transpose(0, 2, 1)
+    T = Q.reshape(R, Kc, -1) @ Qt
     if not reml:
         return T
     st = State(theta=None, ok=None, loglik=None, beta=None, Hinv=Hinv, W=W, F=F, s=None)
     E = _E_blocks(st, 2)                                               # per block
     Rm = np.einsum("rbxy,kbyz->rkbxz", E, K)                          # E K_k
-    T2 = np.einsum("rlbxy,rkbyx->rkl", Q, Rm)
+    T2 = Rm.reshape(R, Kc, -1) @ Qt
     KF = np.einsum("kbxy,rbyp->rkbxp", K, F)
     M = np.einsum("rbxp,rkbxq->rkpq", F, KF)                          # F' K_k F summed over blocks
     HM = Hinv[:, None] @ M
