@@ -242,3 +242,73 @@ def test_component_scores_float32_match_float64_on_narrow_posteriors():
     ok = torch.isfinite(ref_max)
     torch.testing.assert_close(sc(u, idx, "max")[ok], ref_max[ok], rtol=0, atol=1e-2)
     torch.testing.assert_close(sc(u, idx, "mean")[ok], ref_mean[ok], rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("variant,n_latent,n_batch", [("attention", 12, 1), ("attention", 6, 3), ("linear", 12, 2)])
+def test_counterfactual_map_centred_and_own_equal_module(variant, n_latent, n_batch):
+    """The distance operand (states centred over samples, B x L_z x S) and the own-sample
+    states of the Monte Carlo draws equal the module's own computation; the reused workspace
+    gives the same numbers whatever minibatch size came before."""
+    from scdist.vae.analysis.counterfactual import CounterfactualMap
+    torch.manual_seed(1)
+    m = MrVIModule(50, n_sample=11, n_batch=n_batch, n_latent=n_latent, n_latent_u=6, variant=variant).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # away from the initialisation: sample effects of order 1
+            p.add_(0.3 * torch.randn_like(p))
+    u = torch.randn(37, 6) * 2 + 3
+    s = torch.tensor([3, 0, 10, 5, 7])
+    cm = CounterfactualMap(m, s)
+    with torch.no_grad():
+        ref = m.counterfactual_z(u, s).permute(1, 0, 2)                   # B x S x Lz
+        ref_c = (ref.double() - ref.double().mean(1, keepdim=True)).transpose(1, 2)
+        first = cm.centred_t(u).clone()
+        cm.centred_t(u[:5])                                             # a smaller minibatch in between
+        again = cm.centred_t(u)
+        pos = torch.from_numpy(np.random.default_rng(0).integers(0, 5, 37))
+        own = cm.own(u, pos)
+        own_ref = m.z_from_u(u, s[pos])
+    tol = 2e-6 * float(ref.abs().max())                                  # float32 noise at the states' scale
+    assert first.shape == (37, n_latent, 5) and first.is_contiguous()
+    torch.testing.assert_close(first.double(), ref_c, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(own, own_ref, atol=tol, rtol=1e-5)
+    # distances from the centred operand = brute force on the module's states
+    D = torch.linalg.norm(ref.double()[:, :, None] - ref.double()[:, None], dim=-1)
+    from scdist.vae.analysis.kernels import distances_from_centred, group_distance_sums
+    torch.testing.assert_close(distances_from_centred(first).double(), D, atol=5 * tol, rtol=1e-5)
+    codes = torch.from_numpy(np.random.default_rng(1).integers(-1, 3, 37))
+    torch.testing.assert_close(group_distance_sums(first, codes, 3, centred_t=True),
+                               group_distance_sums(ref, codes, 3), atol=50 * tol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("space", ["z", "expression"])
+def test_mc_normalisation_fast_path_equals_module(space):
+    """normalize=True: the Monte Carlo same-sample statistics from the own-sample fast path
+    equal those from the module's z_from_u on the same draws."""
+    from scdist.vae.analysis.distances import _maps, _mc_stats
+    torch.manual_seed(2)
+    m = MrVIModule(30, n_sample=9, n_batch=2, n_latent=8, n_latent_u=5).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    rng = np.random.default_rng(3)
+    b = {"u_mean": torch.randn(41, 5), "u_std": torch.rand(41, 5) * 0.5 + 0.1,
+         "sample": torch.from_numpy(rng.integers(0, 9, 41)), "batch": torch.from_numpy(rng.integers(0, 2, 41))}
+    _, own = _maps(m, torch.tensor([1, 4, 2]), normalize=True)          # own samples outside the compared ones too
+    with torch.no_grad():
+        slow = _mc_stats(m, b, 6, torch.Generator().manual_seed(7), space)
+        fast = _mc_stats(m, b, 6, torch.Generator().manual_seed(7), space, own=own)
+    for a, r in zip(fast, slow):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+    assert torch.all(slow[1] > 0)
+
+
+def test_batch_bounds_cover_rows_without_short_tail():
+    from scdist.vae.analysis.stream import batch_bounds
+    for n, bs in [(625, 512), (1000, 512), (5, 512), (0, 512), (2049, 1024), (10_000, 300)]:
+        b = batch_bounds(n, bs)
+        sizes = [e - s for s, e in b]
+        assert sum(sizes) == n and all(x > 0 for x in sizes)
+        assert [s for s, _ in b[1:]] == [e for _, e in b[:-1]]
+        if n:
+            assert max(sizes) <= 1.5 * bs + 1 and (len(b) == 1 or min(sizes) >= bs // 2)

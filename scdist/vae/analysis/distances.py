@@ -25,8 +25,9 @@ import torch
 import xarray as xr
 
 from ...errors import InputError
-from .counterfactual import counterfactual_states
-from .kernels import group_distance_sums, pairwise_distances, same_sample_distance_stats
+from .counterfactual import CounterfactualMap
+from .kernels import (distances_from_centred, group_distance_sums, pairwise_distances,
+                      same_sample_distance_stats)
 from .stream import group_codes, map_chunks, resolve_cells
 
 MAX_LOCAL_ELEMENTS = 200_000_000  # cells x S x S floats returned by local_sample_distances
@@ -48,11 +49,20 @@ def _decode(module, Z: torch.Tensor, batch: torch.Tensor, space: str) -> torch.T
 
 
 def _mc_stats(module, b: dict, mc_samples: int, gen: torch.Generator, space: str = "z",
-              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Monte Carlo mean and s.d. per cell of the same-sample distance (the normalisation)."""
+              rows: slice = slice(None), own: CounterfactualMap | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte Carlo mean and s.d. per cell of the same-sample distance (the normalisation).
+
+    ``own``: a map over all of the module's samples (its ``own`` method evaluates the draws
+    at each cell's own sample on the fast path); the module's ``z_from_u`` when None.
+    """
     qm, qs = b["u_mean"][rows], b["u_std"][rows]
     eps = torch.randn((2 * mc_samples,) + tuple(qm.shape), generator=gen)
-    z_own = module.z_from_u(qm + qs * eps, b["sample"][rows].expand(2 * mc_samples, -1))
+    u = qm + qs * eps                                            # 2M x B x L
+    s = b["sample"][rows].expand(2 * mc_samples, -1)
+    if own is None:
+        z_own = module.z_from_u(u, s)
+    else:
+        z_own = own.own(u.reshape(-1, u.shape[-1]), s.reshape(-1)).view(*u.shape[:2], -1)
     return same_sample_distance_stats(_decode(module, z_own, b["batch"][rows], space))
 
 
@@ -64,20 +74,31 @@ def _blocks(module, b: dict, S: int, space: str):
     return [slice(a, min(a + step, B)) for a in range(0, B, step)]
 
 
-def _states(module, b: dict, sidx: torch.Tensor, space: str, rows: slice) -> torch.Tensor:
+def _states(cmap: CounterfactualMap, b: dict, space: str, rows: slice) -> torch.Tensor:
     """Counterfactual states (B x S x L_z, or B x S x G decoded) of the minibatch rows ``rows``."""
-    Z = counterfactual_states(module, b["u_mean"][rows], sidx)
-    return _decode(module, Z, b["batch"][rows][:, None], space)
+    return _decode(cmap.module, cmap(b["u_mean"][rows]), b["batch"][rows][:, None], space)
+
+
+def _maps(module, sidx: torch.Tensor, normalize: bool) -> tuple[CounterfactualMap, CounterfactualMap | None]:
+    """The map over the compared samples, and with ``normalize`` one over all samples (the
+    cells' own samples need not be among the compared ones)."""
+    cmap = CounterfactualMap(module, sidx)
+    own = CounterfactualMap(module, torch.arange(module.n_sample)) if normalize else None
+    return cmap, own
 
 
 def _local_distances(module, b: dict, sidx: torch.Tensor, normalize: bool, mc_samples: int,
-                     gen: torch.Generator | None, space: str = "z") -> torch.Tensor:
+                     gen: torch.Generator | None, space: str = "z", maps=None) -> torch.Tensor:
     """D(n) (B x S x S) for one encoded minibatch, optionally z-scored."""
+    cmap, own = maps if maps is not None else _maps(module, sidx, normalize)
     out = []
     for rows in _blocks(module, b, len(sidx), space):
-        D = pairwise_distances(_states(module, b, sidx, space, rows))
+        if space == "z":
+            D = distances_from_centred(cmap.centred_t(b["u_mean"][rows]))
+        else:
+            D = pairwise_distances(_states(cmap, b, space, rows))
         if normalize:
-            mu, sd = _mc_stats(module, b, mc_samples, gen, space, rows)
+            mu, sd = _mc_stats(module, b, mc_samples, gen, space, rows, own)
             D = (D - mu[:, None, None]) / sd[:, None, None]
         out.append(D)
     return torch.cat(out)
@@ -87,22 +108,28 @@ def _local_distances(module, b: dict, sidx: torch.Tensor, normalize: bool, mc_sa
 def _aggregate_kernel(model, batches, *, chunk, local, sidx, n_groups, normalize, mc_samples, seed, space="z"):
     gen = _generator(seed, chunk[0]) if normalize else None
     S = len(sidx)
+    module = model.module
+    cmap, own = _maps(module, sidx, normalize)
     sums = torch.zeros((n_groups, S, S), dtype=torch.float64)
     for b in batches:
         codes = torch.from_numpy(local["group"][b["index"].numpy() - chunk[1]])
-        for rows in _blocks(model.module, b, S, space):
-            Z = _states(model.module, b, sidx, space, rows)
-            mu, sd = _mc_stats(model.module, b, mc_samples, gen, space, rows) if normalize else (None, None)
-            sums += group_distance_sums(Z, codes[rows], n_groups, mu, sd)  # float32 in a block, float64 across
+        for rows in _blocks(module, b, S, space):
+            mu, sd = _mc_stats(module, b, mc_samples, gen, space, rows, own) if normalize else (None, None)
+            if space == "z":  # float32 in a block, float64 across
+                sums += group_distance_sums(cmap.centred_t(b["u_mean"][rows]), codes[rows], n_groups, mu, sd,
+                                            centred_t=True)
+            else:
+                sums += group_distance_sums(_states(cmap, b, space, rows), codes[rows], n_groups, mu, sd)
     return sums.numpy()
 
 
 @torch.no_grad()
 def _local_kernel(model, batches, *, chunk, local, sidx, normalize, mc_samples, seed, space="z"):
     gen = _generator(seed, chunk[0]) if normalize else None
+    maps = _maps(model.module, sidx, normalize)
     idx, out = [], []
     for b in batches:
-        out.append(_local_distances(model.module, b, sidx, normalize, mc_samples, gen, space).numpy())
+        out.append(_local_distances(model.module, b, sidx, normalize, mc_samples, gen, space, maps).numpy())
         idx.append(b["index"].numpy())
     return np.concatenate(idx), np.concatenate(out)
 
@@ -205,7 +232,8 @@ def counterfactual_z(model, cells, *, data=None, samples: Sequence[str] | None =
 
     @torch.no_grad()
     def kernel(m, batches, *, chunk, local):
-        out = [(b["index"].numpy(), counterfactual_states(m.module, b["u_mean"], sidx).numpy()) for b in batches]
+        cmap = CounterfactualMap(m.module, sidx)
+        out = [(b["index"].numpy(), cmap(b["u_mean"]).numpy()) for b in batches]
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
     parts = [p for _, p in sorted(map_chunks(model, data, kernel, cells=keep, batch_size=batch_size),

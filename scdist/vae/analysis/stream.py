@@ -17,6 +17,7 @@ import torch
 
 from ...errors import InputError
 from ..data import csr_rows
+from .kernels import workspace
 
 Kernel = Callable[..., Any]
 
@@ -49,6 +50,15 @@ def light_copy(model):
                        history=model.history, source=None)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Row ranges of ``n`` rows in round(n / batch_size) near-equal minibatches (each at most
+    1.5 x ``batch_size``): no short tail batch, whose fixed per-batch costs would be paid for
+    few cells."""
+    k = max(1, int(round(n / max(1, batch_size))))
+    edges = np.linspace(0, n, k + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 @torch.no_grad()
 def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None = None,
                     batch_size: int = 1024) -> Iterator[dict]:
@@ -57,7 +67,8 @@ def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None 
     ``keep``: sorted global indices inside the chunk to restrict to (None: all its cells).
 
     The chunk is read once as CSR (log1p taken on its nonzeros); only one minibatch is dense
-    at a time.
+    at a time, densified into this thread's reused buffer (a fresh B x genes array per
+    minibatch cost more than its fill: page faults on fresh memory).
     """
     module = model.module
     if module.training:
@@ -69,12 +80,15 @@ def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None 
         X = X[keep - a]
         idx = np.asarray(keep, dtype=np.int64)
     X = log1p_csr(X)
-    for s in range(0, idx.size, batch_size):
-        ib = idx[s:s + batch_size]
+    bounds = batch_bounds(idx.size, batch_size)
+    buf = workspace().get("dense_counts", max((e - s for s, e in bounds), default=0), X.shape[1]).numpy()
+    for s, e in bounds:
+        ib = idx[s:e]
         out = {"index": torch.from_numpy(ib)}
         for name in ("sample", "batch"):
             out[name] = torch.from_numpy(np.ascontiguousarray(cats[name].codes[ib], dtype=np.int64))
-        xlog = torch.from_numpy(csr_rows(X, s, min(s + batch_size, idx.size)).toarray())
+        rows = X if (s, e) == (0, idx.size) else csr_rows(X, s, e)
+        xlog = torch.from_numpy(rows.toarray(out=buf[:e - s]))
         out["u_mean"], out["u_std"] = module.encode_log1p(xlog, out["sample"])
         yield out
 
