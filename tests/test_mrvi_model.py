@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scdist.errors import InputError
 from scdist.vae import MrVI, train_mrvi
@@ -143,6 +144,34 @@ def test_bad_input(sim):
         model.counterfactual_z(np.zeros((2, 10), np.float32), samples=["nope"])
 
 
+def test_adversary_sends_encoder_the_negated_classifier_gradient():
+    """u_adversary = lambda: the classifier's parameters get the plain cross-entropy gradient, the
+    encoder (through the draws u) gets it negated and scaled by lambda."""
+    from scdist.vae.mrvi import MrVIModule
+    torch.manual_seed(0)
+    lam = 3.0
+    mod = MrVIModule(20, n_sample=4, n_hidden=16, u_adversary=lam, encoder_sample=False, dropout=0.0)
+    x = torch.poisson(torch.full((32, 20), 3.0))
+    s = torch.arange(32) % 4
+    eps = torch.randn(32, mod.n_latent_u)
+
+    def adv_grads(reverse: bool):
+        qm, qs = mod.encode(x, s)
+        u = qm + qs * eps
+        loss = mod.adversary_loss(u, s) if reverse else F.cross_entropy(mod.sample_classifier(u), s)
+        enc, clf = list(mod.encoder.parameters()), list(mod.sample_classifier.parameters())
+        g = torch.autograd.grad(loss, enc + clf)
+        return g[:len(enc)], g[len(enc):]
+
+    enc_rev, clf_rev = adv_grads(True)
+    enc_plain, clf_plain = adv_grads(False)
+    assert any(float(g.abs().max()) > 0 for g in enc_plain)
+    for a, b in zip(enc_rev, enc_plain):
+        torch.testing.assert_close(a, -lam * b)
+    for a, b in zip(clf_rev, clf_plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_reverse_gradient_and_adversary_option(sim):
     """u_adversary: identity forward, gradient -weight x backward; the classifier exists only when asked."""
     from scdist.vae.mrvi import _ReverseGrad
@@ -155,6 +184,53 @@ def test_reverse_gradient_and_adversary_option(sim):
     on = train_mrvi(adata, "sample", seed=0, max_epochs=1, n_hidden=16, u_adversary=1.0)
     off = train_mrvi(adata, "sample", seed=0, max_epochs=1, n_hidden=16, u_adversary=0.0)
     assert hasattr(on.module, "sample_classifier") and not hasattr(off.module, "sample_classifier")
+    # the adversary implies q(u | x): given s, the encoder answers it with the sample itself
+    assert not on.module.encoder_sample and off.module.encoder_sample
+    with pytest.raises(InputError, match=r"\[encoder_sample\]"):
+        train_mrvi(adata, "sample", seed=0, max_epochs=1, u_adversary=1.0, encoder_sample=True)
+
+
+def _probe_accuracy(X, labels, seed=0):
+    """Held-out accuracy (30%) of a multinomial logistic regression of labels on standardised X."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), bool)
+    test[rng.choice(len(labels), int(0.3 * len(labels)), replace=False)] = True
+    _, y = np.unique(labels, return_inverse=True)
+    X = torch.as_tensor(X, dtype=torch.float64)
+    X = (X - X[~test].mean(0)) / X[~test].std(0).clamp_min(1e-8)
+    y, tr = torch.as_tensor(y), torch.as_tensor(~test)
+    W = torch.zeros(X.shape[1], int(y.max()) + 1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(W.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(X[tr] @ W + b, y[tr]) + 1e-3 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((X[~tr] @ W + b).argmax(1) == y[~tr]).double().mean())
+
+
+@pytest.mark.slow
+def test_adversary_lowers_sample_information_in_u(sim):
+    """With q(u | x), the sample adversary lowers what a linear probe and the kNN metric read of
+    the sample (group) from u in the affected cell type t0 (same seed, 60 epochs each)."""
+    adata, _ = sim
+    t0 = adata.obs["celltype"].cat.codes.to_numpy() == 0
+    smp = adata.obs["sample"].cat.codes.to_numpy()[t0]
+    grp = adata.obs["group"].cat.codes.to_numpy()[t0]
+    fig = {}
+    for lam in (0.0, 5.0):
+        m = train_mrvi(adata, "sample", seed=0, max_epochs=60, encoder_sample=False, u_adversary=lam)
+        u = m.latent("u").values[t0]
+        fig[lam] = (_probe_accuracy(u, smp), _probe_accuracy(u, grp), _knn_same(u, grp))
+    print(fig)
+    assert fig[5.0][0] < fig[0.0][0]
+    assert fig[5.0][1] < fig[0.0][1]
+    assert fig[5.0][2] < fig[0.0][2] - 0.1
 
 
 
