@@ -312,3 +312,21 @@ def test_batch_bounds_cover_rows_without_short_tail():
         assert [s for s, _ in b[1:]] == [e for _, e in b[:-1]]
         if n:
             assert max(sizes) <= 1.5 * bs + 1 and (len(b) == 1 or min(sizes) >= bs // 2)
+
+
+def test_counterfactual_map_cache_follows_parameter_changes():
+    """The per-thread map cache hands the same map back for the same module and samples, and
+    a fresh one after a parameter changed in place (its version moved)."""
+    from scdist.vae.analysis.counterfactual import counterfactual_map
+    torch.manual_seed(4)
+    m = MrVIModule(20, n_sample=6, n_latent=5, n_latent_u=4).eval()
+    s = torch.tensor([0, 2, 5])
+    u = torch.randn(9, 4)
+    a = counterfactual_map(m, s)
+    assert counterfactual_map(m, s) is a and counterfactual_map(m, torch.tensor([1, 2])) is not a
+    with torch.no_grad():
+        m.g_uz.post[4].weight.mul_(2.0)
+        ref = m.counterfactual_z(u, s).permute(1, 0, 2)
+    b = counterfactual_map(m, s)
+    assert b is not a
+    torch.testing.assert_close(b(u), ref, atol=1e-5, rtol=1e-5)

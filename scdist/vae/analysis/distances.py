@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from ...errors import InputError
-from .counterfactual import CounterfactualMap
+from .counterfactual import CounterfactualMap, counterfactual_map
 from .kernels import (distances_from_centred, group_distance_sums, pairwise_distances,
                       same_sample_distance_stats)
 from .stream import group_codes, map_chunks, resolve_cells
@@ -82,8 +82,8 @@ def _states(cmap: CounterfactualMap, b: dict, space: str, rows: slice) -> torch.
 def _maps(module, sidx: torch.Tensor, normalize: bool) -> tuple[CounterfactualMap, CounterfactualMap | None]:
     """The map over the compared samples, and with ``normalize`` one over all samples (the
     cells' own samples need not be among the compared ones)."""
-    cmap = CounterfactualMap(module, sidx)
-    own = CounterfactualMap(module, torch.arange(module.n_sample)) if normalize else None
+    cmap = counterfactual_map(module, sidx)
+    own = counterfactual_map(module, torch.arange(module.n_sample)) if normalize else None
     return cmap, own
 
 
@@ -232,7 +232,7 @@ def counterfactual_z(model, cells, *, data=None, samples: Sequence[str] | None =
 
     @torch.no_grad()
     def kernel(m, batches, *, chunk, local):
-        cmap = CounterfactualMap(m.module, sidx)
+        cmap = counterfactual_map(m.module, sidx)
         out = [(b["index"].numpy(), cmap(b["u_mean"]).numpy()) for b in batches]
         return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
