@@ -21,8 +21,9 @@ count): in the DE type, splits the cells into terciles of their u kNN top-group 
 reports the mean per-cell distance D(n) within a leaf / between siblings / between cousins and
 the tree Spearman per tercile; the top-group component in u (difference of the two top groups'
 mean z_base(u)) and in g(u_n, s) = z_n^s - z_base(u_n) (mean over the cells of the top-1 minus
-top-0 sample mean of g), the leaf component of g (leaf means of g minus their top group's), and
-the same components of the truth's log means eta.
+top-0 sample mean of g), the leaf component of g (leaf means of g minus their top group's), the
+same two components of the decoded counterfactual log h (cell's own batch), and of the truth's
+log means eta.
 """
 from __future__ import annotations
 
@@ -85,14 +86,16 @@ def tree_diagnosis(model_dir: str) -> dict:
     off, iu = ~np.eye(len(donors), dtype=bool), np.triu_indices(len(donors), 1)
     cells = np.flatnonzero(obs["celltype"].astype(str).to_numpy() == truth.attrs["mrvi_celltype"])
     own_top = truth["donor_top_group"].to_series().reindex(obs["donor"].astype(str).to_numpy()[cells]).to_numpy()
-    U, D, G = [], [], []
+    U, D, G, H = [], [], [], []
     with torch.no_grad():
         for b in model.iter_counterfactuals(study, cells=cells, batch_size=512):
             Z = b["z"].transpose(0, 1)                                       # B x S x Lz
             U.append(b["u"].numpy())
             D.append(torch.cdist(Z, Z).numpy())
             G.append((Z - mod.z_base(b["u"])[:, None]).numpy())             # g(u_n, s)
-        U, D, G = np.concatenate(U), np.concatenate(D), np.concatenate(G)
+            # decoded log h of every counterfactual under the cell's own batch
+            H.append(torch.log_softmax(mod.h_logits(Z, b["batch"][:, None].expand(Z.shape[:2])), -1).numpy())
+        U, D, G, H = np.concatenate(U), np.concatenate(D), np.concatenate(G), np.concatenate(H)
         zb = mod.z_base(torch.as_tensor(U)).numpy()
     dd = torch.cdist(torch.as_tensor(U), torch.as_tensor(U))
     dd.fill_diagonal_(float("inf"))
@@ -116,6 +119,9 @@ def tree_diagnosis(model_dir: str) -> dict:
         return tops[..., 1, :] - tops[..., 0, :], np.linalg.norm(lm - tops[..., lt, :], axis=-1).mean(-1)
 
     g_top, g_leaf = components(G)
+    h_top, h_leaf = components(H)
+    res["top_in_logh_norm"] = float(np.linalg.norm(h_top, axis=-1).mean())
+    res["leaf_in_logh_norm"] = float(h_leaf.mean())
     du = zb[own_top == 1].mean(0) - zb[own_top == 0].mean(0)
     res["top_in_u_norm"] = float(np.linalg.norm(du))
     res["top_in_g_norm"] = float(np.linalg.norm(g_top, axis=-1).mean())
