@@ -300,3 +300,19 @@ def test_op_scalar_kernel_equals_numpy_with_left_out_donors(model):
             dn = lk.evaluate(loo, th[rows[okr]] - e, method, rows=rows[okr], grad=False, ai=False)
             np.testing.assert_allclose(a.grad[okr, j], (up.loglik - dn.loglik) / (2 * eps),
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_ols_beta_equals_he_fits_ols_beta_on_leave_one_out_rows():
+    """``he.ols_beta`` (the HE GLS-beta fallback's OLS beta, one X'D_mX per row) equals the
+    OLS beta of the full :func:`he_fit` on leave-one-out rows with missing pairs, a covariate
+    and a row whose X'D_mX is singular (a cell type never observed)."""
+    from scdist.ctmm.he import ols_beta
+
+    Y, NU, mask, Z, _ = _data(seed=6)
+    mask[3, :, 0] = False
+    prob = _problem("free", Y, NU, mask, Z, None)
+    loo = ds.Problem(y=prob.y, nu=prob.nu, mask=prob.mask, X=prob.X, K=prob.K, n_vc=prob.n_vc,
+                     src=np.repeat(np.arange(G), N), drop=np.tile(np.arange(N), G))
+    theta, b_he = he_fit(loo)
+    assert np.isnan(theta[3 * N:4 * N]).all() and np.isfinite(theta[:3 * N]).all()
+    np.testing.assert_allclose(ols_beta(loo), b_he, rtol=1e-10, atol=1e-12)
