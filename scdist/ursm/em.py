@@ -15,6 +15,7 @@ from .mcerror import StopRule, batch_stats, crossfit_increment, increment_se
 from .params import Theta
 
 CELL, BULK = 0, 1
+APPEND_KEY = 1 << 20     # stream key offset of the extra rounds of kept sweeps (stop_rule='ascent')
 
 
 @dataclass
@@ -42,7 +43,8 @@ class EMSettings:
     bulk_samples: int | None = None     # bulk chain: kept sweeps (default: ``samples``)
     thin: int = 1                       # keep every thin-th sweep after burn-in
     mc_batches: int = 0                 # batch means per chain for the MC error of ΔQ (0: none)
-    stop_rule: str = "none"             # 'mcse': stop when ΔQ is within stop_k MC SEs (mcerror)
+    stop_rule: str = "none"             # 'crossfit' / 'ascent': MC-error-aware stopping (mcerror)
+    stop_max_rounds: int = 4            # 'ascent': at most this many rounds of T kept sweeps
     stop_k: float = 2.0
     stop_patience: int = 3
     stop_min_iters: int = 5
@@ -169,7 +171,7 @@ def mean_pooled(parts: list[Pooled]) -> Pooled:
     if parts[0].bulk is not None:
         bulk = parts[0].bulk if all(p.bulk is parts[0].bulk for p in parts) else BulkStats(
             cZ=np.mean([p.bulk.cZ for p in parts], axis=0), ElnW=np.mean([p.bulk.ElnW for p in parts], axis=0),
-            EW=None)
+            EW=None if parts[0].bulk.EW is None else np.mean([p.bulk.EW for p in parts], axis=0))
     return Pooled(cell, bulk)
 
 
@@ -218,14 +220,19 @@ class GibbsEM:
         self.pooled: Pooled | None = None
 
     # -- E-step ------------------------------------------------------------------
-    def estep(self, em_iter: int) -> tuple[Pooled, list[Pooled]]:
+    def estep(self, em_iter: int, append: int = 0) -> tuple[Pooled, list[Pooled]]:
+        """E-step of ``em_iter``; ``append`` = r > 0: the r-th extra round of T kept sweeps, which
+        continues every chain without burn-in on the stream key em_iter + r·APPEND_KEY (and leaves
+        MAP-W's deterministic bulk step to round 0)."""
         s = self.s
-        first = em_iter == 0
+        first = em_iter == 0 and not append
         burnin = s.burnin if (first or s.warm_burnin is None) else s.warm_burnin
         cold_sc = first or not s.sc_warm_start
-        res = self.ex.estep(self.state.theta, em_iter, burnin, cold_sc)
+        if append:
+            burnin, cold_sc = 0, False
+        res = self.ex.estep(self.state.theta, em_iter + append * APPEND_KEY, burnin, cold_sc)
         pooled, per_chain = pool(res, self.layout, s.chains)
-        if self.X is not None and s.map_w:
+        if self.X is not None and s.map_w and not append:
             th = self.state.theta
             W = self.state.W_map
             for _ in range(s.map_w_steps):
@@ -300,32 +307,52 @@ class GibbsEM:
                 out["rhat_logjoint"] = split_rhat_traces(np.stack(lj))
         return out
 
+    def estep_rounds(self, it: int, rounds: int):
+        """E-step of iteration ``it`` with ``rounds`` × T kept sweeps: the first round as ``estep``,
+        each further one continues the chains for T more kept sweeps (no burn-in) on its own stream.
+        Returns (pooled statistics of all rounds, first round's per-chain statistics, batch
+        statistics of all rounds for the MC error: [] without ``mc_batches``)."""
+        s = self.s
+        pooled, per_chain = self.estep(it)
+        parts, bats = [pooled], []
+        fixed = pooled.bulk if (self.X is not None and s.map_w) else None
+        if s.mc_batches:
+            bats = batch_stats(per_chain, CellStats, BulkStats, Pooled, fixed_bulk=fixed)
+        for r in range(1, rounds):
+            p, pc = self.estep(it, append=r)
+            if fixed is not None:
+                p.bulk = fixed
+            parts.append(p)
+            if s.mc_batches:
+                bats += batch_stats(pc, CellStats, BulkStats, Pooled, fixed_bulk=fixed)
+        if rounds > 1:
+            pooled = mean_pooled(parts)
+        return pooled, per_chain, bats
+
     def run(self, layout: BlockLayout, callback=None, progress=None):
         self.layout = layout
         s = self.s
         tr = {k: [] for k in ("objective", "a_steps", "rhat_kappa", "rhat_tau", "rhat_W", "rhat_logjoint")}
         tr["objective_chain"] = []
         tr.update(dQ=[], dQ_se=[], dQ_cv=[], dQ_cv_se=[], samples=[])
-        rule = StopRule(s.stop_rule, s.stop_k, s.stop_patience, s.stop_min_iters)
+        rule = StopRule(s.stop_rule, s.stop_k, s.stop_patience, s.stop_min_iters, s.stop_max_rounds)
         self.stop_reason, self.iters_run = "em_iters", s.em_iters
         for it in range(s.em_iters):
-            pooled, per_chain = self.estep(it)
+            rounds = rule.rounds
+            pooled, per_chain, bats = self.estep_rounds(it, rounds)
             th_old = self.state.theta
             th = self.mstep(pooled)
             self.state.theta = th
             dq = se = cv = cv_se = np.nan
-            if s.mc_batches:
-                fixed = pooled.bulk if (self.X is not None and s.map_w) else None
-                bats = batch_stats(per_chain, CellStats, BulkStats, Pooled, fixed_bulk=fixed)
-                if len(bats) >= 2:
-                    dq, se = increment_se(self.objective, th_old, th, pooled, bats)
-                    cv, cv_se = crossfit_increment(self.objective, lambda p: self.mstep(p, keep_state=False),
-                                                   mean_pooled, th_old, bats)
+            if len(bats) >= 2:
+                dq, se = increment_se(self.objective, th_old, th, pooled, bats)
+                cv, cv_se = crossfit_increment(self.objective, lambda p: self.mstep(p, keep_state=False),
+                                               mean_pooled, th_old, bats)
             tr["dQ"].append(dq)
             tr["dQ_se"].append(se)
             tr["dQ_cv"].append(cv)
             tr["dQ_cv_se"].append(cv_se)
-            tr["samples"].append(s.samples)
+            tr["samples"].append(s.samples * rounds)
             tr["objective"].append(self.objective(th, pooled))
             tr["objective_chain"].append([self.objective(th, p) for p in per_chain])
             tr["a_steps"].append(self._a_steps)
@@ -340,8 +367,9 @@ class GibbsEM:
             if rule.update(it, cv, cv_se):
                 self.stop_reason, self.iters_run = "mc_error", it + 1
                 break
+        self.rounds = rule.rounds
         if s.final_estep:
-            pooled, _ = self.estep(self.iters_run)
+            pooled, _, _ = self.estep_rounds(self.iters_run, rule.rounds)
             self.pooled = pooled
         self.state.trace = tr
         return self.state.theta, self.pooled, tr

@@ -26,7 +26,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
         min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500,
         max_actor_restarts=3, pg_sampler="polyagamma", stop_rule="none", stop_k=2.0, stop_patience=3,
-        stop_min_iters=5, mc_batches=None,
+        stop_min_iters=5, stop_max_rounds=4, mc_batches=None,
         a_solver="scaled", theta0: Theta | None = None, callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
@@ -60,11 +60,16 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     Stopping (spec §2.6, ``scdist.ursm.mcerror``): ``em_iters`` is the maximum. Each iteration's
     increment ΔQ = Q(θᵗ⁺¹ | s̄) − Q(θᵗ | s̄) of the M-step objective gets a Monte-Carlo standard
     error from ``mc_batches`` batch means of the kept sweeps per chain (default 4 when a rule is
-    on, else 0 = not computed; costs ``mc_batches`` × cells × genes × 4 bytes). ``stop_rule='mcse'``
-    stops once ΔQ < ``stop_k`` · SE in ``stop_patience`` consecutive iterations, not before
-    ``stop_min_iters``; 'none' runs all ``em_iters``. The result's attrs ``stop_reason``
-    ('em_iters' or 'mc_error') and ``em_iters_run`` say why and when it stopped; ``dQ``, ``dQ_se``
-    and ``samples`` (T) are traced per iteration.
+    on, else 0 = not computed; costs ``mc_batches`` × cells × genes × 4 bytes and two extra
+    M-steps per iteration). ΔQ's own M-step fits the noise too, so the rules test the cross-fitted
+    increment ``dQ_cv`` (each half of the batches' M-step scored on the other half's draws):
+    ``stop_rule='crossfit'`` stops once it is < ``stop_k`` · SE in ``stop_patience`` consecutive
+    iterations, not before ``stop_min_iters``; 'ascent' (Caffo, Jank & Jones 2005) then first adds
+    another round of ``samples`` kept sweeps per iteration (continuing the chains, up to
+    ``stop_max_rounds`` rounds) and stops only when the test fires at the largest sample; 'none'
+    runs all ``em_iters``. The result's attrs ``stop_reason`` ('em_iters' or 'mc_error'),
+    ``em_iters_run`` and ``samples_final`` say why and when it stopped; ``dQ``, ``dQ_se``,
+    ``dQ_cv``, ``dQ_cv_se`` and ``samples`` (kept sweeps T) are traced per iteration.
 
     Engine: ``engine='local'`` runs in-process; ``'ray'`` runs (chain, block) samplers on Ray
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
@@ -103,6 +108,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         raise InputError(f"unknown stopping rule {stop_rule!r}", field="stop_rule", fix=f"use one of {STOP_RULES}")
     _check_int("stop_patience", stop_patience, 1)
     _check_int("stop_min_iters", stop_min_iters, 1)
+    _check_int("stop_max_rounds", stop_max_rounds, 1)
     if isinstance(stop_k, bool) or not isinstance(stop_k, (int, float, np.integer, np.floating)) or not stop_k > 0:
         raise InputError(f"must be a number > 0, got {stop_k!r}", field="stop_k", fix="use e.g. stop_k=2.0")
     if mc_batches is None:
@@ -151,7 +157,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
                           a_max_iter=a_max_iter, a_solver=a_solver, bulk_burnin=bulk_burnin,
                           bulk_samples=bulk_samples, thin=thin, pg_sampler=pg_sampler, mc_batches=mc_batches,
                           stop_rule=stop_rule, stop_k=float(stop_k), stop_patience=stop_patience,
-                          stop_min_iters=stop_min_iters)
+                          stop_min_iters=stop_min_iters, stop_max_rounds=stop_max_rounds)
     theta = theta0.copy() if theta0 is not None else initial_theta(
         data.Y, data.G, data.X, data.K, data.markers, eps_A=eps_A, init_dropout=init_dropout,
         alpha0=max(1.0, eps_alpha))
@@ -175,6 +181,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     ds.attrs["stop_rule"] = stop_rule
     ds.attrs["stop_reason"] = em.stop_reason
     ds.attrs["em_iters_run"] = em.iters_run
+    ds.attrs["samples_final"] = samples * em.rounds
     ds.attrs["engine"] = "ray" if use_ray else "local"
     ds.attrs["thin"] = thin
     ds.attrs["n_blocks_cells"] = len(layout.cell_blocks)
@@ -228,5 +235,5 @@ def to_dataset(data: UrsmData, theta: Theta, pooled, trace: dict, s: EMSettings,
                     map_w=int(s.map_w), seed=s.seed, s_update=s.s_update, sc_warm_start=int(s.sc_warm_start),
                     rao_blackwell=int(s.rao_blackwell), eps_A=s.eps_A, eps_alpha=s.eps_alpha, K=K,
                     mc_batches=s.mc_batches, stop_k=s.stop_k, stop_patience=s.stop_patience,
-                    stop_min_iters=s.stop_min_iters)
+                    stop_min_iters=s.stop_min_iters, stop_max_rounds=s.stop_max_rounds)
     return ds
