@@ -59,3 +59,21 @@ def test_cli_verb(study_url):
     assert out.exit_code == 0, out.output
     ds = xr.open_zarr(f"{url}/results/ursm/cli", consolidated=False)
     assert ds.attrs["map_w"] == 1 and ds.A.shape == (100, 3)
+
+
+def test_stage_stopping_rule_result_and_attrs(study_url):
+    from scdist.plan.runner import run
+    from scdist.store import open_study
+
+    url, sim = study_url
+    # a test that fires at once (k huge): EM stops after stop_min_iters = 2 of at most 6 iterations
+    cfg = {**CFG, "em_iters": 6, "run": "stop", "stop_rule": "crossfit",
+           "options": {"stop_k": 1e9, "stop_patience": 1, "stop_min_iters": 2}}
+    assert run({"store": url, "stages": {"ursm": cfg}}).ran == ["ursm"]
+    ds = xr.open_zarr(open_study(url).result_url("ursm", "stop"), consolidated=False).load()
+    assert ds.attrs["stop_reason"] == "mc_error" and ds.attrs["em_iters_run"] == 2 and ds.sizes["em_iter"] == 2
+    names = np.array(["type0", "type1", "type2"], dtype=object)
+    ref = fit(sim.Y, names[sim.cell_types], sim.X, **{k: v for k, v in cfg.items() if k not in ("run", "options")},
+              **cfg["options"])
+    np.testing.assert_array_equal(ds.A.values, ref.A.values)
+    np.testing.assert_array_equal(ds.dQ_cv.values, ref.dQ_cv.values)

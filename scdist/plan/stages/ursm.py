@@ -27,7 +27,9 @@ class UrsmConfig(StageConfig):
     use_cells: bool = Field(True, description="Use cells/ (False: bulk-only submodel, needs markers)")
     n_types: int | None = Field(None, ge=1, description="K (default: single-cell types; K = max(K_sc, K_bulk))")
     markers: dict[str, list[str]] = Field(default_factory=dict, description="Marker genes per cell type (§4.5)")
-    em_iters: int = Field(50, ge=1, description="EM iterations")
+    em_iters: int = Field(50, ge=1, description="EM iterations (the maximum with a stop_rule)")
+    stop_rule: Literal["none", "crossfit", "ascent"] = Field(
+        "none", description="MC-error-aware stopping: 'crossfit' or 'ascent' (grows the kept sweeps first)")
     burnin: int = Field(50, ge=0, description="Gibbs burn-in sweeps per EM iteration")
     samples: int = Field(100, ge=1, description="Kept Gibbs sweeps per EM iteration")
     warm_burnin: int | None = Field(None, ge=0, description="Burn-in after the first EM iteration")
@@ -115,7 +117,7 @@ class UrsmStage(Stage):
         bk = pd.DataFrame(X, index=bulk_names, columns=genes) if X is not None else None
         with ctx.progress("ursm EM iterations", cfg.em_iters) as bar:
             ds = fit(Y, ct, bk, n_types=cfg.n_types, markers=cfg.markers or None, gene_names=genes,
-                     em_iters=cfg.em_iters, burnin=cfg.burnin, samples=cfg.samples, warm_burnin=cfg.warm_burnin,
+                     em_iters=cfg.em_iters, stop_rule=cfg.stop_rule, burnin=cfg.burnin, samples=cfg.samples, warm_burnin=cfg.warm_burnin,
                      chains=cfg.chains, map_w=cfg.map_w, seed=cfg.seed, engine=cfg.engine,
                      ray_address=ctx.spec.ray.address, cell_block_size=cfg.cell_block_size,
                      bulk_block_size=cfg.bulk_block_size, n_actors=cfg.n_actors, progress=bar, **cfg.options)
