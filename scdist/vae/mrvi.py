@@ -325,13 +325,13 @@ def train_mrvi(data, sample_key: str, batch_key: str | None = None, labels_key: 
     On issue 5's semi-synthetic study (benchmarks/mrvi_quality.py, 20k cells, 40 epochs), design
     v2 (a group shift as large as the cell-type differences), the paper's objective -- ours and
     scvi-tools' MRVI alike -- put the DE cell type's group shift into u (kNN top-group
-    agreement 1.0), and lambda = 5 raised leaf ARI 0.22 -> 0.61 (seed 0). On design v3 (a
-    moderate shift) u mixes the groups without it (0.60 / 0.59, seeds 0 / 1, with the
-    ``MRVI_OPTIMIZER`` defaults; scvi-tools 0.57), and with the former optimiser settings
-    lambda = 5 gave leaf ARI 1.0 vs 0.85 in z but no better tree Spearman (0.38 vs 0.35) and a
-    less mixed u (0.95). It stays off by default: it is not the paper's model, its gains are
-    within the seed spread, and it shrinks the decoded LFCs (mean LFC of the affected genes in
-    tests/test_mrvi_analysis.py 0.40 instead of > 0.5); figures: README.
+    agreement 1.0), and lambda = 5 raised leaf ARI 0.22 -> 0.61 (seed 0; these figures predate
+    the q(u | x) rule). On design v3 (a moderate shift) u mixes the groups without it (0.60 /
+    0.59, seeds 0 / 1, with the ``MRVI_OPTIMIZER`` defaults; scvi-tools 0.57); at 10k cells / 20
+    epochs lambda = 5 with q(u | x) lowers the DE type's u agreement 0.77 -> 0.71 but not the
+    tree Spearman in z (0.29 vs 0.38), which u does not limit there (README, tree diagnosis).
+    It stays off by default: it is not the paper's model and gains nothing on the targets;
+    figures: README.
     """
     if not sample_key:
         raise InputError("sample_key is required", field="sample_key", fix="name the obs column holding sample ids")
