@@ -5,7 +5,11 @@
 
 Measures, on one CPU thread, in a fresh process per analysis (peak RSS reset after training,
 so it is the analysis's own; CPU time the median of ``--repeats``):
-local sample distances (aggregated per cell type) for S = 32 and S = 200 samples, DE
+local sample distances (aggregated per cell type) for S = 32 and S = 200 samples (with
+``--only distances32norm,distances32norm_slow`` also the Monte Carlo normalisation,
+``normalize=True, mc_samples=20``, on its fast path and on the former one; scvi-tools'
+``normalize_distances=True`` needs ``use_mean=False`` and draws ``mc_samples=10`` states per
+cell and sample, a different computation, timed for context), DE
 (admissibility filter + per-cell regression + LFCs) and DA (log density ratios) in cells
 per CPU-second; DA CPU time versus cells on a streamed study store (near-linear expected).
 With ``--scvi`` the same analyses run in scvi-tools 1.4.2 (benchmarks/.venv-scvi, created by
@@ -53,14 +57,24 @@ def ours(what: str, S: int, n: int, n_run: int, repeats: int = 1) -> dict:
     model = train_mrvi(adata, "sample", seed=0, max_epochs=1)
     cells = np.arange(n_run)
     # warm-up on a few cells (first-call allocations, lazy imports) outside the timing
+    slow_norm = what == "distances_norm_slow"
+    if slow_norm:  # the former path of the normalisation: the module's own z_from_u for the draws
+        import scdist.vae.analysis.distances as dist
+        fast_maps = dist._maps
+        dist._maps = lambda module, sidx, normalize: (fast_maps(module, sidx, False)[0], None)
+    what = "distances_norm" if slow_norm else what
     {"distances": lambda: model.sample_distances(cells=cells[:300]),
+     "distances_norm": lambda: model.sample_distances(cells=cells[:300], normalize=True),
      "de": lambda: model.differential_expression("group", cells=cells[:300], max_cells=50),
      "da": lambda: model.differential_abundance("group", cells=cells[:300], max_cells=20)}[what]()
     run = {"distances": lambda: model.sample_distances(groupby="celltype", cells=cells),
+           "distances_norm": lambda: model.sample_distances(groupby="celltype", cells=cells, normalize=True,
+                                                            mc_samples=20),
            "de": lambda: model.differential_expression("group", groupby="celltype", cells=cells),
            "da": lambda: model.differential_abundance("group", groupby="celltype", cells=cells)}[what]
     reset_peak_rss()
-    return record("scdist", what, n_run, S, *timed_repeats(run, repeats))
+    return record("scdist" + (" (former normalisation path)" if slow_norm else ""), what, n_run, S,
+                  *timed_repeats(run, repeats))
 
 
 def da_scaling(sizes: list[int], S: int = 32) -> list[dict]:
@@ -141,7 +155,8 @@ def main():
     ap.add_argument("--da-sizes", default="25000,50000,100000,200000")
     ap.add_argument("--skip-da-scaling", action="store_true")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per analysis (median reported)")
-    ap.add_argument("--only", default="", help="comma list of distances32,distances200,de,da (default all)")
+    ap.add_argument("--only", default="", help="comma list of distances32,distances200,de,da (default: these "
+                                               "four), distances32norm, distances32norm_slow")
     ap.add_argument("--one", nargs=5, metavar=("WHAT", "S", "N", "NRUN", "REPEATS"), help=argparse.SUPPRESS)
     ap.add_argument("--da-scaling-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -157,17 +172,22 @@ def main():
         return
     n = a.cells
     plan = {"distances32": ("distances", 32, n), "distances200": ("distances", 200, n),
+            "distances32norm": ("distances_norm", 32, min(n, 5000)),
+            "distances32norm_slow": ("distances_norm_slow", 32, min(n, 5000)),
             "de": ("de", 32, min(n, 5000)), "da": ("da", 32, n)}
     if a.only:
         plan = {k: v for k, v in plan.items() if k in a.only.split(",")}
-    scvi_n = {"distances32": min(n, 5000), "distances200": min(n, 2000), "de": 300, "da": n}
+    else:
+        plan = {k: v for k, v in plan.items() if not k.startswith("distances32norm")}
+    scvi_n = {"distances32": min(n, 5000), "distances200": min(n, 2000), "distances32norm": min(n, 1000),
+              "de": 300, "da": n}
     results = []
     for key, (what, S, n_run) in plan.items():
         prepare(S, n)
         r = _sub(["--one", what, str(S), str(n), str(n_run), str(a.repeats)])
         results.append(r)
         print(json.dumps(r), flush=True)
-        if a.scvi:
+        if a.scvi and key in scvi_n:
             s = _scvi(what, S, n, min(n_run, scvi_n[key]), a.repeats)
             results.append(s)
             print(json.dumps(s), flush=True)

@@ -2,7 +2,7 @@
 of MRVI timed in CPU seconds on one thread, written to JSON. Called by mrvi_analysis_bench.py.
 
 Usage: python mrvi_scvi_worker.py H5AD WHAT N_CELLS OUT.json [REPEATS]
-WHAT: distances | de | da. Each runs in its own process so its peak RSS is its own.
+WHAT: distances | distances_norm | de | da. Each runs in its own process so its peak RSS is its own.
 """
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def main(h5ad, what, n_cells, out, repeats=1):
     sub = adata[:n_cells].copy()
     run = {"distances": lambda: m.get_local_sample_distances(sub, keep_cell=False, groupby="celltype",
                                                              batch_size=256),
+           # its normalisation draws mc_samples states per cell and sample (use_mean=False)
+           "distances_norm": lambda: m.get_local_sample_distances(sub, keep_cell=False, groupby="celltype",
+                                                                  batch_size=256, use_mean=False,
+                                                                  normalize_distances=True, mc_samples=10),
            "de": lambda: m.differential_expression(sub, sample_cov_keys=["group"], store_lfc=True,
                                                    filter_inadmissible_samples=True),
            "da": lambda: m.differential_abundance(sub, sample_cov_keys=["group"], compute_log_enrichment=True)}
