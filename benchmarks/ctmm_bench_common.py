@@ -70,10 +70,28 @@ class PeakRSS(threading.Thread):
         self.join()
 
 
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (nannies, workers):
+    scdist's own CPU, unlike the machine's, which includes the other users' jobs."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system
+    for p in me.children(recursive=True):
+        try:
+            c = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += c.user + c.system
+    return total
+
+
 def timed_stages(store: str, n_workers: int, stages: dict = STAGES) -> dict:
     """Run ``stages`` one after the other through ``scdist.run`` on a fresh LocalCluster of
-    ``n_workers`` x 1 thread: wall seconds per stage and in total, machine CPU seconds, peak
-    memory and the load average at start and end."""
+    ``n_workers`` x 1 thread: wall seconds per stage and in total, CPU seconds of the driver
+    and the cluster's processes per stage, machine CPU seconds, peak memory and the load
+    average at start and end."""
     import psutil
     from distributed import Client, LocalCluster
 
@@ -87,8 +105,11 @@ def timed_stages(store: str, n_workers: int, stages: dict = STAGES) -> dict:
                           dashboard_address=None, memory_limit="8GiB") as cl, Client(cl) as client:
             for name, cfg in stages.items():
                 t = time.perf_counter()
+                c = own_cpu_seconds()
                 scdist.run({"store": store, "stages": {"ctmm": cfg}}, client=client, rich=False)
                 row[f"{name}_s"] = time.perf_counter() - t
+                # the cluster's processes live across stages: their CPU during this stage
+                row[f"{name}_own_cpu_s"] = own_cpu_seconds() - c
         row["total_s"] = time.perf_counter() - t_all
     cpu1 = psutil.cpu_times()
     row["machine_cpu_s"] = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
