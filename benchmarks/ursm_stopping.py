@@ -99,6 +99,23 @@ def report(recs: list) -> None:
             print(rec["model"], rec["seed"], " ".join(f"{v:.1f}" for v in z[::5]))
 
 
+def overhead(repeats: int, em_iters: int) -> None:
+    """Paired CPU seconds per EM iteration: rule off (no batches) vs 'crossfit' statistics traced."""
+    sim = simulate(seed=0)
+    fit(sim.Y, sim.cell_types, sim.X, em_iters=1, burnin=2, samples=4)       # warm the kernels
+    res = {0: [], 4: []}
+    for r in range(repeats):
+        for nb in ((0, 4) if r % 2 == 0 else (4, 0)):
+            t0 = time.process_time()
+            fit(sim.Y, sim.cell_types, sim.X, em_iters=em_iters, mc_batches=nb, final_estep=False)
+            res[nb].append((time.process_time() - t0) / em_iters)
+    ratios = [b / a for a, b in zip(res[0], res[4])]
+    print(f"CPU s / EM iteration (N = 200 joint, {em_iters} iterations, {repeats} rounds, load "
+          f"{os.getloadavg()[0]:.1f}): without trace {np.median(res[0]):.3f}, with MC-error trace "
+          f"(4 batches, cross-fit) {np.median(res[4]):.3f}; paired ratios {', '.join(f'{x:.3f}' for x in ratios)} "
+          f"(median {np.median(ratios):.3f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -109,10 +126,16 @@ def main():
     ap.add_argument("--rules", nargs="+", default=["none", "ascent"], choices=["none", "ascent", "crossfit"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", nargs="+", default=None, help="print tables from saved JSON files")
+    ap.add_argument("--overhead", type=int, default=0, metavar="REPEATS",
+                    help="CPU s per EM iteration with and without the MC-error trace (joint, seed 0), "
+                         "alternating, REPEATS rounds")
     a = ap.parse_args()
     if a.report:
         recs = [r for f in a.report for r in json.load(open(f))["runs"]]
         report(recs)
+        return
+    if a.overhead:
+        overhead(a.overhead, a.em_iters)
         return
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     recs = []
