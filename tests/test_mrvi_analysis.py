@@ -67,6 +67,9 @@ def test_streamed_distances_equal_all_at_once(quick):
     one = model.sample_distances(cells=sub, min_cells=1, samples=list(model.samples[:3]))
     assert one.shape == (1, 3, 3) and one["group"].item() == "all"
     np.testing.assert_allclose(one.values[0], D[sub][:, :3, :3].mean(0), rtol=1e-4, atol=1e-5)
+    # minibatches smaller than the source's chunks (several tasks, several minibatches each)
+    small = model.sample_distances(cells=sub, min_cells=1, samples=list(model.samples[:3]), batch_size=40)
+    np.testing.assert_allclose(small.values, one.values, rtol=1e-5, atol=1e-6)
     loc = A.local_sample_distances(model, sub[:20])
     assert loc.dims == ("cell", "sample", "sample_b") and loc.shape == (20, 5, 5)
     np.testing.assert_allclose(loc.values, D[sub[:20]], rtol=1e-4, atol=1e-5)

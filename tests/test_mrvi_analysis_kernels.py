@@ -330,3 +330,17 @@ def test_counterfactual_map_cache_follows_parameter_changes():
     b = counterfactual_map(m, s)
     assert b is not a
     torch.testing.assert_close(b(u), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_blocks_merge_small_chunks_only():
+    from scdist.vae.analysis.stream import _blocks
+    chunks = [(0, 100), (100, 200), (200, 300), (300, 350), (350, 1000)]
+    assert [(c, span, n) for c, span, _, n in _blocks(chunks, None, None)] == \
+        [(i, ch, 1) for i, ch in enumerate(chunks)]
+    got = [(c, span, n) for c, span, _, n in _blocks(chunks, None, 150)]
+    assert got == [(0, (0, 200), 2), (2, (200, 350), 2), (4, (350, 1000), 1)]
+    keep = np.array([5, 150, 160, 310, 420, 999])                  # chunk 2 holds no kept cell
+    got = _blocks(chunks, keep, 3)
+    assert [(c, span, n) for c, span, _, n in got] == [(0, (0, 200), 2), (3, (300, 1000), 2)]
+    np.testing.assert_array_equal(got[0][2], [5, 150, 160])
+    np.testing.assert_array_equal(got[1][2], [310, 420, 999])

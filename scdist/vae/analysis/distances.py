@@ -30,6 +30,7 @@ from .kernels import (distances_from_centred, group_distance_sums, pairwise_dist
                       same_sample_distance_stats)
 from .stream import group_codes, map_chunks, resolve_cells
 
+PAIRS_PER_BATCH = 1 << 16  # (cell, sample) pairs per minibatch by default: ~8 MB per per-pair intermediate
 MAX_LOCAL_ELEMENTS = 200_000_000  # cells x S x S floats returned by local_sample_distances
 SPACES = ("z", "expression")
 DECODED_ELEMENTS = 1 << 23  # cells x S x genes floats of decoded states held at once (space="expression")
@@ -134,6 +135,16 @@ def _local_kernel(model, batches, *, chunk, local, sidx, normalize, mc_samples, 
     return np.concatenate(idx), np.concatenate(out)
 
 
+def _batch_size(batch_size: int | None, n_samples: int) -> int:
+    """Cells per minibatch: ``batch_size``, or by default enough for PAIRS_PER_BATCH
+    (cell, sample) pairs and at least 512 (2,048 at S = 32: fewer, larger products)."""
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size={batch_size}", field="batch_size", fix="use a positive number of cells")
+        return int(batch_size)
+    return int(max(512, PAIRS_PER_BATCH // max(1, n_samples)))
+
+
 def _samples(model, samples) -> tuple[torch.Tensor, np.ndarray]:
     sidx = model.sample_index(samples)
     return sidx, np.asarray(model.samples, dtype=object)[sidx.numpy()]
@@ -141,7 +152,7 @@ def _samples(model, samples) -> tuple[torch.Tensor, np.ndarray]:
 
 def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Sequence[str] | None = None,
                      normalize: bool = False, mc_samples: int = 20, min_cells: int = 5, seed: int = 0,
-                     client=None, batch_size: int = 512, progress=None, space: str = "z") -> xr.DataArray:
+                     client=None, batch_size: int | None = None, progress=None, space: str = "z") -> xr.DataArray:
     """Aggregated counterfactual sample distance matrices D(C) per cell group.
 
     ``groupby``: obs column name, one label per cell (e.g. :func:`cluster_cells` output), or
@@ -151,6 +162,8 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
     ``min_cells``: samples with fewer cells in a group get NaN rows / columns there.
     ``client``: a ``distributed.Client`` to map the cell chunks on (in-process when None).
     ``space``: ``"z"`` (the paper's) or ``"expression"`` (decoded log h, see the module docstring).
+    ``batch_size``: cells per minibatch (default: ~65,000 cell-sample pairs, at least 512);
+    smaller cell chunks of the source are merged into tasks of at least that many cells.
 
     Returns DataArray ``distance`` with dims (group, sample, sample_b) and the non-index
     coordinate ``n_cells`` (group, sample): the number of the group's cells from each sample.
@@ -166,9 +179,10 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
     codes = np.where(sel, codes, -1)
     G, S = len(groups), len(sidx)
     total = np.zeros((G, S, S))
-    for _, part in map_chunks(model, data, _aggregate_kernel, cells=keep, client=client, batch_size=batch_size,
-                              progress=progress, cell_params={"group": codes}, sidx=sidx, n_groups=G,
-                              normalize=normalize, mc_samples=mc_samples, seed=seed, space=space):
+    bs = _batch_size(batch_size, S)
+    for _, part in map_chunks(model, data, _aggregate_kernel, cells=keep, client=client, batch_size=bs,
+                              min_block_cells=bs, progress=progress, cell_params={"group": codes}, sidx=sidx,
+                              n_groups=G, normalize=normalize, mc_samples=mc_samples, seed=seed, space=space):
         total += part
     n_group = np.bincount(codes[codes >= 0], minlength=G).astype(float)
     # cells of each group from each compared sample
@@ -195,7 +209,7 @@ def sample_distances(model, groupby=None, cells=None, *, data=None, samples: Seq
 
 
 def local_sample_distances(model, cells, *, data=None, samples: Sequence[str] | None = None, normalize: bool = False,
-                           mc_samples: int = 20, seed: int = 0, client=None, batch_size: int = 512,
+                           mc_samples: int = 20, seed: int = 0, client=None, batch_size: int | None = None,
                            space: str = "z") -> xr.DataArray:
     """Per-cell sample distance matrices D(n) for the cells in ``cells`` (positions or mask):
     DataArray (cell, sample, sample_b). For a subset of cells: the full set is cells x S x S.
@@ -209,7 +223,9 @@ def local_sample_distances(model, cells, *, data=None, samples: Sequence[str] | 
     if keep.size * len(sidx) ** 2 > MAX_LOCAL_ELEMENTS:
         raise InputError(f"{keep.size} cells x {len(sidx)}^2 samples is too large to return", field="cells",
                          fix="pass fewer cells, or use sample_distances(groupby=...) for aggregates")
-    parts = sorted(map_chunks(model, data, _local_kernel, cells=keep, client=client, batch_size=batch_size,
+    bs = _batch_size(batch_size, len(sidx))
+    parts = sorted(map_chunks(model, data, _local_kernel, cells=keep, client=client, batch_size=bs,
+                              min_block_cells=bs,
                               sidx=sidx, normalize=normalize, mc_samples=mc_samples, seed=seed, space=space),
                    key=lambda t: t[0])
     idx = np.concatenate([p[1][0] for p in parts])

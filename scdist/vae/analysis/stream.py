@@ -61,10 +61,11 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None = None,
-                    batch_size: int = 1024) -> Iterator[dict]:
+                    batch_size: int = 1024, rows: tuple[int, int] | None = None) -> Iterator[dict]:
     """Minibatches of one cell chunk with q(u | x) attached: ``index`` (global cell index),
     ``sample``, ``batch`` (codes), ``u_mean``, ``u_std`` (B x L).
     ``keep``: sorted global indices inside the chunk to restrict to (None: all its cells).
+    ``rows``: the cell range to read instead of the chunk's own (a block of whole chunks).
 
     The chunk is read once as CSR (log1p taken on its nonzeros); only one minibatch is dense
     at a time, densified into this thread's reused buffer (a fresh B x genes array per
@@ -73,7 +74,7 @@ def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None 
     module = model.module
     if module.training:
         module.eval()
-    a, b = source.chunks[chunk_id]
+    a, b = source.chunks[chunk_id] if rows is None else rows
     X = source.read(a, b)
     idx = np.arange(a, b, dtype=np.int64)
     if keep is not None and keep.size != b - a:  # a strict subset (sorted, unique, inside [a, b))
@@ -94,16 +95,38 @@ def encoded_batches(model, source, cats, chunk_id: int, keep: np.ndarray | None 
 
 
 def _chunk_task(block, *, payload, kernel: Kernel, batch_size: int, params: dict):
-    chunk_id, keep, local = block
+    chunk_id, (a, b), keep, local, _ = block
     model, source, cats = payload
     torch.set_num_threads(1)
-    a, b = source.chunks[chunk_id]
-    return kernel(model, encoded_batches(model, source, cats, chunk_id, keep, batch_size),
+    return kernel(model, encoded_batches(model, source, cats, chunk_id, keep, batch_size, rows=(a, b)),
                   chunk=(chunk_id, a, b), local=local, **params)
 
 
+def _blocks(chunks: list[tuple[int, int]], keep: np.ndarray | None, min_block_cells: int | None):
+    """(first chunk id, (start, stop), kept cells, number of chunks) of consecutive chunks
+    merged until each block holds at least ``min_block_cells`` selected cells (each chunk on
+    its own when None); chunks without selected cells are skipped."""
+    out, cur = [], None
+    for c, (a, b) in enumerate(chunks):
+        k = None if keep is None else keep[(keep >= a) & (keep < b)]
+        if k is not None and not k.size:
+            continue
+        n = b - a if k is None else k.size
+        if cur is not None and min_block_cells and cur[4] < min_block_cells and cur[1][1] == a:
+            ks = None if k is None else np.concatenate([cur[2], k])
+            cur = (cur[0], (cur[1][0], b), ks, cur[3] + 1, cur[4] + n)
+        else:
+            if cur is not None:
+                out.append(cur)
+            cur = (c, (a, b), k, 1, n)
+    if cur is not None:
+        out.append(cur)
+    return [(c, span, k, n_chunks) for c, span, k, n_chunks, _ in out]
+
+
 def map_chunks(model, data, kernel: Kernel, *, cells=None, client=None, batch_size: int = 1024,
-               progress=None, cell_params: dict | None = None, **params) -> Iterator[tuple[int, Any]]:
+               progress=None, cell_params: dict | None = None, min_block_cells: int | None = None,
+               **params) -> Iterator[tuple[int, Any]]:
     """Yield ``(chunk_id, kernel(model, batches, chunk=(id, start, stop), local=..., **params))``
     for every cell chunk holding selected cells (in chunk order locally, in completion order
     on a Dask cluster).
@@ -111,24 +134,22 @@ def map_chunks(model, data, kernel: Kernel, *, cells=None, client=None, batch_si
     ``cells``: index array or boolean mask of the cells to use (all when None). ``params`` are
     broadcast to every task (keep them small: model-sized, not cell-sized). ``cell_params``:
     per-cell arrays (length n_cells); each task gets only its chunk's rows as ``local``
-    (row ``index - start`` belongs to global cell ``index``).
+    (row ``index - start`` belongs to global cell ``index``). ``min_block_cells``: merge
+    consecutive chunks smaller than this into one task (``chunk`` is then the first chunk's
+    id with the block's start and stop), so minibatches of that size fit in a task; the same
+    blocks in-process and on a cluster. ``progress`` advances once per source chunk.
     """
     source, cats = model._resolve(data)
     keep = resolve_cells(source.n_cells, cells)
     cell_params = cell_params or {}
-    blocks = []
-    for c, (a, b) in enumerate(source.chunks):
-        k = None if keep is None else keep[(keep >= a) & (keep < b)]
-        if k is not None and not k.size:
-            continue
-        blocks.append((c, k, {name: np.asarray(v)[a:b] for name, v in cell_params.items()}))
+    blocks = [(c, (a, b), k, {name: np.asarray(v)[a:b] for name, v in cell_params.items()}, n)
+              for c, (a, b), k, n in _blocks(source.chunks, keep, min_block_cells)]
     if client is None:
-        for c, k, local in blocks:
-            a, b = source.chunks[c]
-            yield c, kernel(model, encoded_batches(model, source, cats, c, k, batch_size),
+        for c, (a, b), k, local, n in blocks:
+            yield c, kernel(model, encoded_batches(model, source, cats, c, k, batch_size, rows=(a, b)),
                             chunk=(c, a, b), local=local, **params)
             if progress is not None:
-                progress.update(1)
+                progress.update(n)
         return
     from ...engines.dask import map_blocks
 
@@ -136,9 +157,11 @@ def map_chunks(model, data, kernel: Kernel, *, cells=None, client=None, batch_si
     # under a fresh key: with content-hashed keys a second analysis re-scattering the same model
     # races the release of the first one's copy, and workers then wait for data that is gone.
     [payload] = client.scatter([(light_copy(model), source, cats)], broadcast=True, hash=False)
-    for (c, _, _), res in map_blocks(client, _chunk_task, blocks, progress=progress, payload=payload,
-                                  kernel=kernel, batch_size=batch_size, params=params):
-        yield c, res
+    for block, res in map_blocks(client, _chunk_task, blocks, payload=payload,
+                                 kernel=kernel, batch_size=batch_size, params=params):
+        if progress is not None:
+            progress.update(block[4])
+        yield block[0], res
 
 
 def cell_sample_codes(model, data) -> tuple[np.ndarray, np.ndarray, Any]:
