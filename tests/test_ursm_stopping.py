@@ -8,7 +8,7 @@ import pytest
 
 from scdist.errors import InputError
 from scdist.ursm import fit, simulate
-from scdist.ursm.em import BlockLayout, EMSettings, GibbsEM, LocalExecutor, Pooled
+from scdist.ursm.em import BlockLayout, EMSettings, GibbsEM, LocalExecutor, Pooled, mean_pooled
 from scdist.ursm.gibbs import BulkStats, CellStats
 from scdist.ursm.mcerror import StopRule, batch_stats, crossfit_increment, increment_se
 from scdist.ursm.params import Theta, initial_theta
@@ -60,7 +60,8 @@ def test_mc_standard_error_matches_the_spread_over_independent_replicates(tiny):
     st = EMSettings(burnin=15, samples=40, mc_batches=4)
     layout = BlockLayout.make(30, 20, 16, 8, False)
     th0 = fit(s.Y, s.cell_types, s.X, em_iters=4, final_estep=False, **FAST)
-    theta0 = Theta(A=th0.A.values, alpha=th0.alpha.values, mu_kappa=float(th0.mu_kappa), s2_kappa=float(th0.sigma2_kappa),
+    theta0 = Theta(A=th0.A.values, alpha=th0.alpha.values, mu_kappa=float(th0.mu_kappa),
+                   s2_kappa=float(th0.sigma2_kappa),
                    mu_tau=float(th0.mu_tau), s2_tau=float(th0.sigma2_tau))
     th1 = None
     dq, se, cv, cv_se = [], [], [], []
@@ -76,7 +77,6 @@ def test_mc_standard_error_matches_the_spread_over_independent_replicates(tiny):
         d, e = increment_se(em.objective, theta0, th1, pooled, bats)
         dq.append(d)
         se.append(e)
-        from scdist.ursm.em import mean_pooled
         d, e = crossfit_increment(em.objective, lambda p: em.mstep(p, keep_state=False), mean_pooled, theta0, bats)
         cv.append(d)
         cv_se.append(e)

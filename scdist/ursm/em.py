@@ -94,7 +94,7 @@ def run_block(sampler, key, theta: Theta, s: EMSettings, em_iter: int, burnin: i
     if kind == CELL:
         return sampler.run(theta, rng, burnin, s.samples, cold=cold_sc, track=s.track, thin=s.thin,
                            batches=s.mc_batches)
-    if s.bulk_burnin is not None and em_iter > 0:
+    if s.bulk_burnin is not None and 0 < em_iter < APPEND_KEY:     # not in the extra rounds (no burn-in)
         burnin = s.bulk_burnin
     return sampler.run(theta, rng, burnin, s.samples_bulk, cold=False, track=s.track, thin=s.thin,
                        batches=s.mc_batches)
@@ -153,7 +153,8 @@ def _concat_cells(parts: list[CellStats]) -> CellStats:
 
 
 def _concat_bulk(parts: list[BulkStats]) -> BulkStats:
-    return BulkStats(bcZ=_add(parts, "bcZ"), bElnW=_add(parts, "bElnW"), cZ=sum(p.cZ for p in parts), ElnW=sum(p.ElnW for p in parts),
+    return BulkStats(bcZ=_add(parts, "bcZ"), bElnW=_add(parts, "bElnW"), cZ=sum(p.cZ for p in parts),
+                     ElnW=sum(p.ElnW for p in parts),
                      EW=np.concatenate([p.EW for p in parts]),
                      halves=None if parts[0].halves is None else np.concatenate([p.halves for p in parts], axis=2),
                      logjoint=None if parts[0].logjoint is None else sum(p.logjoint for p in parts))

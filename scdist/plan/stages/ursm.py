@@ -117,7 +117,8 @@ class UrsmStage(Stage):
         bk = pd.DataFrame(X, index=bulk_names, columns=genes) if X is not None else None
         with ctx.progress("ursm EM iterations", cfg.em_iters) as bar:
             ds = fit(Y, ct, bk, n_types=cfg.n_types, markers=cfg.markers or None, gene_names=genes,
-                     em_iters=cfg.em_iters, stop_rule=cfg.stop_rule, burnin=cfg.burnin, samples=cfg.samples, warm_burnin=cfg.warm_burnin,
+                     em_iters=cfg.em_iters, stop_rule=cfg.stop_rule, burnin=cfg.burnin, samples=cfg.samples,
+                     warm_burnin=cfg.warm_burnin,
                      chains=cfg.chains, map_w=cfg.map_w, seed=cfg.seed, engine=cfg.engine,
                      ray_address=ctx.spec.ray.address, cell_block_size=cfg.cell_block_size,
                      bulk_block_size=cfg.bulk_block_size, n_actors=cfg.n_actors, progress=bar, **cfg.options)
