@@ -117,7 +117,7 @@ def test_stopping_options_are_validated(tiny):
     s = tiny
     for kw, field in [(dict(stop_rule="tol"), "stop_rule"), (dict(stop_rule="crossfit", mc_batches=1), "mc_batches"),
                       (dict(stop_k=0), "stop_k"), (dict(stop_patience=0), "stop_patience"),
-                      (dict(mc_batches=30), "mc_batches")]:
+                      (dict(mc_batches=30), "mc_batches"), (dict(mc_batches=5, bulk_samples=4), "mc_batches")]:
         with pytest.raises(InputError) as e:
             fit(s.Y, s.cell_types, s.X, em_iters=2, **FAST, **kw)
         assert e.value.field == field

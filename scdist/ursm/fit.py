@@ -117,9 +117,10 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     if stop_rule != "none" and mc_batches * chains < 2:
         raise InputError(f"stop_rule={stop_rule!r} needs at least 2 batches in all, got mc_batches={mc_batches} "
                          f"with chains={chains}", field="mc_batches", fix="use mc_batches >= 2 (default 4)")
-    if mc_batches > samples:
-        raise InputError(f"mc_batches={mc_batches} exceeds samples={samples}", field="mc_batches",
-                         fix="use at most one batch per kept sweep")
+    kept = min(samples, bulk_samples or samples)
+    if mc_batches > kept:
+        raise InputError(f"mc_batches={mc_batches} exceeds the kept sweeps ({kept}: samples / bulk_samples)",
+                         field="mc_batches", fix="use at most one batch per kept sweep")
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", field="engine", fix=f"use one of {ENGINES}")
     if s_update not in S_UPDATES:
