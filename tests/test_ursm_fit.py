@@ -26,6 +26,14 @@ def test_urs_beats_naive_single_cell_and_joint(sim200):
     joint = fit(s.Y, s.cell_types, s.X, em_iters=8, **FAST)
     l1_joint = np.abs(joint.A.values - s.A).sum()
     assert l1_sc < 0.6 * naive, (l1_sc, naive)
+    # spec §3 reference-matching EM, single-cell part: with the reference's choices (cold chain every
+    # iteration, τ pinned near N, Euclidean A steps) the single-cell submodel lands near the paper's
+    # 0.27 (measured 0.266 here, 0.30 on seeds 1 and 2); the joint model's improvement on it needs
+    # ~50 iterations with those choices (benchmarks/ursm_paper_figures.py), too long for the suite
+    ref = fit(s.Y, s.cell_types, None, em_iters=8, warm_start=False, init_dropout="pinned",
+              a_solver="euclidean", **FAST)
+    l1_ref = np.abs(ref.A.values - s.A).sum()
+    assert 0.20 < l1_ref < 0.34, l1_ref
     assert l1_joint < 0.5 * naive, (l1_joint, naive)
     # W: posterior means close to the truth (uniform guess gives ~0.5 per sample here)
     l1_w = np.abs(joint.W.values - s.W).sum() / s.W.shape[0]
@@ -149,3 +157,39 @@ def test_bad_input_names_the_field(kwargs, field):
         fit(args["sc"], args["ct"], args["bulk"], **{**dict(em_iters=1, burnin=1, samples=1), **kwargs})
     assert ei.value.field == field
     assert "Fix:" in str(ei.value)
+
+
+def test_chains_pool_statistics_not_parameters():
+    """Spec §2.4: several chains are pooled by averaging their §1.2 statistics and running one
+    M-step; fit's first M-step must equal that (bit for bit) and differ from the mean of per-chain
+    M-steps. Spec §2.8: under MAP-W the deterministic bulk block is computed once for all chains."""
+    from scdist.ursm.data import prepare
+    from scdist.ursm.em import BlockLayout, EMSettings, GibbsEM, LocalExecutor
+    from scdist.ursm.params import initial_theta
+
+    s = _small(11)
+    kw = dict(burnin=3, samples=6, chains=2, seed=5)
+    got = fit(s.Y, s.cell_types, s.X, em_iters=1, cell_block_size=16, bulk_block_size=8, **kw)
+    d = prepare(s.Y, s.cell_types, s.X)
+    st = EMSettings(em_iters=1, **kw)
+    th0 = initial_theta(d.Y, d.G, d.X, d.K, {}, eps_A=st.eps_A)
+    layout = BlockLayout.make(d.L, d.M, 16, 8, False)
+    em = GibbsEM(d.Y, d.G, d.X, d.K, st, th0, LocalExecutor(d.Y, d.G, d.X, d.K, layout, st))
+    em.layout = layout
+    pooled, per_chain = em.estep(0)
+    for name in ("ES", "Ek", "Et2", "C1", "C2"):
+        np.testing.assert_array_equal(getattr(pooled.cell, name),
+                                      (getattr(per_chain[0].cell, name) + getattr(per_chain[1].cell, name)) / 2)
+    np.testing.assert_array_equal(pooled.bulk.cZ, (per_chain[0].bulk.cZ + per_chain[1].bulk.cZ) / 2)
+    th = em.mstep(pooled)
+    np.testing.assert_array_equal(got.A.values, th.A)
+    assert got.mu_kappa.item() == th.mu_kappa and np.array_equal(got.alpha.values, th.alpha)
+    per = [em.mstep(p, keep_state=False) for p in per_chain]
+    assert np.abs((per[0].A + per[1].A) / 2 - th.A).max() > 1e-6      # pooling parameters is different
+    # MAP-W: one bulk block for every chain
+    stw = EMSettings(em_iters=1, map_w=True, eps_alpha=1.0, **kw)
+    layw = BlockLayout.make(d.L, d.M, 16, 8, True)
+    emw = GibbsEM(d.Y, d.G, d.X, d.K, stw, th0, LocalExecutor(d.Y, d.G, d.X, d.K, layw, stw))
+    emw.layout = layw
+    pw, pcw = emw.estep(0)
+    assert not layw.bulk_blocks and all(p.bulk is pw.bulk for p in pcw)

@@ -88,6 +88,49 @@ def test_gradient_matches_finite_differences():
     assert np.allclose(g, fd, rtol=1e-6, atol=1e-6 * np.abs(g).max())
 
 
+def test_solver_gradient_is_eq_3_9_and_matches_finite_differences():
+    """The A solver ascends G_k(a) = F_k(a; u*(a)) (``ProfileObjective``), not ``surrogate_F``:
+    its gradient must be Eq. 3.9 at u = u*(a) and the central differences of its own value."""
+    rng = np.random.default_rng(12)
+    A, c, C1, C2, ES, R, G = _random_mstep_stats(rng)
+    obj = mstep.ProfileObjective(c, C1, C2, ES, R, G)
+    f, u = obj.value(A)
+    g = obj.grad(A, u)
+    np.testing.assert_allclose(g, mstep.surrogate_grad(A, u, c, C1, C2, ES, R, G), rtol=1e-12)
+    h = 1e-7
+    fd = np.zeros_like(A)
+    for i in range(A.shape[0]):
+        E = np.zeros_like(A)
+        E[i] = h
+        fd[i] = (obj.value(A + E)[0] - obj.value(A - E)[0]) / (2 * h)
+    assert np.allclose(g, fd, rtol=1e-6, atol=1e-6 * np.abs(g).max())
+
+
+def test_dropout_prior_update_is_eq_3_6_and_maximises_the_expected_gaussian_term():
+    rng = np.random.default_rng(13)
+    x = rng.normal(-1.0, 0.6, size=(40, 200))        # 200 kept draws of 40 cells' κ
+    Ek, Ek2 = x.mean(1), (x * x).mean(1)
+    y = rng.normal(300.0, 45.0, size=(40, 200))
+    Et, Et2 = y.mean(1), (y * y).mean(1)
+    mk, s2k, mt, s2t = mstep.update_dropout_prior(Ek, Ek2, Et, Et2)
+    assert np.isclose(mk, x.mean()) and np.isclose(s2k, (x * x).mean() - x.mean() ** 2)
+    assert np.isclose(mt, y.mean()) and np.isclose(s2t, (y * y).mean() - y.mean() ** 2)
+    best = mstep.gaussian_term(Ek, Ek2, mk, s2k)
+    for dm, ds in [(1e-3, 1.0), (-1e-3, 1.0), (0.0, 1.001), (0.0, 0.999)]:
+        assert mstep.gaussian_term(Ek, Ek2, mk + dm, s2k * ds) < best
+
+
+def test_profile_column_without_cells_is_the_projected_bulk_fraction():
+    """Spec §1.3: a column with no cells (bulk-only type) is Π_Δε(c_·k / Σ_i c_ik)."""
+    rng = np.random.default_rng(14)
+    A0, c, C1, C2, ES, R, G = _random_mstep_stats(rng)
+    G = np.where(G == 2, 0, G)                        # type 2 has no cells
+    c[:3, 2] = 0.0                                    # and three genes without reads of it
+    A, _, _ = mstep.update_profile(A0, c, C1, C2, ES, R, G, 1e-3)
+    np.testing.assert_allclose(A[:, 2], project_floored_simplex(c[:, 2] / c[:, 2].sum(), 1e-3), rtol=1e-12)
+    assert np.allclose(A[:3, 2], 1e-3)
+
+
 @pytest.mark.parametrize("solver", ["scaled", "euclidean"])
 def test_profile_update_reaches_constrained_maximum(solver):
     rng = np.random.default_rng(3)

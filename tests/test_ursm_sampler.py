@@ -85,7 +85,8 @@ def test_getting_it_right_prior_marginals(pg_sampler, s_update):
     a = A[:, G].T
     Rl, Rj = np.full(L, 15), np.full(M, 40)
     cell = CellBlockSampler(np.ones((L, N), int), G, K, pg_sampler=pg_sampler, s_update=s_update)
-    bulk = BulkBlockSampler(np.ones((M, N), int), K)
+    # bulk: the production sweep with rao_blackwell=False returns its W draw as EW (one kept sweep)
+    bulk = BulkBlockSampler(np.ones((M, N), int), K, rao_blackwell=False)
     # start H from the prior
     cell.kappa = rng.normal(th.mu_kappa, np.sqrt(th.s2_kappa), L)
     cell.tau = rng.normal(th.mu_tau, np.sqrt(th.s2_tau), L)
@@ -102,9 +103,8 @@ def test_getting_it_right_prior_marginals(pg_sampler, s_update):
         cell.set_counts(Y)
         cell.run(th, rng, 0, 1, cold=False)
         bulk.set_counts(X)
-        bulk.n = bulk._draw_Z(W, A, rng)              # Z̃ | W, X
-        g = rng.standard_gamma(th.alpha + bulk.n)       # W | Z̃
-        W = g / g.sum(1, keepdims=True)
+        bulk.n = bulk._draw_Z(W, A, rng)              # Z̃ | W, X (the compiled allocations)
+        W = bulk.run(th, rng, 0, 1).EW                  # (B1) W | Z̃ as BulkBlockSampler.run draws it
 
     from scipy.stats import beta, kstest, norm
 
