@@ -104,6 +104,28 @@ def test_linear_decoder_option(tmp_path):
     np.testing.assert_allclose(again.decode_h(z, 1).numpy(), model.decode_h(z, 1).numpy(), rtol=1e-6)
 
 
+def test_no_penalty_option(tmp_path):
+    """``l2_scale=None``: no z-u penalty (the preprint's objective), so the negative ELBO is the
+    reconstruction plus the KL of u; a finite scale adds the penalty; the option survives save /
+    load; a non-positive scale is an InputError naming the field."""
+    adata, _ = sample_effects(n_cells=400, n_genes=40, n_samples=4, n_types=2, n_markers=5, n_batches=2, seed=1)
+    model = train_mrvi(adata, "sample", "batch", seed=0, max_epochs=1, n_hidden=16, n_latent=4, n_latent_u=4,
+                       variant="linear", l2_scale=None)
+    m = model.module
+    assert m.l2_scale is None and m.u_to_z is None  # z = u + A_s u + a_s, L_z = L
+    ev = model.evaluate(adata, split="train")  # fixed draws: the same u in both calls
+    m.l2_scale = 1.0
+    ev1 = model.evaluate(adata, split="train")
+    assert ev1["recon"] == pytest.approx(ev["recon"], rel=1e-6)
+    # -log N(z; u, I) >= (L_z / 2) log(2 pi) per cell: the difference is exactly the penalty
+    assert ev1["nelbo"] - ev["nelbo"] >= 0.5 * 4 * np.log(2 * np.pi) - 1e-4
+    m.l2_scale = None
+    model.save(str(tmp_path / "m"))
+    assert MrVI.load(str(tmp_path / "m")).module.l2_scale is None
+    with pytest.raises(InputError, match="l2_scale"):
+        train_mrvi(adata, "sample", "batch", max_epochs=1, l2_scale=0.0)
+
+
 def test_label_informed_prior(sim):
     adata, _ = sim
     model = train_mrvi(adata, "sample", labels_key="celltype", seed=0, max_epochs=2, n_hidden=32)

@@ -16,6 +16,15 @@ B_{b_n} + gamma_zh), with per-sample A_s, a_s and per-batch offsets B_b.
 ``linear_decoder=True`` (attention variant only; a combination of the two papers' pieces, off
 by default): the attention u -> z above with the preprint's decoder h_n = softmax(A_zh z_n +
 B_{b_n} + gamma_zh), so Euclidean distances in z are not warped by a nonlinear batch attention.
+``orthogonal_decoder=True`` (with either linear decoder; off by default): A_zh = gain * Q with
+orthonormal columns Q, so the preprint's identity ||log h^a - log h^b||^2 =
+(z^a - z^b)^T A_zh^T A_zh (z^a - z^b) (Section 3.1, its argument for Euclidean distances in z)
+holds with A_zh^T A_zh = gain^2 I: distances in z are distances of log expression (before the
+softmax's per-state constant). With L_z > L and the linear u -> z this is a reparameterisation
+of the same model (A_zh = Q R, R absorbed upstream); it removes the freedom to rescale single
+directions of z against the decoder, which lets the z-u penalty shrink the shared (top-group)
+sample direction relative to the others (README: tree Spearman in z).
+``l2_scale=None``: no z-u penalty (the preprint's objective has none).
 
 Inference: q(u_n | x_n, s_n) Normal from an MLP on log1p(x_n) (``n_hidden``, ``encoder_n_layers``).
 The paper writes q(u_n | x_n); like the authors' software we also feed the sample one-hot to
@@ -51,7 +60,7 @@ from .likelihoods import log_nb_cells
 
 MODULE_KEYS = ("n_latent", "n_latent_u", "n_hidden", "encoder_n_layers", "n_components", "label_epsilon",
                "n_emb", "n_heads", "attention_hidden", "dropout", "variant", "l2_scale", "encoder_sample",
-               "detach_query", "u_adversary", "linear_decoder")
+               "detach_query", "u_adversary", "linear_decoder", "orthogonal_decoder")
 
 
 # Default weight of the sample adversary on u (outside the paper, off; see train_mrvi).
@@ -84,15 +93,18 @@ class MrVIModule(nn.Module):
                  n_latent_u: int = 10, n_hidden: int = 128, encoder_n_layers: int = 2, n_components: int = 20,
                  label_epsilon: float = 0.0, use_labels: bool = False, n_emb: int = 16, n_heads: int = 2,
                  attention_hidden: int = 32, dropout: float = 0.1, variant: str = "attention",
-                 l2_scale: float = 1.0, encoder_sample: bool = True, detach_query: bool = False,
-                 u_adversary: float = 0.0, linear_decoder: bool = False):
+                 l2_scale: float | None = 1.0, encoder_sample: bool = True, detach_query: bool = False,
+                 u_adversary: float = 0.0, linear_decoder: bool = False, orthogonal_decoder: bool = False):
         super().__init__()
         if variant not in ("attention", "linear"):
             raise InputError(f"variant={variant!r}", field="variant", fix="use 'attention' or 'linear'")
         self.n_genes, self.n_sample, self.n_batch = n_genes, n_sample, n_batch
         self.n_latent, self.n_latent_u, self.variant = n_latent, n_latent_u, variant
         self.use_labels = use_labels
-        self.l2_scale = l2_scale
+        if l2_scale is not None and not float(l2_scale) > 0:
+            raise InputError(f"l2_scale={l2_scale!r}", field="l2_scale",
+                             fix="use a positive scale, or None for no z-u penalty (the preprint's objective)")
+        self.l2_scale = None if l2_scale is None else float(l2_scale)
         self.encoder_sample = encoder_sample and n_sample > 1
         self.encoder = GaussianEncoder(n_genes, n_latent_u, n_cat=n_sample if self.encoder_sample else 0,
                                        n_hidden=n_hidden, n_layers=encoder_n_layers,
@@ -122,6 +134,18 @@ class MrVIModule(nn.Module):
             self.sample_classifier = nn.Sequential(nn.Linear(n_latent_u, n_hidden), nn.ReLU(),
                                                    nn.Linear(n_hidden, n_sample))
         self.decoder = nn.Linear(n_latent, n_genes)
+        # orthonormal decoder columns times one learned gain: ||log h^a - log h^b|| = gain ||z^a - z^b||
+        self.orthogonal_decoder = bool(orthogonal_decoder)
+        if self.orthogonal_decoder:
+            if not self.linear_decoder:
+                raise InputError("orthogonal_decoder=True needs a linear decoder", field="orthogonal_decoder",
+                                 fix="add variant='linear' or linear_decoder=True, or drop orthogonal_decoder")
+            if n_latent > n_genes:
+                raise InputError(f"orthogonal_decoder with n_latent={n_latent} > {n_genes} genes",
+                                 field="n_latent", fix="use n_latent <= the number of genes")
+            with torch.no_grad():  # start at the plain decoder's scale
+                gain = self.decoder.weight.norm(dim=0).mean().log()
+            self.decoder_log_gain = nn.Parameter(gain.clone())
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
 
     # --------------------------------------------------------------- pieces
@@ -159,10 +183,20 @@ class MrVIModule(nn.Module):
     def h_logits(self, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Unnormalised log h (before the softmax over genes) for z (... x L_z), batch (...)."""
         if self.linear_decoder:
+            if self.orthogonal_decoder:
+                return F.linear(z, self.decoder_matrix(), self.decoder.bias) + self.batch_offset[batch]
             return self.decoder(z) + self.batch_offset[batch]
         if self.n_batch > 1:
             z = z + self.g_zh(z, self.batch_emb(batch))
         return self.decoder(z)
+
+    def decoder_matrix(self) -> torch.Tensor:
+        """A_zh (G x L_z); with ``orthogonal_decoder`` gain * Q, Q the orthonormal factor of the
+        free weight (QR), so A_zh^T A_zh = gain^2 I."""
+        if not self.orthogonal_decoder:
+            return self.decoder.weight
+        Q = torch.linalg.qr(self.decoder.weight).Q
+        return torch.exp(self.decoder_log_gain) * Q
 
     def h(self, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """Normalised expression h_n (softmax over genes)."""
@@ -188,9 +222,13 @@ class MrVIModule(nn.Module):
         recon = -log_nb_cells(batch, batch["library"] + log_h, torch.exp(self.log_theta))
         labels = batch["label"] if self.use_labels else None
         kl_u = normal_log_prob(u, qm, qs).sum(-1) - self.prior.log_prob(u, labels)
-        # scaled L2 penalty = -log N(z; A_uz u + gamma, l2_scale^2 I)
-        zb = self.z_base(u)
-        penalty = -normal_log_prob(z, zb, torch.full_like(zb, self.l2_scale)).sum(-1)
+        # scaled L2 penalty = -log N(z; A_uz u + gamma, l2_scale^2 I); none with l2_scale=None (the
+        # preprint: z deterministic given u and s, the ELBO alone)
+        if self.l2_scale is None:
+            penalty = torch.zeros_like(kl_u)
+        else:
+            zb = self.z_base(u)
+            penalty = -normal_log_prob(z, zb, torch.full_like(zb, self.l2_scale)).sum(-1)
         loss = (recon + kl_weight * (kl_u + penalty)).mean()
         if hasattr(self, "sample_classifier"):
             loss = loss + self.adversary_loss(u, s)
@@ -306,10 +344,11 @@ def train_mrvi(data, sample_key: str, batch_key: str | None = None, labels_key: 
     Options: ``n_latent`` (L_z, 30), ``n_latent_u`` (L, 10), ``n_components`` (K, 20),
     ``n_hidden`` (128), ``encoder_n_layers`` (2), ``n_emb`` (16), ``n_heads`` (2),
     ``attention_hidden`` (32), ``dropout`` (0.1), ``variant`` ("attention" | "linear"),
-    ``l2_scale`` (1), ``encoder_sample`` (True: q(u | x, s) as the authors' software; False:
+    ``l2_scale`` (1; None: no z-u penalty, the preprint's objective), ``encoder_sample`` (True: q(u | x, s) as the authors' software; False:
     the paper's q(u | x)), ``u_adversary`` (lambda, 0 = the paper's objective; 5 = the
     setting measured below), ``linear_decoder`` (False; True: the preprint's linear decoder
-    with per-batch offsets under the attention u -> z);
+    with per-batch offsets under the attention u -> z), ``orthogonal_decoder`` (False; True:
+    the linear decoder's A_zh = gain * orthonormal Q, so z distances are log-expression distances);
     training fields of :class:`~scdist.vae.train.TrainConfig` (MrVI
     defaults: AdamW, ``lr`` 2e-3, ``adam_eps`` 1e-8, weight decay 1e-6, as the authors'
     software; see ``MRVI_OPTIMIZER``); engine: ``num_workers``, ``use_gpu``, ``checkpoint_dir``.
