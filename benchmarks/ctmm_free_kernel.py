@@ -466,6 +466,93 @@ def run_solver_check() -> dict:
     return res
 
 
+def optimizer_at(rev: str):
+    """``scdist/ctmm/optimize.py`` as of git revision ``rev``, loaded as a module of the
+    package (its relative imports resolve against the current code)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:scdist/ctmm/optimize.py"], cwd=HERE.parent,
+                         check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "optimize_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("scdist.ctmm._optimize_at_rev", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fit_with(mod, ds, models, method, tests, covariates=()):
+    """``fit_block`` with the restarts' optimiser taken from module ``mod`` (None: current)."""
+    from scdist.ctmm import jackknife, kernel, optimize
+    from scdist.ctmm.kernel import FitConfig, fit_block, test_labels
+
+    mwr = (mod or optimize).maximize_with_restarts
+    saved = kernel.maximize_with_restarts, jackknife.maximize_with_restarts
+    kernel.maximize_with_restarts = jackknife.maximize_with_restarts = mwr
+    try:
+        cfg = FitConfig(models=tuple(models), method=method, tests=tuple(tests),
+                        covariates=tuple(covariates), test_labels=test_labels(models, method, tests))
+        return fit_block(ds, cfg)
+    finally:
+        kernel.maximize_with_restarts, jackknife.maximize_with_restarts = saved
+
+
+def covariate_missing_set():
+    """200 genes, N = 50, two donor covariates, 10 % missing pairs (CTP)."""
+    from scdist.ctmm.simulate import simulate_ctp
+
+    ds = simulate_ctp(200, 50, 4, hom2=0.25, V=[0.2, 0.1, 0.0, 0.0], missing_frac=0.1, seed=11,
+                      n_covariates=2)
+    return ds.drop_vars([v for v in ds.data_vars if v.startswith("true_") or v.startswith("op_")
+                         or v == "P"])
+
+
+def run_opt_check(rev: str) -> dict:
+    """The current optimiser against the one at git revision ``rev`` on the check sets plus a
+    set with covariates and missing pairs (same comparison as ``--check``)."""
+    old = optimizer_at(rev)
+    sets = [s + ((),) for s in check_sets()]
+    sets.append(("covariates + missing pairs 200 genes, REML", covariate_missing_set(),
+                 ("hom", "free"), "reml", ("lrt", "wald", "jackknife"), ("cov0", "cov1")))
+    res = {"rev": rev}
+    for name, ds, models, method, tests, covs in sets:
+        a = fit_with(old, ds, models, method, tests, covs)
+        b = fit_with(None, ds, models, method, tests, covs)
+        res[name] = compare(a, b)
+        print(name, json.dumps(res[name]), flush=True)
+    return res
+
+
+def run_opt_time(rev: str, repeats: int) -> dict:
+    """Paired CPU per gene of Free REML + Wald (and Free REML + jackknife on the first 60
+    genes) on the reference's set: the optimiser at ``rev`` against the current one,
+    alternating in one process; medians of ``repeats``."""
+    old = optimizer_at(rev)
+    ds = reference_set()
+    jk = ds.isel(gene=slice(0, 60))
+    parts = {"free_reml_wald": (ds, ("wald",)), "free_reml_jackknife_60": (jk, ("jackknife",))}
+    for mod in (old, None):
+        fit_with(mod, ds.isel(gene=slice(0, 8)), ("free",), "reml", ("wald",))
+    runs = {k: {"old": [], "new": []} for k in parts}
+    load = [os.getloadavg()]
+    for r in range(repeats):
+        for key, (d, tests) in parts.items():
+            for tag in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                t = time.process_time()
+                fit_with(old if tag == "old" else None, d, ("free",), "reml", tests)
+                runs[key][tag].append((time.process_time() - t) / d.sizes["gene"] * 1e3)
+    load.append(os.getloadavg())
+    out = {"rev": rev, "load": load}
+    for key, v in runs.items():
+        med = {k: float(np.median(x)) for k, x in v.items()}
+        out[key] = {"cpu_ms_per_gene_median": med, "runs": v, "speedup": med["old"] / med["new"]}
+        print(key, {k: round(x, 4) for k, x in med.items()}, f"{med['old'] / med['new']:.3f}x",
+              flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true")
@@ -478,6 +565,10 @@ def main(argv=None) -> None:
                     help="OP scalar kernel against the block kernel (equality, CPU)")
     ap.add_argument("--solver-check", action="store_true",
                     help="optimiser's compiled small solve against the LAPACK one")
+    ap.add_argument("--opt-check", metavar="REV",
+                    help="current optimiser against optimize.py at git revision REV (equality)")
+    ap.add_argument("--opt-time", metavar="REV",
+                    help="paired CPU: current optimiser against optimize.py at REV")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_free_kernel.json"))
     a = ap.parse_args(argv)
@@ -490,6 +581,10 @@ def main(argv=None) -> None:
         res["restarts"] = run_restarts()
     if a.solver_check:
         res["solver_check"] = run_solver_check()
+    if a.opt_check:
+        res["opt_check"] = run_opt_check(a.opt_check)
+    if a.opt_time:
+        res["opt_time"] = run_opt_time(a.opt_time, a.repeats)
     if a.op_check:
         res["op_check"] = run_op_check()
     if a.op_split:

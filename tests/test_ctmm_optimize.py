@@ -169,3 +169,72 @@ def test_compiled_small_solve_equals_lapack_and_flags_singular_rows():
     A[5, 1, 1] = np.nan
     x = solve_small(A, b)
     assert np.isnan(x[3:6]).all() and np.isfinite(np.delete(x, [3, 4, 5], axis=0)).all()
+
+
+@pytest.mark.parametrize("K", [1, 2, 5])
+def test_compiled_ai_step_is_the_numpy_direction_bit_for_bit(K):
+    """The optimiser's compiled AI / Newton direction (regularised solve, scaled-gradient
+    fallback) equals its numpy formulation exactly, including singular, NaN, infinite and
+    tiny information matrices and NaN gradients (the optimiser's iterates must not change)."""
+    from scdist.ctmm.linalg import ai_step
+
+    rng = np.random.default_rng(K)
+    R = 120
+    B = rng.normal(size=(R, K, K))
+    A = B @ B.transpose(0, 2, 1)
+    A[:20] = B[:20]                          # indefinite, not symmetric: pivoting
+    A[20:25] = 0.0
+    A[25:30, 0, :] = 0.0
+    A[25:30, :, 0] = 0.0
+    A[30:33, 0, 0] = np.nan
+    A[33:36, -1, -1] = np.inf
+    A[36:40] *= 1e-320
+    g = rng.normal(size=(R, K))
+    g[40:42] = np.nan
+    with np.errstate(all="ignore"):
+        ref = opt._solve_dir_numpy(A, g)
+    got = ai_step(A, g)
+    np.testing.assert_array_equal(got, ref)
+    assert np.array_equal(np.signbit(got), np.signbit(ref))
+    assert np.isfinite(got[40:]).sum() > 0 and np.isnan(got[40:42]).all()
+
+
+def test_compiled_line_search_bookkeeping_takes_the_longest_accepted_step():
+    """``_accept_take``: each row takes its first (longest-step) candidate with Sigma positive
+    definite and l not lower by more than 1e-10 |l|, and stores that candidate's state; the
+    flat-step counter counts steps that changed l by <= 1e-10 max(|l|, 1) -- checked against
+    the rule written out in numpy."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(1)
+    R, K, p, nc = 40, 3, 2, 4
+    rows = rng.permutation(R)[:25]
+    ll0 = rng.normal(size=R) * 50
+    ll0[:3] = 0.5                                       # |l| < 1: the flat rule's floor
+    cl = np.repeat(ll0[rows], nc) + rng.normal(size=rows.size * nc) * 1e-3
+    cl[::5] = np.repeat(ll0[rows], nc)[::5] - 1e-12 * np.abs(np.repeat(ll0[rows], nc)[::5])
+    st = SimpleNamespace(ok=rng.random(rows.size * nc) > 0.2, loglik=cl,
+                         grad=rng.normal(size=(rows.size * nc, K)),
+                         ai=rng.normal(size=(rows.size * nc, K, K)),
+                         beta=rng.normal(size=(rows.size * nc, p)), rcmin=rng.random(rows.size * nc))
+    cand = rng.normal(size=(rows.size * nc, K))
+    state = [np.zeros((R, K)), ll0.copy(), np.zeros((R, K)), np.zeros((R, K, K)),
+             rng.integers(0, 2, R), np.zeros(R), np.zeros((R, p))]
+    ref = [a.copy() for a in state]
+    first = opt._accept_take(rows, nc, cand, st, *state)
+    good = (st.ok & (cl >= np.repeat(ll0[rows], nc) - 1e-10 * np.abs(np.repeat(ll0[rows], nc))))
+    good = good.reshape(rows.size, nc)
+    want = np.where(good.any(axis=1), good.argmax(axis=1), -1)
+    np.testing.assert_array_equal(first, want)
+    assert (want >= 0).sum() > 5 and (want < 0).sum() > 0 and (want > 0).sum() > 0
+    theta, ll, grad, AI, flat, rc, beta = ref
+    for i, r in enumerate(rows):
+        if want[i] < 0:
+            continue
+        c = i * nc + want[i]
+        small = cl[c] - ll[r] <= 1e-10 * max(abs(ll[r]), 1.0)
+        flat[r] = flat[r] + 1 if small else 0
+        theta[r], ll[r], grad[r], AI[r] = cand[c], cl[c], st.grad[c], st.ai[c]
+        beta[r], rc[r] = st.beta[c], st.rcmin[c]
+    for got, exp in zip(state, ref):
+        np.testing.assert_array_equal(got, exp)

@@ -15,7 +15,8 @@ import xarray as xr
 
 from ..errors import InputError
 from . import covariance as cov_models
-from .kernel import JK_RULES, METHODS, TESTS, FitConfig, fit_block, test_labels
+from .kernel import (JK_RULES, METHODS, TESTS, FitConfig, arrays_to_dataset, block_arrays,
+                     join_blocks, test_labels)
 
 DEFAULT_GENE_BLOCK = 256
 
@@ -226,14 +227,16 @@ def fit(data, *, models: Sequence[str] = ("hom", "free"), method: str = "reml",
         from .distributed import fit_in_memory
 
         parts = fit_in_memory(client, ds, slices, cfg, progress=progress)
+        res = xr.concat(parts, dim="gene", data_vars="minimal", coords="minimal",
+                        compat="override", join="override") if len(parts) > 1 else parts[0]
     else:
-        parts = []
+        # in-process: the blocks' arrays are joined and one Dataset is built
+        arrays = []
         for sl in slices:
-            parts.append(fit_block(ds.isel(gene=sl), cfg))
+            arrays.append(block_arrays(ds.isel(gene=sl), cfg))
             if progress is not None:
                 progress.update(1)
-    res = xr.concat(parts, dim="gene", data_vars="minimal", coords="minimal", compat="override",
-                    join="override") if len(parts) > 1 else parts[0]
+        res = arrays_to_dataset(*join_blocks(arrays))
     res.attrs.update(result_attrs(cfg, missing))
     return res
 

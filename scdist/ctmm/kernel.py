@@ -338,8 +338,9 @@ def donor_inputs(block: xr.Dataset, cfg: FitConfig):
     return Z, factors
 
 
-def fit_block(block: xr.Dataset, cfg: FitConfig) -> xr.Dataset:
-    """Fit CTMM to one gene block; returns the result Dataset for those genes."""
+def block_arrays(block: xr.Dataset, cfg: FitConfig) -> tuple[dict, dict]:
+    """:func:`fit_block`'s results as ``({name: (dims, array)}, coords)`` without building
+    the Dataset (the in-process fit joins its blocks' arrays and builds one Dataset)."""
     Y = np.asarray(block["mean"].transpose("gene", "donor", "celltype").values, float)
     NU = np.asarray(block["nu"].transpose("gene", "donor", "celltype").values, float)
     mask = np.isfinite(Y) & np.isfinite(NU)
@@ -363,6 +364,30 @@ def fit_block(block: xr.Dataset, cfg: FitConfig) -> xr.Dataset:
         coords["covariate"] = list(cfg.covariates)
     if cfg.random_effects:
         coords["random_effect"] = list(cfg.random_effects)
-    # string coordinates as object arrays (the store's convention), made before the Dataset
+    return data, coords
+
+
+def arrays_to_dataset(data: dict, coords: dict) -> xr.Dataset:
+    """The result Dataset of :func:`block_arrays`' output (string coordinates as object
+    arrays, the store's convention, made before the Dataset)."""
     coords = {k: np.asarray(v).astype(object) for k, v in coords.items()}
     return xr.Dataset(data, coords=coords)
+
+
+def join_blocks(parts: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Several blocks' :func:`block_arrays` outputs joined along the gene axis (in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    data0, coords0 = parts[0]
+    data = {}
+    for name, (dims, _) in data0.items():
+        ax = dims.index("gene")
+        data[name] = (dims, np.concatenate([d[name][1] for d, _ in parts], axis=ax))
+    coords = dict(coords0)
+    coords["gene"] = np.concatenate([np.asarray(c["gene"]) for _, c in parts])
+    return data, coords
+
+
+def fit_block(block: xr.Dataset, cfg: FitConfig) -> xr.Dataset:
+    """Fit CTMM to one gene block; returns the result Dataset for those genes."""
+    return arrays_to_dataset(*block_arrays(block, cfg))

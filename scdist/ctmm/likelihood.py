@@ -231,9 +231,9 @@ def evaluate(prob: Problem, theta: np.ndarray, method: str = "reml", *, grad: bo
     :mod:`scdist.ctmm.blockkernel` otherwise. Their State carries no W / F (:func:`fisher`
     gets the information from the compiled kernel)."""
     theta = np.asarray(theta, float)
-    shared = prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL
     if compiled and _compiled_ok(prob):
         return _evaluate_compiled(prob, theta, method == "reml", grad, ai, rows)
+    shared = prob.K.shape[1] == 1 and prob.K.shape[-1] <= _SMALL
     if rows is not None:
         prob = prob.take(rows)
     prob = prob.dense()

@@ -131,6 +131,45 @@ def _spd_inverse_lapack(A: np.ndarray, rcond: float = 0.0):
     return W.reshape(A.shape), logdet.reshape(batch), ok.reshape(batch)
 
 
+@nb.njit(cache=True, inline="always")
+def _eliminate(M, v, out, r, K):
+    """Solve M x = v (K x K, overwritten) by Gaussian elimination with partial pivoting into
+    ``out[r]``; NaN there when a pivot column is exactly zero (or NaN)."""
+    singular = False
+    for c in range(K):
+        piv = c
+        best = abs(M[c, c])
+        for i in range(c + 1, K):
+            if abs(M[i, c]) > best:
+                best = abs(M[i, c])
+                piv = i
+        if not best > 0.0:          # zero (or NaN) pivot column
+            singular = True
+            break
+        if piv != c:
+            for j in range(K):
+                t = M[c, j]
+                M[c, j] = M[piv, j]
+                M[piv, j] = t
+            t = v[c]
+            v[c] = v[piv]
+            v[piv] = t
+        for i in range(c + 1, K):
+            f = M[i, c] / M[c, c]
+            for j in range(c + 1, K):
+                M[i, j] -= f * M[c, j]
+            v[i] -= f * v[c]
+    if singular:
+        for i in range(K):
+            out[r, i] = np.nan
+        return
+    for i in range(K - 1, -1, -1):
+        t = v[i]
+        for j in range(i + 1, K):
+            t -= M[i, j] * out[r, j]
+        out[r, i] = t / M[i, i]
+
+
 @nb.njit(cache=True)
 def _solve_rows(A, b, out):
     K = A.shape[1]
@@ -141,39 +180,57 @@ def _solve_rows(A, b, out):
             v[i] = b[r, i]
             for j in range(K):
                 M[i, j] = A[r, i, j]
-        singular = False
-        for c in range(K):
-            piv = c
-            best = abs(M[c, c])
-            for i in range(c + 1, K):
-                if abs(M[i, c]) > best:
-                    best = abs(M[i, c])
-                    piv = i
-            if not best > 0.0:          # zero (or NaN) pivot column
-                singular = True
-                break
-            if piv != c:
-                for j in range(K):
-                    t = M[c, j]
-                    M[c, j] = M[piv, j]
-                    M[piv, j] = t
-                t = v[c]
-                v[c] = v[piv]
-                v[piv] = t
-            for i in range(c + 1, K):
-                f = M[i, c] / M[c, c]
-                for j in range(c + 1, K):
-                    M[i, j] -= f * M[c, j]
-                v[i] -= f * v[c]
-        if singular:
+        _eliminate(M, v, out, r, K)
+
+
+@nb.njit(cache=True)
+def _ai_step_rows(ai, g, out):
+    """:func:`ai_step` row by row (the same floating-point operations in the same order)."""
+    R, K = g.shape
+    M = np.empty((K, K))
+    v = np.empty(K)
+    for r in range(R):
+        # scale = max(max_k |AI_kk|, 1e-300), NaN when a diagonal entry is NaN (numpy's max)
+        s = abs(ai[r, 0, 0])
+        nan = s != s
+        for k in range(1, K):
+            a = abs(ai[r, k, k])
+            if a != a:
+                nan = True
+            elif a > s:
+                s = a
+        if nan:
+            s = np.nan
+        elif s < 1e-300:
+            s = 1e-300
+        reg = 1e-10 * s
+        if K == 1:
+            out[r, 0] = g[r, 0] / (ai[r, 0, 0] + reg)
+        else:
             for i in range(K):
-                out[r, i] = np.nan
-            continue
-        for i in range(K - 1, -1, -1):
-            t = v[i]
-            for j in range(i + 1, K):
-                t -= M[i, j] * out[r, j]
-            out[r, i] = t / M[i, i]
+                v[i] = g[r, i]
+                for j in range(K):
+                    M[i, j] = ai[r, i, j] + reg * (1.0 if i == j else 0.0)
+            _eliminate(M, v, out, r, K)
+        finite = True
+        for i in range(K):
+            if not np.isfinite(out[r, i]):
+                finite = False
+        if not finite:              # a scaled gradient step instead
+            for i in range(K):
+                out[r, i] = g[r, i] / s
+
+
+def ai_step(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Newton-type directions ``(AI + 1e-10 s I)^-1 g`` for stacks of information matrices
+    (R, K, K) and gradients (R, K), ``s = max_k |AI_kk|`` (at least 1e-300); a row whose
+    solve is singular or not finite gets the scaled gradient ``g / s`` instead. One compiled
+    loop over the rows; the optimiser's reference in numpy is ``optimize._solve_dir_numpy``."""
+    ai = np.ascontiguousarray(ai, dtype=np.float64)
+    g = np.ascontiguousarray(g, dtype=np.float64)
+    out = np.empty(g.shape)
+    _ai_step_rows(ai, g, out)
+    return out
 
 
 def solve_small(A: np.ndarray, b: np.ndarray) -> np.ndarray:

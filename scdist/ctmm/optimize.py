@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 
 from .design import Problem
 from .likelihood import EDGE, evaluate, fisher_at
-from .linalg import solve_small
+from .linalg import ai_step, solve_small
 
 # a converged optimum with a covariance block closer to singular than this (reciprocal
 # condition proxy, see likelihood.RCOND) is re-examined by the random restarts
@@ -43,7 +44,8 @@ class FitResult:
     beta: np.ndarray | None = None   # (R, p) GLS fixed effects at theta
 
 
-def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
+def _solve_dir_numpy(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``linalg.ai_step`` in numpy (its reference in the tests)."""
     K = ai.shape[-1]
     scale = np.maximum(np.abs(np.diagonal(ai, axis1=1, axis2=2)).max(axis=1), 1e-300)
     if K == 1:     # one variance component (Hom): a division, no LAPACK call per row
@@ -62,6 +64,10 @@ def _solve_dir(ai: np.ndarray, g: np.ndarray) -> np.ndarray:
     return d
 
 
+# the optimiser's AI / Newton directions (benchmarks swap in other solvers)
+_solve_dir = ai_step
+
+
 def _newton_dir(prob: Problem, theta: np.ndarray, grad: np.ndarray, ai: np.ndarray,
                 method: str, rows) -> np.ndarray:
     """Exact Newton direction with the observed information ``2 AI - Fisher`` (valid for
@@ -76,24 +82,57 @@ def _newton_dir(prob: Problem, theta: np.ndarray, grad: np.ndarray, ai: np.ndarr
     return d
 
 
-def _accept(st, ll_old: np.ndarray) -> np.ndarray:
-    return st.ok & (st.loglik >= ll_old - 1e-10 * np.abs(ll_old))
+@nb.njit(cache=True)
+def _accept_rows(rows, ncand, cand, ok, cll, cgrad, cai, cbeta, crc, track_rc, theta, ll, grad,
+                 AI, flat, rcmin, beta, first):
+    """Line search bookkeeping for ``rows`` (problem-row indices into the state arrays) whose
+    candidates are ``cand[i * ncand + j]``, j = 0.. in order of decreasing step length: each
+    row takes its first candidate where Sigma is positive definite and the log-likelihood did
+    not drop (by more than 1e-10 |l|), storing theta, l, gradient, AI, beta and (``track_rc``)
+    rcmin; ``flat`` counts consecutive accepted steps that changed l by at most
+    1e-10 max(|l|, 1). ``first[i]``: the candidate taken, -1 for none."""
+    K = cand.shape[1]
+    p = cbeta.shape[1]
+    for i in range(rows.size):
+        r = rows[i]
+        old = ll[r]
+        thr = old - 1e-10 * abs(old)
+        f = -1
+        for j in range(ncand):
+            c = i * ncand + j
+            if ok[c] and cll[c] >= thr:
+                f = j
+                break
+        first[i] = f
+        if f < 0:
+            continue
+        c = i * ncand + f
+        new = cll[c]
+        m = abs(old)
+        if m < 1.0:
+            m = 1.0
+        flat[r] = flat[r] + 1 if (new - old) <= 1e-10 * m else 0
+        ll[r] = new
+        for k in range(K):
+            theta[r, k] = cand[c, k]
+            grad[r, k] = cgrad[c, k]
+            for l in range(K):
+                AI[r, k, l] = cai[c, k, l]
+        for q in range(p):
+            beta[r, q] = cbeta[c, q]
+        if track_rc:
+            rcmin[r] = crc[c]
 
 
-def _take(rows, cand, st, sel, theta, ll, grad, AI, flat, edge, rcmin, beta) -> None:
-    """Store accepted candidates ``cand[sel]`` (state ``st``) for ``rows``."""
-    new_ll = st.loglik[sel]
-    small = (new_ll - ll[rows]) <= 1e-10 * np.maximum(np.abs(ll[rows]), 1.0)
-    flat[rows] = np.where(small, flat[rows] + 1, 0)
-    theta[rows] = cand[sel]
-    ll[rows] = new_ll
-    grad[rows] = st.grad[sel]
-    AI[rows] = st.ai[sel]
-    beta[rows] = st.beta[sel]
-    if st.edge is not None:
-        edge[rows] = st.edge[sel]
-    if rcmin is not None and st.rcmin is not None:
-        rcmin[rows] = st.rcmin[sel]
+def _accept_take(rows, ncand, cand, st, theta, ll, grad, AI, flat, rcmin, beta) -> np.ndarray:
+    """:func:`_accept_rows` for a state ``st`` of the candidates; returns ``first``."""
+    first = np.empty(rows.size, np.int64)
+    track = rcmin is not None
+    c = np.ascontiguousarray
+    _accept_rows(c(rows, dtype=np.int64), ncand, c(cand), c(st.ok), c(st.loglik), c(st.grad),
+                 c(st.ai), c(st.beta), c(st.rcmin) if track else ll, track, theta, ll, grad, AI,
+                 flat, rcmin if track else ll, beta, first)
+    return first
 
 
 def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_iter: int = 60,
@@ -125,7 +164,6 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     AI = np.zeros((R, K, K))
     grad[active], AI[active] = g[active], ai[active]
     hard = np.full(R, bool(newton))
-    edge = np.zeros(R, bool) if st.edge is None else st.edge.copy()
     flat = np.zeros(R, int)   # consecutive accepted steps that changed l by < 1e-10 |l|
     rcmin = None if st.rcmin is None else st.rcmin.copy()
     beta = st.beta.copy()
@@ -150,11 +188,10 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
         # rows that did not improve, a few step lengths per batched evaluation (most rows
         # accept one of the first; the rest try the next ones). Each row takes the longest
         # accepted step, exactly as if every length had been tried at once.
-        st1 = evaluate(prob, theta[active] + d, method, rows=data[active])
-        better = _accept(st1, ll[active])
-        _take(active[better], theta[active] + d, st1, better, theta, ll, grad, AI, flat, edge,
-              rcmin, beta)
-        pending = np.flatnonzero(~better)
+        cand1 = theta[active] + d
+        st1 = evaluate(prob, cand1, method, rows=data[active])
+        first = _accept_take(active, 1, cand1, st1, theta, ll, grad, AI, flat, rcmin, beta)
+        pending = np.flatnonzero(first < 0)
         for lo, hi in _HALVING_STAGES:
             hi = min(hi, max_halvings)
             if not pending.size or lo >= hi:
@@ -162,15 +199,10 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
             rows = active[pending]
             alphas = 0.5 ** np.arange(lo + 1, hi + 1)
             cand = (theta[rows][:, None] + alphas[None, :, None] * d[pending][:, None]).reshape(-1, K)
-            rep = np.repeat(rows, alphas.size)
-            stc = evaluate(prob, cand, method, rows=data[rep])
-            good = _accept(stc, ll[rep]).reshape(rows.size, alphas.size)
-            first = np.where(good.any(axis=1), good.argmax(axis=1), -1)
+            stc = evaluate(prob, cand, method, rows=data[np.repeat(rows, alphas.size)])
+            first = _accept_take(rows, alphas.size, cand, stc, theta, ll, grad, AI, flat, rcmin,
+                                 beta)
             hit = first >= 0
-            pick = np.flatnonzero(hit) * alphas.size + first[hit]
-            sel = np.zeros(rep.size, bool)
-            sel[pick] = True
-            _take(rows[hit], cand, stc, sel, theta, ll, grad, AI, flat, edge, rcmin, beta)
             hard[rows[hit & (lo + first >= 2)]] = True
             pending = pending[~hit]
         if pending.size:
@@ -185,6 +217,9 @@ def maximize(prob: Problem, theta0: np.ndarray, method: str = "reml", *, max_ite
     # a maximum where some covariance block is numerically singular is a likelihood spike
     # created by negative variance components, not a regular optimum: report it as failed
     # so that restarts look for the regular maximum
+    # (every kernel that tracks rcmin flags edge = rcmin < EDGE on its positive definite rows,
+    # and a row's state is always one where Sigma is positive definite or ll = -inf)
+    edge = rcmin < EDGE if rcmin is not None else np.zeros(R, bool)
     return FitResult(theta=theta, loglik=ll, converged=conv & np.isfinite(ll) & ~edge,
                      iterations=iters, rcmin=rcmin, beta=beta)
 
