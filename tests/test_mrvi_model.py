@@ -126,6 +126,31 @@ def test_no_penalty_option(tmp_path):
         train_mrvi(adata, "sample", "batch", max_epochs=1, l2_scale=0.0)
 
 
+def test_orthogonal_decoder_option(tmp_path):
+    """``orthogonal_decoder=True``: A_zh = gain * Q with orthonormal columns, so the difference of
+    the decoder's logits between two z of one batch has norm gain * ||z^a - z^b|| (the preprint's
+    identity with A_zh' A_zh = gain^2 I); it needs a linear decoder (InputError otherwise) and
+    survives save / load."""
+    adata, _ = sample_effects(n_cells=400, n_genes=40, n_samples=4, n_types=2, n_markers=5, n_batches=2, seed=1)
+    model = train_mrvi(adata, "sample", "batch", seed=0, max_epochs=1, n_hidden=16, n_latent=8, n_latent_u=4,
+                       variant="linear", orthogonal_decoder=True)
+    m = model.module
+    assert m.orthogonal_decoder and m.linear_decoder and m.variant == "linear"
+    with torch.no_grad():
+        A, gain = m.decoder_matrix(), float(m.decoder_log_gain.exp())
+        np.testing.assert_allclose((A.T @ A).numpy(), gain ** 2 * np.eye(8), atol=1e-4 * gain ** 2)
+        za, zb = torch.randn(5, 8), torch.randn(5, 8)
+        b = torch.ones(5, dtype=torch.long)
+        d = (m.h_logits(za, b) - m.h_logits(zb, b)).norm(dim=-1)
+    np.testing.assert_allclose(d.numpy(), gain * (za - zb).norm(dim=-1).numpy(), rtol=1e-4)
+    model.save(str(tmp_path / "m"))
+    again = MrVI.load(str(tmp_path / "m"))
+    z = torch.randn(3, 8)
+    np.testing.assert_allclose(again.decode_h(z, 1).numpy(), model.decode_h(z, 1).numpy(), rtol=1e-6)
+    with pytest.raises(InputError, match="orthogonal_decoder"):
+        train_mrvi(adata, "sample", "batch", max_epochs=1, orthogonal_decoder=True)
+
+
 def test_label_informed_prior(sim):
     adata, _ = sim
     model = train_mrvi(adata, "sample", labels_key="celltype", seed=0, max_epochs=2, n_hidden=32)
