@@ -145,6 +145,8 @@ def test_fewer_single_cell_types_than_bulk_types():
     (dict(n_types=4), "markers"),
     (dict(markers={0: ["nope"]}), "markers"),
     (dict(pg_sampler="saddle"), "pg_sampler"),
+    (dict(prior_step="fast"), "prior_step"),
+    (dict(prior_step="collapsed", stop_rule="crossfit"), "prior_step"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     rng = np.random.default_rng(0)

@@ -125,7 +125,7 @@ def test_kappa_tau_draw_has_the_S3_conditional():
     draws = np.empty((calls, 2, L, reps))
     for c in range(calls):
         kernels.kappa_tau_draw(om_r, S_r, a_r, th.mu_kappa, 1 / th.s2_kappa, th.mu_tau, 1 / th.s2_tau,
-                               kappa, tau, rng)
+                               kappa, tau, rng, np.zeros(5), False)
         draws[c, 0], draws[c, 1] = kappa.reshape(L, reps), tau.reshape(L, reps)
     draws = draws.transpose(0, 3, 1, 2).reshape(calls * reps, 2, L)
     reps = calls * reps
@@ -134,6 +134,12 @@ def test_kappa_tau_draw_has_the_S3_conditional():
         se = np.sqrt(np.diag(cov) / reps)
         assert np.all(np.abs(draws[:, :, l].mean(axis=0) - m[:, l]) < 5 * se)
         np.testing.assert_allclose(np.cov(draws[:, :, l].T), cov, rtol=0.05, atol=1e-12)
+    # the collapsed μ step's statistics: Σ_l m_l and Σ_l P_l⁻¹ of the same conditionals
+    ridge = np.zeros(5)
+    kernels.kappa_tau_draw(omega, S, a, th.mu_kappa, 1 / th.s2_kappa, th.mu_tau, 1 / th.s2_tau,
+                           np.empty(L), np.empty(L), rng, ridge, True)
+    Pinv = sum(np.linalg.inv(np.array([[p11[l], p12[l]], [p12[l], p22[l]]])) for l in range(L))
+    np.testing.assert_allclose(ridge, [*m.sum(axis=1), Pinv[0, 0], Pinv[0, 1], Pinv[1, 1]], rtol=1e-10)
 
 
 def test_impossible_allocation_raises_instead_of_looping():

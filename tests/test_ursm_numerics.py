@@ -271,3 +271,58 @@ def test_split_rhat_calibrated_and_detects_disagreement():
     h = np.concatenate([x[:, :1000], x[:, 1000:]])             # (2C, n, 2)
     r = split_rhat_from_moments(h.sum(1), (h * h).sum(1), n)
     np.testing.assert_allclose(r, [split_rhat_traces(same), split_rhat_traces(apart)], rtol=1e-10)
+
+
+def _cells_augmented(rng, L=30):
+    """Per-cell (Λ_l, b_l) of the PG-augmented likelihood exp(b'x − x'Λx/2), x = (κ_l, τ_l)."""
+    N = 40
+    a = rng.dirichlet(np.ones(N), size=L)
+    om = rng.gamma(2.0, 0.1, size=(L, N))
+    S = rng.random((L, N)) < 0.6
+    Lam = np.stack([[(om).sum(1), (om * a).sum(1)], [(om * a).sum(1), (om * a * a).sum(1)]]).transpose(2, 0, 1)
+    b = np.stack([S.sum(1) - N / 2, (S * a).sum(1) - 0.5], axis=1)
+    return Lam, b
+
+
+def test_collapsed_prior_mean_maximises_the_marginal_and_is_the_em_fixed_point():
+    """``collapsed_prior_mean`` from Σ m_l and Σ P_l⁻¹ (what the sweep accumulates) equals (a) the
+    limit of plain EM's μ ← mean_l m_l(μ) with ω, S held fixed and (b) the maximiser of
+    Σ_l ln ∫ exp(b_l'x − x'Λ_l x/2) N(x; μ, D⁻¹) dx, whose μ-dependence is checked on a 2-D grid."""
+    rng = np.random.default_rng(15)
+    Lam, b = _cells_augmented(rng)
+    D = np.diag([1 / 0.5, 1 / 40.0 ** 2])
+    mu_t = np.array([0.3, 20.0])
+    P = Lam + D
+    Pinv = np.linalg.inv(P)
+    m = np.einsum("lij,lj->li", Pinv, b + D @ mu_t)
+    mu = mstep.collapsed_prior_mean(m.sum(0), Pinv.sum(0), len(b), mu_t, np.diag(D))
+    x = mu_t.copy()
+    for _ in range(5000):
+        x = np.einsum("lij,lj->li", Pinv, b + D @ x).mean(0)
+    np.testing.assert_allclose(mu, x, rtol=1e-9)
+
+    def collapsed(mv):          # Σ_l [½ (b + Dμ)'P⁻¹(b + Dμ) − ½ μ'Dμ], up to μ-free terms
+        r = b + D @ mv
+        return 0.5 * np.einsum("li,lij,lj->", r, Pinv, r) - 0.5 * len(b) * mv @ D @ mv
+
+    for dv in ([1e-3, 0], [0, 1e-2], [-1e-3, 5e-3]):
+        assert collapsed(mu + np.array(dv)) < collapsed(mu)
+    # the closed form is the Gaussian integral: compare one cell's change between two μ on a grid
+    l = 0
+    mus = [mu_t, mu_t + np.array([-0.4, 7.0])]
+    k = np.linspace(-6, 6, 801)
+    t = np.linspace(-150, 200, 801)
+    K_, T_ = np.meshgrid(k, t, indexing="ij")
+    lik = b[l, 0] * K_ + b[l, 1] * T_ - 0.5 * (Lam[l, 0, 0] * K_ ** 2 + 2 * Lam[l, 0, 1] * K_ * T_
+                                               + Lam[l, 1, 1] * T_ ** 2)
+    grid = []
+    for mv in mus:
+        prior = -0.5 * (D[0, 0] * (K_ - mv[0]) ** 2 + D[1, 1] * (T_ - mv[1]) ** 2)
+        z = lik + prior
+        grid.append(np.log(np.exp(z - z.max()).sum()) + z.max())
+
+    def one(mv):
+        r = b[l] + D @ mv
+        return 0.5 * r @ Pinv[l] @ r - 0.5 * mv @ D @ mv
+
+    assert np.isclose(grid[1] - grid[0], one(mus[1]) - one(mus[0]), rtol=1e-6, atol=1e-8)

@@ -48,6 +48,7 @@ class EMSettings:
     stop_k: float = 2.0
     stop_patience: int = 3
     stop_min_iters: int = 5
+    prior_step: str = "em"              # 'collapsed': μκ, μτ maximise Q with (κ, τ) integrated out
 
     @property
     def samples_bulk(self) -> int:
@@ -83,7 +84,7 @@ class BlockLayout:
 def make_sampler(kind: int, data: np.ndarray, G, K: int, s: EMSettings):
     if kind == CELL:
         return CellBlockSampler(data, G, K, s_update=s.s_update, rao_blackwell=s.rao_blackwell,
-                                pg_sampler=s.pg_sampler)
+                                pg_sampler=s.pg_sampler, ridge=s.prior_step == "collapsed")
     return BulkBlockSampler(data, K, rao_blackwell=s.rao_blackwell)
 
 
@@ -149,7 +150,8 @@ def _concat_cells(parts: list[CellStats]) -> CellStats:
                      Et2=np.concatenate([p.Et2 for p in parts]), C1=sum(p.C1 for p in parts),
                      C2=sum(p.C2 for p in parts),
                      halves=None if parts[0].halves is None else np.concatenate([p.halves for p in parts], axis=-1),
-                     logjoint=None if parts[0].logjoint is None else sum(p.logjoint for p in parts))
+                     logjoint=None if parts[0].logjoint is None else sum(p.logjoint for p in parts),
+                     ridge=_add(parts, "ridge"))
 
 
 def _concat_bulk(parts: list[BulkStats]) -> BulkStats:
@@ -186,6 +188,8 @@ def pool(results: dict, layout: BlockLayout, chains: int) -> tuple[Pooled, list[
     cell = bulk = None
     if per_chain[0].cell is not None:
         cell = _mean([p.cell for p in per_chain], ["ES", "Ek", "Ek2", "Et", "Et2", "C1", "C2"], CellStats)
+        if per_chain[0].cell.ridge is not None:
+            cell.ridge = np.mean([p.cell.ridge for p in per_chain], axis=0)
     if per_chain[0].bulk is not None:
         bulk = _mean([p.bulk for p in per_chain], ["cZ", "ElnW", "EW"], BulkStats)
     return Pooled(cell, bulk), per_chain
@@ -255,7 +259,13 @@ class GibbsEM:
         ES = np.zeros((0, N))
         if pooled.cell is not None:
             c = pooled.cell
-            th.mu_kappa, th.s2_kappa, th.mu_tau, th.s2_tau = mstep.update_dropout_prior(c.Ek, c.Ek2, c.Et, c.Et2)
+            if c.ridge is not None:
+                # θᵗ's prior precisions are the D of the E-step's (S3) conditionals
+                th.mu_kappa, th.s2_kappa, th.mu_tau, th.s2_tau = mstep.update_dropout_prior_collapsed(
+                    c.ridge, c.Ek, c.Ek2, c.Et, c.Et2, th)
+            else:
+                th.mu_kappa, th.s2_kappa, th.mu_tau, th.s2_tau = mstep.update_dropout_prior(c.Ek, c.Ek2, c.Et,
+                                                                                            c.Et2)
             C1, C2, ES = c.C1, c.C2, c.ES
         cZ = np.zeros((N, K))
         if pooled.bulk is not None:

@@ -12,6 +12,7 @@ from .mcerror import STOP_RULES
 from .params import Theta, initial_theta
 
 ENGINES = ("local", "ray")
+PRIOR_STEPS = ("em", "collapsed")
 
 
 def _check_int(name, v, lo):
@@ -26,7 +27,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         cell_block_size=4096, bulk_block_size=4096, n_actors=None, actor_cpus=None, ray_timeout=600.0,
         min_ray_entries=200_000, bulk_burnin=None, bulk_samples=None, impute_threshold=0.5, a_max_iter=500,
         max_actor_restarts=3, pg_sampler="polyagamma", stop_rule="none", stop_k=2.0, stop_patience=3,
-        stop_min_iters=5, stop_max_rounds=4, mc_batches=None,
+        stop_min_iters=5, stop_max_rounds=4, mc_batches=None, prior_step="em",
         a_solver="scaled", theta0: Theta | None = None, callback=None, progress=None) -> xr.Dataset:
     """Fit URSM (Zhu, Lei, Devlin & Roeder 2018) by Gibbs-EM to single-cell and/or bulk counts.
 
@@ -71,6 +72,12 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
     ``em_iters_run`` and ``samples_final`` say why and when it stopped; ``dQ``, ``dQ_se``,
     ``dQ_cv``, ``dQ_cv_se`` and ``samples`` (kept sweeps T) are traced per iteration.
 
+    ``prior_step``: 'em' (default) is Eq. 3.6, μκ = mean Ê κ_l (likewise τ); 'collapsed' sets
+    (μκ, μτ) to the maximiser of the M-step objective with (κ_l, τ_l) integrated out given the
+    draws of ω and S (an ECME step, ``mstep.collapsed_prior_mean``): the point EM's μ step moves
+    towards along the κ–τ ridge, where plain EM creeps; then σ² given that μ. Not with a
+    ``stop_rule``.
+
     Engine: ``engine='local'`` runs in-process; ``'ray'`` runs (chain, block) samplers on Ray
     actors (``ray_address`` or local Ray; problems with fewer than ``min_ray_entries`` matrix
     entries run in-process). Blocks of ``cell_block_size`` cells / ``bulk_block_size`` samples
@@ -104,6 +111,12 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         _check_int("bulk_burnin", bulk_burnin, 0)
     if bulk_samples is not None:
         _check_int("bulk_samples", bulk_samples, 1)
+    if prior_step not in PRIOR_STEPS:
+        raise InputError(f"unknown prior_step {prior_step!r}", field="prior_step", fix=f"use one of {PRIOR_STEPS}")
+    if prior_step != "em" and stop_rule != "none":
+        raise InputError("the stopping rules score increments of the complete-data objective, which the "
+                         "collapsed μ step does not maximise", field="prior_step",
+                         fix="use prior_step='em' with a stop_rule, or stop_rule='none'")
     if stop_rule not in STOP_RULES:
         raise InputError(f"unknown stopping rule {stop_rule!r}", field="stop_rule", fix=f"use one of {STOP_RULES}")
     _check_int("stop_patience", stop_patience, 1)
@@ -158,7 +171,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
                           a_max_iter=a_max_iter, a_solver=a_solver, bulk_burnin=bulk_burnin,
                           bulk_samples=bulk_samples, thin=thin, pg_sampler=pg_sampler, mc_batches=mc_batches,
                           stop_rule=stop_rule, stop_k=float(stop_k), stop_patience=stop_patience,
-                          stop_min_iters=stop_min_iters, stop_max_rounds=stop_max_rounds)
+                          stop_min_iters=stop_min_iters, stop_max_rounds=stop_max_rounds, prior_step=prior_step)
     theta = theta0.copy() if theta0 is not None else initial_theta(
         data.Y, data.G, data.X, data.K, data.markers, eps_A=eps_A, init_dropout=init_dropout,
         alpha0=max(1.0, eps_alpha))
@@ -180,6 +193,7 @@ def fit(sc_counts, cell_types, bulk_counts=None, *, n_types=None, em_iters=50, b
         executor.close()
     ds = to_dataset(data, theta, pooled, trace, settings, impute_threshold)
     ds.attrs["stop_rule"] = stop_rule
+    ds.attrs["prior_step"] = prior_step
     ds.attrs["stop_reason"] = em.stop_reason
     ds.attrs["em_iters_run"] = em.iters_run
     ds.attrs["samples_final"] = samples * em.rounds

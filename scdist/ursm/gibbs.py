@@ -91,6 +91,9 @@ class CellStats:
     bmom: np.ndarray | None = None     # (nb, 4, Lb) Ê κ, Ê κ², Ê τ, Ê τ²
     bC1: np.ndarray | None = None      # (nb, N, K)
     bC2: np.ndarray | None = None      # (nb, N, K)
+    # collapsed μ step (``mstep.collapsed_prior_mean``): averages over kept sweeps of Σ_l m_l (2) and
+    # Σ_l P_l⁻¹ (11, 12, 22) of the (S3) conditional
+    ridge: np.ndarray | None = None
 
 
 @dataclass
@@ -110,7 +113,7 @@ class CellBlockSampler:
     """Gibbs state and sweeps for one block of cells (rows of Y, cells × genes)."""
 
     def __init__(self, Y: np.ndarray, G: np.ndarray, K: int, *, s_update: str = "gamma",
-                 rao_blackwell: bool = True, pg_sampler: str = "polyagamma"):
+                 rao_blackwell: bool = True, pg_sampler: str = "polyagamma", ridge: bool = False):
         if s_update not in S_UPDATES:
             raise ValueError(f"s_update must be one of {S_UPDATES}")
         if pg_sampler not in PG_SAMPLERS:
@@ -123,6 +126,7 @@ class CellBlockSampler:
         self.K = K
         self.s_update = s_update
         self.rao_blackwell = rao_blackwell
+        self.ridge = ridge
         self.S = self.kappa = self.tau = None
 
     def set_counts(self, Y: np.ndarray) -> None:
@@ -163,6 +167,7 @@ class CellBlockSampler:
         mom = np.zeros((max(nb, 1), 4, Lb))
         halves = np.zeros((2, 4, Lb)) if track else None
         lps = np.zeros(samples) if track else None
+        ridge = np.zeros(5)
         sequential = self.s_update == "sequential"
         compiled_pg = self.pg_sampler == "compiled"
         pooled = PGPool(psi.size) if self.pg_sampler == "polyagamma" else None
@@ -185,7 +190,7 @@ class CellBlockSampler:
             # spec §1.2 (compiled)
             kernels.cell_sweep(S, self.pos, psi, a, self.R, self.G, omega, kappa, tau, theta.mu_kappa, ik2,
                                theta.mu_tau, it2, rng, sequential, keep, self.rao_blackwell, ES[b], C1[b],
-                               C2[b], WEIGHT_TABLE, compiled_pg)
+                               C2[b], WEIGHT_TABLE, compiled_pg, ridge, self.ridge)
             if not keep:
                 continue
             cur = np.stack([kappa, kappa * kappa, tau, tau * tau])
@@ -211,7 +216,8 @@ class CellBlockSampler:
         else:
             ES, C1, C2, mom = ES[0], C1[0], C2[0], mom[0]
         return CellStats(ES=ES * inv, Ek=mom[0] * inv, Ek2=mom[1] * inv, Et=mom[2] * inv, Et2=mom[3] * inv,
-                         C1=C1 * inv, C2=C2 * inv, halves=halves, logjoint=lps, **bat)
+                         C1=C1 * inv, C2=C2 * inv, halves=halves, logjoint=lps,
+                         ridge=ridge * inv if self.ridge else None, **bat)
 
 
 class BulkBlockSampler:

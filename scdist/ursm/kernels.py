@@ -287,11 +287,12 @@ def gamma_s(S, pos, psi, a, R, rng):
 
 
 @njit()
-def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
+def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng, ridge, want_ridge):
     """(S3) for every cell: (κ_l, τ_l) ~ N₂(m_l, P_l⁻¹) with
     P_l = [[Σ_i ω_il + σκ⁻², Σ_i ω_il a_il], [Σ_i ω_il a_il, Σ_i ω_il a_il² + στ⁻²]],
     P_l m_l = [Σ_i S_il − N/2 + μκ σκ⁻², Σ_i S_il a_il − ½ + μτ στ⁻²] (``ik2`` = σκ⁻², ``it2`` = στ⁻²),
-    drawn as m_l + L_l⁻ᵀ z with the 2 × 2 Cholesky factor P_l = L_l L_lᵀ."""
+    drawn as m_l + L_l⁻ᵀ z with the 2 × 2 Cholesky factor P_l = L_l L_lᵀ. If ``want_ridge``, adds
+    Σ_l m_l (2) and Σ_l P_l⁻¹ (as its 11, 12, 22 entries) to ``ridge`` (the collapsed μ step)."""
     Lb, N = S.shape
     for l in range(Lb):
         p11 = ik2
@@ -317,8 +318,16 @@ def kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng):
         l22 = math.sqrt(det) / l11
         x2 = rng.standard_normal() / l22
         z0 = rng.standard_normal()
-        kappa[l] = (p22 * b1 - p12 * b2) / det + (z0 - l21 * x2) / l11
-        tau[l] = (p11 * b2 - p12 * b1) / det + x2
+        mk = (p22 * b1 - p12 * b2) / det
+        mt = (p11 * b2 - p12 * b1) / det
+        kappa[l] = mk + (z0 - l21 * x2) / l11
+        tau[l] = mt + x2
+        if want_ridge:
+            ridge[0] += mk
+            ridge[1] += mt
+            ridge[2] += p22 / det
+            ridge[3] -= p12 / det
+            ridge[4] += p11 / det
 
 
 @njit(inline="always")
@@ -335,13 +344,14 @@ def pg_mean(x):
 
 @njit()
 def cell_sweep(S, pos, psi, a, R, G, omega, kappa, tau, mu_k, ik2, mu_t, it2, rng, sequential, keep, rb,
-               ES, C1, C2, pg_table, draw_omega):
+               ES, C1, C2, pg_table, draw_omega, ridge, want_ridge):
     """One single-cell sweep: ω (S1, ``polya_gamma.pg1``; if ``draw_omega``, else ``omega`` holds
     this sweep's draws already), S (S2), (κ, τ) (S3), ψ_il = κ_l + τ_l a_il,
     and, on kept sweeps, the within-sweep products of spec §1.2: ES_l· += S_l·, and per type k = G_l
     (C1, C2 are N × K) C1_ik += τ(S_il − ½) − κτw_il, C2_ik += w_il τ², with w = E[ω | ψ]
     (``rb``, ``pg_mean``) or the drawn ω. Summing per type here keeps two (cells × genes)
-    accumulators out of memory."""
+    accumulators out of memory. On kept sweeps with ``want_ridge``, Σ_l m_l and Σ_l P_l⁻¹ of (S3) go
+    into ``ridge`` (``kappa_tau_draw``)."""
     Lb, N = S.shape
     if draw_omega:
         for l in range(Lb):
@@ -351,7 +361,7 @@ def cell_sweep(S, pos, psi, a, R, G, omega, kappa, tau, mu_k, ik2, mu_t, it2, rn
         sequential_s(S, pos, psi, a, R, rng)
     else:
         gamma_s(S, pos, psi, a, R, rng)
-    kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng)
+    kappa_tau_draw(omega, S, a, mu_k, ik2, mu_t, it2, kappa, tau, rng, ridge, keep and want_ridge)
     for l in range(Lb):
         k = kappa[l]
         t = tau[l]

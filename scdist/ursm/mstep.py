@@ -19,6 +19,41 @@ def update_dropout_prior(Ek, Ek2, Et, Et2, floor: float = 1e-8):
     return mk, max(float(np.mean(Ek2)) - mk * mk, floor), mt, max(float(np.mean(Et2)) - mt * mt, floor)
 
 
+def collapsed_prior_mean(sum_m, sum_Pinv, L: int, mu, prec):
+    """μ = (μκ, μτ) maximising the M-step objective of the EM whose missing data are (ω, S) only,
+    (κ_l, τ_l) integrated out analytically (an ECME step, Liu & Rubin 1994).
+
+    Given ω, S, cell l's augmented likelihood is exp(b_l'x − x'Λ_l x / 2) in x = (κ_l, τ_l), so with
+    x ~ N(μ, D⁻¹) (D = ``prec`` = diag(σκ⁻², στ⁻²) of θᵗ) the collapsed objective is quadratic in μ
+    with maximiser μ̂ = (Σ_l Ê[P_l⁻¹ Λ_l])⁻¹ Σ_l Ê[P_l⁻¹ b_l], P_l = Λ_l + D the (S3) precision.
+    With m_l = P_l⁻¹ (b_l + D μᵗ) the (S3) mean, P⁻¹Λ = I − P⁻¹D and P⁻¹b = m − P⁻¹D μᵗ, so from
+    ``sum_m`` = Σ_l Ê m_l and ``sum_Pinv`` = Σ_l Ê P_l⁻¹ (2 × 2) and B = Σ_l Ê P_l⁻¹ D / L (the
+    share of the prior in each cell's conditional, i.e. EM's rate along the κ–τ ridge):
+    μ̂ = (I − B)⁻¹ (Σ_l Ê m_l / L − B μᵗ), the fixed point that plain EM (μ ← mean Ê m_l)
+    would reach by iterating with these draws held fixed. Returns None if I − B is singular."""
+    B = np.asarray(sum_Pinv, float) @ np.diag(prec) / L
+    I_B = np.eye(2) - B
+    if not np.all(np.isfinite(I_B)) or np.linalg.cond(I_B) > 1e12:
+        return None
+    return np.linalg.solve(I_B, np.asarray(sum_m, float) / L - B @ np.asarray(mu, float))
+
+
+def update_dropout_prior_collapsed(ridge, Ek, Ek2, Et, Et2, theta, floor: float = 1e-8):
+    """(μκ, σκ², μτ, στ²) with the collapsed μ step (``collapsed_prior_mean``; ``ridge`` = averages
+    of Σ_l m_l and of Σ_l P_l⁻¹ as (11, 12, 22)) followed by the complete-data σ² step given that μ:
+    σκ² = mean_l Ê (κ_l − μκ)² (likewise τ). Falls back to Eq. 3.6 if I − B is singular."""
+    L = len(Ek)
+    V = np.array([[ridge[2], ridge[3]], [ridge[3], ridge[4]]])
+    mu = collapsed_prior_mean(ridge[:2], V, L, [theta.mu_kappa, theta.mu_tau],
+                              [1.0 / theta.s2_kappa, 1.0 / theta.s2_tau])
+    if mu is None:
+        return update_dropout_prior(Ek, Ek2, Et, Et2, floor)
+    mk, mt = float(mu[0]), float(mu[1])
+    s2k = float(np.mean(Ek2)) - 2.0 * mk * float(np.mean(Ek)) + mk * mk
+    s2t = float(np.mean(Et2)) - 2.0 * mt * float(np.mean(Et)) + mt * mt
+    return mk, max(s2k, floor), mt, max(s2t, floor)
+
+
 def alpha_objective(alpha, sum_lnW, M: int) -> float:
     """M[lnΓ(Σα) − Σ lnΓ(α_k)] + Σ_k (α_k − 1) Σ_j Ê ln W_kj."""
     return float(M * (gammaln(alpha.sum()) - gammaln(alpha).sum()) + ((alpha - 1.0) * sum_lnW).sum())
