@@ -110,3 +110,28 @@ def test_study_fit_with_imputation_scatters_blocks(dask_client, tmp_store):
     assert res.attrs["missing"] == "impute"
     for v in ("hom2", "V", "loglik", "pvalue"):
         np.testing.assert_allclose(local[v].values, res[v].values, rtol=1e-7, atol=1e-9, err_msg=v)
+
+
+def test_block_task_reads_its_block_without_submitting_cluster_tasks(dask_client, tmp_store):
+    """A block task loads its genes with the local synchronous scheduler: inside a worker,
+    dask's default scheduler is the cluster, and a plain load() submitted the block's reads as
+    new tasks, then seceded and waited behind other blocks (HE's scaling, see the README)."""
+    from distributed import get_task_stream
+
+    from scdist.ctmm.api import make_config
+    from scdist.ctmm.distributed import _block_task
+
+    sim = _sim()
+    study = _study(tmp_store, sim)
+    ctmm.fit(study, **KW, client=dask_client, run="bt")           # template + results
+    cfg = make_config(sim, models=KW["models"], method="reml", tests=KW["tests"],
+                      covariates=KW["covariates"], random_effects=None, op=None, n_restarts=10,
+                      seed=0, jk_rule="regular")
+    with get_task_stream(client=dask_client) as ts:
+        fut = dask_client.submit(_block_task, (20, 40), store_url=study.url,
+                                 result_url=study.result_url("ctmm", "bt"), cfg=cfg, pure=False)
+        n_conv = fut.result(timeout=120)
+    assert 0 < n_conv <= 2 * 20
+    prefixes = {rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
+                for rec in ts.data}
+    assert prefixes and all(str(k).startswith("_block_task") for k in prefixes), prefixes

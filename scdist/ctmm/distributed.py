@@ -89,7 +89,12 @@ def _block_task(item, *, store_url: str, result_url: str, cfg: FitConfig):
         block = item
     else:
         s, e = item
-        block = open_study(store_url, mode="r").pseudobulk().isel(gene=slice(s, e)).load()
+        # the local synchronous scheduler: inside a worker, dask's default is the cluster
+        # itself, so a plain load() submitted the block's reads as new tasks, seceded and
+        # waited to rejoin behind other blocks' fits (HE, 2,048 genes, 1 worker: 24.6 of the
+        # tasks' 42.5 s wall; 0.3 s now)
+        block = (open_study(store_url, mode="r").pseudobulk().isel(gene=slice(s, e))
+                 .load(scheduler="synchronous"))
     res = fit_block(block, cfg)
     write_region(res, result_url, {"gene": slice(s, e)})
     n_conv = int(res["converged"].sum())
