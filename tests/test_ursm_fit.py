@@ -195,3 +195,31 @@ def test_chains_pool_statistics_not_parameters():
     emw.layout = layw
     pw, pcw = emw.estep(0)
     assert not layw.bulk_blocks and all(p.bulk is pw.bulk for p in pcw)
+
+
+def test_collapsed_prior_step_uses_the_pooled_ridge_sums():
+    """prior_step='collapsed': the sums of m_l and P_l⁻¹ are added over cell blocks and averaged
+    over chains, and fit's μ is ``collapsed_prior_mean`` of them at θ⁰'s prior precisions; the
+    σ² step uses that μ; the draws are those of the default step (same A after one iteration)."""
+    from scdist.ursm import mstep
+    from scdist.ursm.data import prepare
+    from scdist.ursm.params import initial_theta
+
+    s = _small(12)
+    kw = dict(em_iters=1, burnin=3, samples=6, chains=2, seed=2, cell_block_size=16, final_estep=False)
+    seen = {}
+    got = fit(s.Y, s.cell_types, s.X, prior_step="collapsed", callback=lambda it, th, p: seen.update(p=p), **kw)
+    ref = fit(s.Y, s.cell_types, s.X, **kw)
+    assert got.attrs["prior_step"] == "collapsed"
+    np.testing.assert_array_equal(got.A.values, ref.A.values)       # A's step does not use μ
+    c = seen["p"].cell
+    d = prepare(s.Y, s.cell_types, s.X)
+    th0 = initial_theta(d.Y, d.G, d.X, d.K, {}, eps_A=1e-6)
+    L = len(c.Ek)
+    assert L == s.Y.shape[0] and c.ridge.shape == (5,)
+    np.testing.assert_allclose(c.ridge[:2] / L, [c.Ek.mean(), c.Et.mean()], rtol=0.05, atol=0.05)
+    mu = mstep.collapsed_prior_mean(c.ridge[:2], [[c.ridge[2], c.ridge[3]], [c.ridge[3], c.ridge[4]]], L,
+                                    [th0.mu_kappa, th0.mu_tau], [1 / th0.s2_kappa, 1 / th0.s2_tau])
+    np.testing.assert_allclose([got.mu_kappa.item(), got.mu_tau.item()], mu, rtol=1e-12)
+    assert np.isclose(got.sigma2_kappa.item(), np.mean(c.Ek2) - 2 * mu[0] * c.Ek.mean() + mu[0] ** 2)
+    assert not np.isclose(got.mu_kappa.item(), ref.mu_kappa.item())
