@@ -637,6 +637,20 @@ SPECIALISE_MIN = int(os.environ.get("SCDIST_CTMM_SPECIALISE_MIN", "20000"))
 
 # (m, p, K) sizes whose specialised version this process has already compiled or loaded
 _SPECIALISED: set = set()
+# per (m, p, K): the size arguments of the specialised / run-time-size versions; per K: the
+# placeholders of outputs not asked for (see evaluate_shared)
+_SIZES: dict = {}
+_RUNTIME_SIZES: dict = {}
+_SPARE: dict = {}
+# a row's left-out block: -1 (none) for calls without one (grown as needed, read-only)
+_NO_DROP = np.full(1024, -1, np.int64)
+
+
+def _no_drop(R: int) -> np.ndarray:
+    global _NO_DROP
+    if _NO_DROP.size < R:
+        _NO_DROP = np.full(2 * R, -1, np.int64)
+    return _NO_DROP
 
 
 # Sherman-Morrison inverse of a Free block only when every d_x = V_x + nu_bx exceeds this times
@@ -676,26 +690,37 @@ def evaluate_shared(y, nu, mask, X, Kb, theta, idx, drop, full: bool, reml: bool
     theta = np.ascontiguousarray(theta, dtype=np.float64)
     R, Kc = theta.shape
     p = X.shape[-1]
+    m = X.shape[1]
+    # outputs not asked for get shared 1-row placeholders (never written: the kernel writes
+    # gradient / AI / Fisher rows only when asked)
+    spare = _SPARE.get(Kc)
+    if spare is None:
+        spare = _SPARE[Kc] = (np.empty((1, Kc)), np.empty((1, Kc, Kc)), np.empty((1, Kc, Kc)))
     out = dict(ll=np.empty(R), ok=np.empty(R, bool), beta=np.empty((R, p)),
                Hinv=np.empty((R, p, p)), rcmin=np.empty(R),
-               grad=np.empty((R, Kc) if want_grad else (1, Kc)),
-               ai=np.empty((R, Kc, Kc) if want_ai else (1, Kc, Kc)),
-               fisher=np.empty((R, Kc, Kc) if want_fisher else (1, Kc, Kc)))
-    m = X.shape[1]
+               grad=np.empty((R, Kc)) if want_grad else spare[0],
+               ai=np.empty((R, Kc, Kc)) if want_ai else spare[1],
+               fisher=np.empty((R, Kc, Kc)) if want_fisher else spare[2])
     if ident is None:
         ident = p == m and np.array_equal(X, np.broadcast_to(np.eye(m), X.shape))
     idx = np.ascontiguousarray(idx, dtype=np.int64)
-    drop = np.full(R, -1, np.int64) if drop is None else np.ascontiguousarray(drop, np.int64)
-    if max(R, problem_rows) * X.shape[0] >= SPECIALISE_MIN or (m, p, Kc) in _SPECIALISED:
-        sizes = (0,) * m, (0,) * p, (0,) * Kc          # compile-time sizes: unrolled loops
-        _SPECIALISED.add((m, p, Kc))
+    drop = _no_drop(R) if drop is None else np.ascontiguousarray(drop, np.int64)
+    key = (m, p, Kc)
+    if key in _SPECIALISED or max(R, problem_rows) * X.shape[0] >= SPECIALISE_MIN:
+        _SPECIALISED.add(key)
+        sizes = _SIZES.get(key)
+        if sizes is None:      # compile-time sizes: unrolled loops
+            sizes = _SIZES[key] = ((0,) * m, (0,) * p, (0,) * Kc)
     else:
-        sizes = np.zeros(m, np.int64), np.zeros(p, np.int64), np.zeros(Kc, np.int64)
+        sizes = _RUNTIME_SIZES.get(key)
+        if sizes is None:
+            sizes = _RUNTIME_SIZES[key] = (np.zeros(m, np.int64), np.zeros(p, np.int64),
+                                           np.zeros(Kc, np.int64))
     if free is None:
         free = FREE_CLOSED_FORM and is_free_basis(Kb)
     elif free and (Kb.shape[1] != 1 or Kc != m + 1):    # shapes only: callers pass a checked basis
         raise ValueError("free=True needs the Free model's basis (J, e_1 e_1', ..., e_m e_m')")
-    shared_eval(*sizes, ident, bool(free), theta, idx, drop, bool(full), Kb, y, nu, mask, X,
+    shared_eval(*sizes, bool(ident), bool(free), theta, idx, drop, bool(full), Kb, y, nu, mask, X,
                 bool(reml), bool(want_grad), bool(want_ai), bool(want_fisher), float(rcond),
                 out["ll"], out["ok"], out["beta"], out["Hinv"], out["grad"], out["ai"],
                 out["fisher"], out["rcmin"])
