@@ -149,6 +149,12 @@ def test_orthogonal_decoder_option(tmp_path):
     np.testing.assert_allclose(again.decode_h(z, 1).numpy(), model.decode_h(z, 1).numpy(), rtol=1e-6)
     with pytest.raises(InputError, match="orthogonal_decoder"):
         train_mrvi(adata, "sample", "batch", max_epochs=1, orthogonal_decoder=True)
+    # the stratification preset is wired through: linear variant, orthonormal decoder, z of 60
+    from scdist.vae.mrvi import MRVI_STRATIFICATION
+    adata80, _ = sample_effects(n_cells=300, n_genes=80, n_samples=4, n_types=2, n_markers=5, n_batches=2, seed=2)
+    pm = train_mrvi(adata80, "sample", "batch", seed=0, max_epochs=1, n_hidden=16, **MRVI_STRATIFICATION).module
+    assert pm.variant == "linear" and pm.orthogonal_decoder and pm.n_latent == 60 and pm.A_s.shape[1] == 60
+    assert pm.l2_scale == 1.0 and hasattr(pm, "decoder_log_gain") and not hasattr(pm, "g_zh")
 
 
 def test_label_informed_prior(sim):
