@@ -553,6 +553,54 @@ def run_opt_time(rev: str, repeats: int) -> dict:
     return out
 
 
+def package_at(rev: str):
+    """The whole ``scdist`` package as of git revision ``rev``, importable as ``scdist_at_rev``
+    (extracted to a temporary directory; its relative imports stay inside it)."""
+    import importlib
+    import subprocess
+    import tarfile
+    import tempfile
+
+    root = Path(tempfile.mkdtemp())
+    tar = subprocess.run(["git", "archive", rev, "scdist"], cwd=HERE.parent, check=True,
+                         capture_output=True).stdout
+    with tarfile.open(fileobj=__import__("io").BytesIO(tar)) as tf:
+        tf.extractall(root, filter="data")
+    (root / "scdist").rename(root / "scdist_at_rev")
+    sys.path.insert(0, str(root))
+    return importlib.import_module("scdist_at_rev.ctmm")
+
+
+def run_paired_rev(rev: str, repeats: int) -> dict:
+    """Paired CPU per gene of ``ctmm.fit`` Free REML + Wald on the reference's 300 genes with
+    the whole package at ``rev`` and the current one, alternating in one process (medians of
+    ``repeats``); the two results must be identical."""
+    import xarray as xr
+
+    import scdist.ctmm as cur
+
+    old = package_at(rev)
+    ds = reference_set()
+    kw = dict(models=["free"], method="reml", tests=["wald"])
+    for mod in (old, cur):                  # compile / load, then one full fit each
+        mod.fit(ds.isel(gene=slice(0, 8)), **kw)
+    xr.testing.assert_identical(old.fit(ds, **kw).drop_attrs(), cur.fit(ds, **kw).drop_attrs())
+    runs = {"old": [], "new": []}
+    load = [os.getloadavg()]
+    for r in range(repeats):
+        for tag in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            t = time.process_time()
+            (old if tag == "old" else cur).fit(ds, **kw)
+            runs[tag].append((time.process_time() - t) / ds.sizes["gene"] * 1e3)
+    load.append(os.getloadavg())
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    out = {"rev": rev, "results_identical": True, "cpu_ms_per_gene_median": med,
+           "speedup": med["old"] / med["new"], "runs": runs, "load": load}
+    print("Free REML + Wald ms/gene", {k: round(v, 4) for k, v in med.items()},
+          f"{out['speedup']:.3f}x", flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true")
@@ -569,6 +617,8 @@ def main(argv=None) -> None:
                     help="current optimiser against optimize.py at git revision REV (equality)")
     ap.add_argument("--opt-time", metavar="REV",
                     help="paired CPU: current optimiser against optimize.py at REV")
+    ap.add_argument("--paired-rev", metavar="REV",
+                    help="paired CPU of Free REML + Wald: the whole package at REV vs now")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "out" / "ctmm_free_kernel.json"))
     a = ap.parse_args(argv)
@@ -585,6 +635,8 @@ def main(argv=None) -> None:
         res["opt_check"] = run_opt_check(a.opt_check)
     if a.opt_time:
         res["opt_time"] = run_opt_time(a.opt_time, a.repeats)
+    if a.paired_rev:
+        res["paired_rev"] = run_paired_rev(a.paired_rev, a.repeats)
     if a.op_check:
         res["op_check"] = run_op_check()
     if a.op_split:
