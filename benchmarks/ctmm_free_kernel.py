@@ -16,7 +16,14 @@ reference's set, the two kernels alternating in one process; medians of ``--repe
 without a regular optimum after the first pass and restart 1: per start, whether it rescues
 the gene (first regular optimum) or raises its best log-likelihood by more than 1e-3.
 
+``--opt-check REV`` / ``--opt-time REV``: the current optimiser against
+``scdist/ctmm/optimize.py`` at git revision REV (the same comparison as ``--check`` on the check
+sets plus one with covariates and missing pairs; paired CPU of Free REML + Wald and of Free
+REML + jackknife on 60 genes). ``--paired-rev REV``: paired CPU of ``ctmm.fit`` Free REML +
+Wald with the whole package at REV against the current one (results checked identical).
+
     .venv/bin/python benchmarks/ctmm_free_kernel.py --check --time --restarts
+    .venv/bin/python benchmarks/ctmm_free_kernel.py --opt-check f3ec335 --paired-rev f3ec335 --repeats 21
 """
 from __future__ import annotations
 
