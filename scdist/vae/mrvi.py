@@ -353,8 +353,8 @@ def train_mrvi(data, sample_key: str, batch_key: str | None = None, labels_key: 
     ``n_hidden`` (128), ``encoder_n_layers`` (2), ``n_emb`` (16), ``n_heads`` (2),
     ``attention_hidden`` (32), ``dropout`` (0.1), ``variant`` ("attention" | "linear"),
     ``l2_scale`` (1; None: no z-u penalty, the preprint's objective), ``encoder_sample`` (True:
-    q(u | x, s) as the authors' software; False: the paper's q(u | x)), ``u_adversary`` (lambda, 0 = the paper's objective; 5 = the
-    setting measured below), ``linear_decoder`` (False; True: the preprint's linear decoder
+    q(u | x, s) as the authors' software; False: the paper's q(u | x)), ``u_adversary``
+    (lambda, 0 = the paper's objective; 5 = the setting measured below), ``linear_decoder`` (False; True: the preprint's linear decoder
     with per-batch offsets under the attention u -> z), ``orthogonal_decoder`` (False; True:
     the linear decoder's A_zh = gain * orthonormal Q, so z distances are log-expression distances);
     training fields of :class:`~scdist.vae.train.TrainConfig` (MrVI
