@@ -354,8 +354,9 @@ def train_mrvi(data, sample_key: str, batch_key: str | None = None, labels_key: 
     ``attention_hidden`` (32), ``dropout`` (0.1), ``variant`` ("attention" | "linear"),
     ``l2_scale`` (1; None: no z-u penalty, the preprint's objective), ``encoder_sample`` (True:
     q(u | x, s) as the authors' software; False: the paper's q(u | x)), ``u_adversary``
-    (lambda, 0 = the paper's objective; 5 = the setting measured below), ``linear_decoder`` (False; True: the preprint's linear decoder
-    with per-batch offsets under the attention u -> z), ``orthogonal_decoder`` (False; True:
+    (lambda, 0 = the paper's objective; 5 = the setting measured below), ``linear_decoder``
+    (False; True: the preprint's linear decoder with per-batch offsets under the attention
+    u -> z), ``orthogonal_decoder`` (False; True:
     the linear decoder's A_zh = gain * orthonormal Q, so z distances are log-expression distances);
     training fields of :class:`~scdist.vae.train.TrainConfig` (MrVI
     defaults: AdamW, ``lr`` 2e-3, ``adam_eps`` 1e-8, weight decay 1e-6, as the authors'
