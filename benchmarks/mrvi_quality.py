@@ -24,7 +24,9 @@ trained with sample = donor, nuisance = batch. Reported (issue 5 targets in brac
   ``--de-variants`` the LFC estimators of :func:`de_variants`;
 - DA: ROC AUC / average precision of the log density ratio (top 1 vs top 0) for cells of
   the DA type vs the rest [1.0], cluster-level composite-null test per type;
-- kNN top-group agreement of u inside each cell type (0.5 = mixed: u sample-unaware).
+- kNN top-group agreement of u inside each cell type (0.5 = mixed: u sample-unaware);
+- held-out terms (``held_out``): -ELBO as trained, reconstruction, KL of u, z-u penalty, and
+  reconstruction + KL (comparable across ``l2_scale`` / ``n_latent``).
 Results: benchmarks/out/mrvi_quality_<cells>_<run>.json.
 """
 from __future__ import annotations
