@@ -12,7 +12,8 @@ fit), writing it, and the whole stage are timed.
 ``load()``: inside a worker that submits the reads to the cluster and waits to rejoin);
 ``synchronous`` as it does now.
 
-    python benchmarks/ctmm_task_phases.py --genes 2048 --workers 1 2 --load-scheduler default synchronous
+    python benchmarks/ctmm_task_phases.py --genes 4096 --workers 1 2 \
+        --load-scheduler default synchronous
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def run_one(store: str, n_workers: int, stage: dict, scheduler) -> dict:
         setattr(mod, name, g)
         return f
 
-    saved = [(D, "_template", timed(D, "_template")), (R, "write_template", timed(R, "write_template"))]
+    saved = [(D, "_template", timed(D, "_template")),
+             (R, "write_template", timed(R, "write_template"))]
     try:
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                           dashboard_address=None, memory_limit="8GiB") as cl, Client(cl) as client:
